@@ -1,0 +1,91 @@
+"""The strict params loader, through its command line, as a user meets it."""
+import copy
+import json
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from conftest import ROOT, run
+
+GOOD = yaml.safe_load((ROOT / "params.yaml").read_text())
+
+
+def check(tmp_path, d):
+    f = tmp_path / "params.yaml"
+    f.write_text(yaml.safe_dump(d))
+    return run([sys.executable, "-m", "lexvla.params", "check", str(f)], check=False)
+
+
+def mutated(fn):
+    d = copy.deepcopy(GOOD)
+    fn(d)
+    return d
+
+
+def test_good_file_passes(tmp_path):
+    r = check(tmp_path, GOOD)
+    assert r.returncode == 0 and "ok" in r.stdout
+
+
+@pytest.mark.parametrize("mutate, expected", [
+    (lambda d: d["base"].update(sed=d["base"].pop("seed")), "base.sed: unknown key (did you mean base.seed?)"),
+    (lambda d: d["prepare"].update(n_train="many"), 'prepare.n_train: got "many", expected int'),
+    (lambda d: d["base"].update(seed=1.5), "base.seed: got 1.5, expected int"),
+    (lambda d: d["base"].update(deterministic="yes"), 'base.deterministic: got "yes", expected bool'),
+    (lambda d: d["base"].update(device="tpu"), "base.device: got \"tpu\", expected 'auto' | 'cpu' | 'cuda'"),
+    (lambda d: d.pop("prepare"), "prepare: missing section"),
+    (lambda d: d["base"].pop("seed"), "base.seed: missing key (expected int)"),
+    (lambda d: d.update(trian={}), "trian: unknown section"),
+])
+def test_bad_file_fails_with_one_named_line(tmp_path, mutate, expected):
+    r = check(tmp_path, mutated(mutate))
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1, r.stderr
+    assert expected in lines[0] and str(tmp_path / "params.yaml") in lines[0]
+
+
+def test_not_yaml_and_missing_file(tmp_path):
+    f = tmp_path / "params.yaml"
+    f.write_text("base: [unclosed\n")
+    r = run([sys.executable, "-m", "lexvla.params", "check", str(f)], check=False)
+    assert r.returncode == 2 and "not valid YAML" in r.stderr
+    r = run([sys.executable, "-m", "lexvla.params", "check", str(tmp_path / "nope.yaml")], check=False)
+    assert r.returncode == 2 and "nope.yaml: params file not found" in r.stderr
+
+
+def test_checking_params_does_not_import_torch():
+    "Why a bad params file fails in well under a second: the loader imports no heavy library."
+    code = "import sys, lexvla.params as p; p.load_params(); print(sorted(m for m in ('torch','transformers','timm') if m in sys.modules))"
+    r = run([sys.executable, "-c", code])
+    assert r.stdout.strip() == "[]"
+
+
+def test_paper_profile_is_valid_and_becomes_set_params():
+    from lexvla.params import apply_profile, overrides
+    merged = apply_profile("paper")
+    assert merged["base"]["profile"] == "paper"
+    args = overrides("paper")
+    assert 'base.profile="paper"' in args
+    for a in args:  # every override names an existing key
+        sec, *rest = a.split("=", 1)[0].split(".")
+        node = GOOD[sec]
+        for k in rest:
+            node = node[k]
+
+
+def test_profile_with_unknown_key_is_refused(tmp_path):
+    from lexvla.params import ParamsError, apply_profile
+    p = tmp_path / "bad.yaml"
+    p.write_text("base:\n  sed: 3\n")
+    with pytest.raises(ParamsError, match="base.sed: unknown key"):
+        apply_profile(p)
+
+
+def test_save_resolved_records_params(tmp_path):
+    from lexvla.params import load_params, save_resolved
+    dest = save_resolved(load_params(), tmp_path / "out", extra={"device": "cpu"})
+    rec = json.loads(dest.read_text())
+    assert rec["params"]["base"] == GOOD["base"] and rec["device"] == "cpu"
