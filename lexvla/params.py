@@ -21,8 +21,9 @@ from typing import Any, Literal
 import yaml
 
 # %% auto #0
-__all__ = ['SECTIONS', 'repo_root', 'ParamsError', 'section', 'from_dict', 'BaseParams', 'PrepareParams', 'LoadedParams',
-           'load_params', 'apply_profile', 'overrides', 'save_resolved', 'main']
+__all__ = ['SECTIONS', 'repo_root', 'ParamsError', 'section', 'from_dict', 'BaseParams', 'PrepareParams', 'VariantSpec',
+           'TrainParams', 'LoadedParams', 'load_params', 'params_from_dict', 'apply_profile', 'overrides',
+           'save_resolved', 'main']
 
 # %% ../notebooks/00_params.ipynb #14c697a8
 def repo_root(start: str | Path | None = None, # folder to start from (default: this file's, then the cwd)
@@ -140,6 +141,43 @@ class PrepareParams:
     n_val: int                  # validation images
     n_test: int                 # test images (x5 captions, Flickr30k protocol)
 
+# %% ../notebooks/00_params.ipynb #11943fb3
+@dataclass
+class VariantSpec:
+    "One trained variant: which model and which sparsity regulariser (the paper's ablations)."
+    model: Literal["lexvla", "bow", "dense"]  # model variant (overrides model.variant for this run)
+    reg: Literal["overuse", "flops", "none"]  # sparsity regulariser on both modalities (method §5)
+
+@section("train")
+@dataclass
+class TrainParams:
+    "The `train` stage (owned by the train module)."
+    variants: dict[str, VariantSpec]  # name -> spec; DVC trains each (foreach)
+    steps: int                        # optimiser steps
+    batch_size: int                   # pairs per optimiser step (all devices, all micro-batches)
+    grad_accum: int                   # micro-batches per optimiser step
+    lr: float                         # peak learning rate, AdamW (method §6 [choice])
+    weight_decay: float               # AdamW weight decay (not on norms, biases, temperature)
+    warmup_steps: int                 # linear LR warm-up, then cosine decay to 0
+    lambda_img: float                 # final weight of the image regulariser (method §5 [choice] 1e-3)
+    lambda_txt: float                 # final weight of the text regulariser
+    reg_warmup_steps: int             # steps of the quadratic warm-up of both weights (method §5)
+    grad_clip: float                  # max grad norm (0 = off)
+    captions_per_image: int           # training captions per image (of 5); sizes the text cache
+    num_workers: int                  # DataLoader workers
+    precision: Literal["auto", "fp32", "bf16"]  # auto = bf16 autocast on GPU, fp32 on CPU
+    checkpoint_every: int             # steps between checkpoints (atomic)
+    log_every: int                    # steps between dvclive records
+    text_cache: bool                  # use the cached frozen LM prefix (exact; see textcache)
+
+    def validate(self, prefix):
+        "Cross-field checks, named like the rest."
+        for k in ("steps", "batch_size", "grad_accum", "checkpoint_every", "log_every", "captions_per_image"):
+            if getattr(self, k) < 1: raise ParamsError(f"{prefix}.{k}: got {getattr(self, k)}, expected >= 1")
+        if self.batch_size % self.grad_accum:
+            raise ParamsError(f"{prefix}.batch_size: got {self.batch_size}, expected a multiple of grad_accum={self.grad_accum}")
+        if not self.variants: raise ParamsError(f"{prefix}.variants: got {{}}, expected at least one variant")
+
 # %% ../notebooks/00_params.ipynb #ba4c4fdf
 @dataclass
 class LoadedParams:
@@ -167,7 +205,14 @@ def load_params(path: str | Path = "params.yaml", # the params file (relative pa
     if not path.is_absolute() and not path.exists():
         try: path = repo_root() / path
         except FileNotFoundError: pass
-    d = _read_yaml(path)
+    return params_from_dict(_read_yaml(path), source=path, only=only)
+
+def params_from_dict(d: dict,                    # section name -> mapping, as read from YAML or a resolved record
+                     source: str | Path = "<dict>", # named in error messages
+                     only: list[str] | None = None,
+                    ) -> LoadedParams:
+    "Strictly check an in-memory params mapping (e.g. the `params` of a `params.resolved.json`)."
+    path = Path(source)
     wanted = list(SECTIONS) if only is None else list(only)
     if only is None:
         for k in d:
