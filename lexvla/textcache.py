@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 # %% auto #0
-__all__ = ['TextPrefixCache', 'build_text_cache']
+__all__ = ['TextPrefixCache', 'build_text_cache', 'cache_captions', 'cache_meta', 'check_cache', 'main']
 
 # %% ../notebooks/11_textcache.ipynb #61ae39be
 class TextPrefixCache:
@@ -89,3 +89,69 @@ def build_text_cache(model,                 # a LexVLA model with `tokenize` and
     offsets[1:] = torch.tensor(lengths).cumsum(0)
     hidden = torch.cat(chunks) if chunks else torch.zeros(0, 1)
     return TextPrefixCache(hidden, offsets, ordered, meta={"prefix_layers": getattr(model, "text_prefix_layers", None)})
+
+# %% ../notebooks/11_textcache.ipynb #fd316af4
+def cache_captions(params,                      # LoadedParams (base, prepare, train, evaluate)
+                   data_dir: str | Path,        # the `prepare` output
+                  ) -> list[str]:
+    "Every caption the pipeline runs through the text tower: training (the first `train.captions_per_image` of each image), the evaluation split, and the PatchDis class prompts."
+    from lexvla.datasets import load_karpathy, prepared_paths, read_categories, train_dataset
+    p = prepared_paths(data_dir)
+    caps = train_dataset(p["shards"], None, seed=params.base.seed, captions_per_image=params.train.captions_per_image).all_captions()
+    ep = params.evaluate
+    caps += load_karpathy(p["karpathy_json"], p["image_root"], split=ep.split, check_files=False).captions
+    if ep.patchdis and p["categories"] is not None:
+        caps += [ep.patchdis_prompt.replace("{name}", c["name"]) for c in read_categories(p["categories"])]
+    return list(dict.fromkeys(caps))
+
+def cache_meta(model) -> dict:
+    "What a cache's states depend on: the LM, the prompt, the prefix depth (checked before a cache is used)."
+    return {"prefix_layers": model.text_prefix_layers, "prompt": model.config.prompt, "width": model.width,
+            "lm": {k: v for k, v in vars(model.config.lm).items() if k != "dtype"}}
+
+def check_cache(cache: TextPrefixCache, model) -> None:
+    "Refuse a cache built for another LM, prompt or LoRA depth: its states would be silently wrong."
+    want = cache_meta(model)
+    bad = [k for k, v in want.items() if k in cache.meta and cache.meta[k] != v]
+    if bad: raise ValueError(f"text cache was built for another {', '.join(bad)} "
+                             f"({bad[0]}: cache {cache.meta[bad[0]]!r}, model {want[bad[0]]!r}); rebuild it (dvc repro textcache)")
+
+def main(argv: list[str] | None = None) -> int:
+    "python -m lexvla.textcache --params params.yaml [--data DIR] [--out DIR]"
+    import argparse, sys, time
+    from lexvla.params import ParamsError, load_params, repo_root, save_resolved
+    ap = argparse.ArgumentParser(prog="python -m lexvla.textcache", description="Cache the frozen LM prefix of every caption.")
+    ap.add_argument("--params", default="params.yaml", help="params file")
+    ap.add_argument("--data", default=None, help="prepared data folder (default data/prepared)")
+    ap.add_argument("--out", default=None, help="cache folder (default data/textcache)")
+    a = ap.parse_args(argv)
+    try:
+        from lexvla.model import create_model_from_params
+        params = load_params(a.params)
+        root = repo_root()
+        out = Path(a.out or root / "data" / "textcache")
+        t0 = time.perf_counter()
+        torch.manual_seed(params.base.seed)
+        if params.train.text_cache:
+            model = create_model_from_params(params, variant="lexvla").eval()
+            caps = cache_captions(params, Path(a.data or root / "data" / "prepared"))
+            cache = build_text_cache(model, caps, batch_size=params.evaluate.batch_size)
+            cache.meta.update(cache_meta(model))
+        else:  # training does not use it (e.g. LoRA on every block: no frozen prefix): an empty cache
+            cache = TextPrefixCache(torch.zeros(0, 1), torch.zeros(1, dtype=torch.long), [], {"disabled": "train.text_cache is false"})
+        tmp = out.with_name(out.name + ".tmp")
+        if tmp.exists(): import shutil; shutil.rmtree(tmp)
+        cache.save(tmp)
+        save_resolved(params, tmp, extra={"captions": len(cache), "tokens": int(cache.hidden.shape[0]),
+                                          "wall_s": round(time.perf_counter() - t0, 2)})
+        if out.exists(): import shutil; shutil.rmtree(out)
+        tmp.rename(out)  # a killed run leaves only the .tmp folder, never a half-written cache
+    except (ParamsError, FileNotFoundError, ValueError) as e:
+        print(f"textcache error: {e}", file=sys.stderr); return 2
+    print(f"text cache: {len(cache)} captions, {cache.hidden.shape[0]} tokens x {cache.hidden.shape[1]} -> {out}")
+    return 0
+
+
+# %% ../notebooks/11_textcache.ipynb #7793c85c
+if __name__ == "__main__": import sys; sys.exit(main())
+

@@ -168,6 +168,14 @@ def trainable_state(model) -> dict[str, torch.Tensor]:
     return {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
 
 # %% ../notebooks/12_train.ipynb #197fa751
+class _Epochs(torch.utils.data.Dataset):
+    "The training pairs as the DataLoader sees them, without `set_epoch`."
+    # accelerate's loaders call `dataset.set_epoch(<iterations of this process>)` when the dataset has one, which
+    # would undo a resumed run's epoch and skip: the epoch is ours to set
+    def __init__(self, ds): self.ds = ds
+    def __len__(self): return len(self.ds)
+    def __getitem__(self, i): return self.ds[i]
+
 def _lexical_active(x: torch.Tensor) -> float:
     "Mean words above the inference threshold 1/sqrt(V) (method §5)."
     return float((x.detach() > x.shape[-1] ** -0.5).sum(-1).float().mean())
@@ -187,7 +195,7 @@ def train(params: LoadedParams,           # the loaded params file
     from lexvla.datasets import collate_pairs, image_transform, train_dataset
     from lexvla.losses import create_loss
     from lexvla.model import create_model_from_params
-    from lexvla.textcache import TextPrefixCache
+    from lexvla.textcache import TextPrefixCache, check_cache
 
     base, tp = params.base, params.train
     if variant not in tp.variants:
@@ -215,12 +223,13 @@ def train(params: LoadedParams,           # the loaded params file
     loss_fn = create_loss(spec.reg, lambda_img=tp.lambda_img, lambda_txt=tp.lambda_txt, warmup_steps=tp.reg_warmup_steps)
     use_cache = tp.text_cache and spec.model != "bow"
     cache = TextPrefixCache.load(cache_dir or root / "data" / "textcache") if use_cache else None
+    if cache is not None: check_cache(cache, model)
 
     micro = tp.batch_size // tp.grad_accum // acc.num_processes
     ds = train_dataset(shards, image_transform(model.data_config, train=True), seed=base.seed,
                        captions_per_image=tp.captions_per_image)
     g = torch.Generator(); g.manual_seed(base.seed)
-    dl = torch.utils.data.DataLoader(ds, batch_size=micro, num_workers=tp.num_workers, collate_fn=collate_pairs,
+    dl = torch.utils.data.DataLoader(_Epochs(ds), batch_size=micro, num_workers=tp.num_workers, collate_fn=collate_pairs,
                                      drop_last=True, shuffle=False, generator=g,
                                      persistent_workers=False)
     batches_per_epoch = len(dl) // acc.num_processes if acc.num_processes > 1 else len(dl)
@@ -255,9 +264,9 @@ def train(params: LoadedParams,           # the loaded params file
     parts = {}
     model.train()
     while step < tp.steps:
-        ds.set_epoch(epoch)
-        it = acc.skip_first_batches(dl, batch_in_epoch) if batch_in_epoch else dl
-        for batch in it:
+        # the epoch's order is fixed by (seed, epoch); a resumed epoch leaves out the samples already trained on
+        ds.set_epoch(epoch, skip=batch_in_epoch * micro * acc.num_processes)
+        for batch in dl:
             batch_in_epoch += 1
             with acc.accumulate(model):
                 pixels = batch["pixels"].to(acc.device)

@@ -1,0 +1,146 @@
+"""Where a training step of the embedded default spends its time: vision tower, text tower, lexical head, loss.
+
+    python benchmarks/bench_train.py [--params params.yaml] [--batch 64] [--reps 3] [--out benchmarks/results/train.md]
+
+Builds the models that `dvc repro` trains (params.yaml's model section: SmolLM2-135M + LoRA on its last 2 layers,
+the small DINOv2-architecture ViT) and times, on one batch of the prepared training data (or random pixels and
+captions when data/prepared is missing):
+
+- each part forward + backward on its own (gradients of a random upstream signal): the ViT + adapter, the text
+  tower's LoRA layers on the cached frozen prefix (and the whole LM without the cache, for comparison), the lexical
+  head (patch x vocabulary max-pool, ELU1p, L2 norm), the loss (InfoNCE + overuse penalty);
+- a whole optimiser step (forward, backward, AdamW) of LexVLA and of the dense baseline with the same towers.
+
+Time = best of `--reps` runs after a warm-up; throughput = batch / step time. Prints a markdown table and writes it
+to `--out`. Runs on the CPU (the CI machine: 2 cores) or, with --device cuda, on a GPU.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+
+def best_time(fn, reps: int, sync) -> float:
+    fn(); sync()  # warm-up
+    best = float("inf")
+    for _ in range(reps):
+        t = time.perf_counter(); fn(); sync(); best = min(best, time.perf_counter() - t)
+    return best
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--params", default="params.yaml")
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--preset", default=None, help="a registry preset instead of params.yaml's model (e.g. tiny)")
+    ap.add_argument("--out", default=None)
+    a = ap.parse_args(argv)
+
+    from lexvla.datasets import collate_pairs, image_transform, prepared_paths, train_dataset
+    from lexvla.losses import create_loss
+    from lexvla.maxpool import lexical_maxpool
+    from lexvla.model import create_model, create_model_from_params, elu1p, l2norm
+    from lexvla.params import load_params, repo_root
+    from lexvla.textcache import build_text_cache
+
+    torch.manual_seed(0)
+    dev = torch.device(a.device)
+    sync = (lambda: torch.cuda.synchronize()) if dev.type == "cuda" else (lambda: None)
+    params = load_params(a.params)
+    make = (lambda v: create_model(a.preset, variant=v)) if a.preset else (lambda v: create_model_from_params(params, variant=v))
+    lex, dense = make("lexvla").to(dev).train(), make("dense").to(dev).train()
+    b = a.batch
+    try:
+        p = prepared_paths(repo_root() / "data" / "prepared")
+        ds = train_dataset(p["shards"], image_transform(lex.data_config, train=True), seed=0, captions_per_image=2)
+        batch = collate_pairs([ds[i] for i in range(b)])
+        pixels, captions, source = batch["pixels"], batch["captions"], "data/prepared"
+    except Exception:
+        size = lex.config.vision.img_size
+        pixels = torch.randn(b, 3, size, size)
+        captions = [f"a {c} {s} left of a {s2}" for c, s, s2 in zip(["red", "blue", "green", "pink"] * b,
+                                                                     ["circle", "star", "ring"] * b, ["square", "moon"] * b)][:b]
+        source = "random pixels, synthetic captions"
+    pixels = pixels.to(dev)
+    cache = build_text_cache(lex, captions, progress=False)
+    prefix = tuple(t.to(dev) for t in cache.lookup(captions))
+    loss_fn = create_loss("overuse", lambda_img=1e-3, lambda_txt=1e-3, warmup_steps=0)
+    V, d = lex.vocab.size, lex.width
+
+    rows = []
+    def part(name, fn, note=""):
+        t = best_time(fn, a.reps, sync)
+        rows.append((name, t, note)); print(f"{name:58s} {t * 1000:9.1f} ms", file=sys.stderr)
+        return t
+
+    def vision():
+        h = lex.patch_hidden(pixels); h.backward(torch.randn_like(h))
+    def text_cached():
+        h = lex.text_hidden_from_prefix(*prefix); h.backward(torch.randn_like(h))
+    def text_full():
+        tok = lex.tokenize(captions)
+        hid, m = lex.text_prefix(tok)  # no_grad: the frozen layers
+        h = lex.text_hidden_from_prefix(hid, m); h.backward(torch.randn_like(h))
+    with torch.no_grad(): H = lex.patch_hidden(pixels).detach()
+    Hg = H.clone().requires_grad_(True)
+    def head():
+        v, _ = lexical_maxpool(Hg, lex.visual_codebook)
+        s = l2norm(elu1p(v)); s.backward(torch.randn_like(s))
+    def head_naive():
+        s = l2norm(elu1p(torch.einsum("bnd,vd->bnv", Hg, lex.visual_codebook).amax(1))); s.backward(torch.randn_like(s))
+    th = torch.randn(b, d, device=dev)
+    def text_head():
+        t = th.clone().requires_grad_(True)
+        s = l2norm(elu1p(t @ lex.text_codebook.T)); s.backward(torch.randn_like(s))
+    fi = l2norm(torch.rand(b, V, device=dev)).requires_grad_(True)
+    ft = l2norm(torch.rand(b, V, device=dev)).requires_grad_(True)
+    def loss():
+        loss_fn(fi, ft, torch.tensor(14.3, device=dev), None)["loss"].backward()
+
+    n_patches = H.shape[1]
+    part("vision: ViT + adapter, fwd+bwd", vision, f"{n_patches} patches")
+    part("text: LoRA layers on the cached prefix, fwd+bwd", text_cached, f"{lex.n_layers - lex.text_prefix_layers} of {lex.n_layers} layers")
+    part("text: whole LM (no cache), fwd+bwd", text_full, "what the text cache saves")
+    part("lexical head, image: fused max-pool + ELU1p + L2, fwd+bwd", head, f"{n_patches} x V={V}")
+    part("lexical head, image: naive einsum max, fwd+bwd", head_naive, "for comparison")
+    part("lexical head, text: h Z_txt + ELU1p + L2, fwd+bwd", text_head, f"V={V}")
+    part("loss: InfoNCE + overuse penalty, fwd+bwd", loss, f"b={b}, V={V}")
+
+    def step_fn(model):
+        opt = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=1e-5)
+        def step():
+            out = model(pixels, text_prefix=prefix)
+            loss_fn(out["image_features"], out["text_features"], out["logit_scale"], None)["loss"].backward()
+            opt.step(); opt.zero_grad(set_to_none=True)
+        return step
+    t_lex = part("whole step, LexVLA (cached text prefix)", step_fn(lex), "fwd+bwd+AdamW")
+    t_dense = part("whole step, dense baseline (same towers)", step_fn(dense), "fwd+bwd+AdamW")
+
+    when = datetime.date.today().isoformat()
+    dev_name = torch.cuda.get_device_name(0) if dev.type == "cuda" else f"{platform.processor() or 'CPU'}, {torch.get_num_threads()} threads"
+    md = [f"# Benchmark: where a training step spends its time\n",
+          f"`python benchmarks/bench_train.py{' --preset ' + a.preset if a.preset else ''} --batch {b}` ({when}, {dev_name}, "
+          f"torch {torch.__version__}). Model: {'preset ' + a.preset if a.preset else 'params.yaml'} "
+          f"(V = {V}, LM width {d}, {n_patches} patches); batch {b} from {source}. "
+          f"Best of {a.reps} after a warm-up; each part runs forward + backward on its own.\n",
+          "| part | time per batch | note |", "|---|---|---|"]
+    md += [f"| {n} | {t * 1000:.1f} ms | {note} |" for n, t, note in rows]
+    md += ["", "| model | step time | images/s |", "|---|---|---|",
+           f"| LexVLA | {t_lex * 1000:.0f} ms | {b / t_lex:.1f} |", f"| dense baseline | {t_dense * 1000:.0f} ms | {b / t_dense:.1f} |"]
+    text = "\n".join(md) + "\n"
+    print(text)
+    if a.out:
+        Path(a.out).parent.mkdir(parents=True, exist_ok=True); Path(a.out).write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
