@@ -90,6 +90,13 @@ def test_pipeline_end_to_end(tiny_root):
     assert len(pngs) >= 5, pngs
 
 
+@pytest.mark.parametrize("nb", analysis_notebooks(), ids=lambda p: p.name)
+def test_analysis_notebook_runs_on_its_fixture(nb, tmp_path):
+    "Each analysis notebook, with its default parameters (the committed fixture), runs through papermill."
+    assert (ROOT / "tests" / "fixtures" / "report" / "evaluate").is_dir(), "run tests/fixtures/make_report_fixture.py"
+    run([tool("papermill"), "-k", "lexvla", str(nb), str(tmp_path / nb.name)], cwd=ROOT, timeout=600)
+
+
 def _weights(folder: Path) -> dict:
     from safetensors.torch import load_file
     return load_file(str(folder / "model" / "weights.safetensors"))
