@@ -79,6 +79,13 @@ def test_pipeline_end_to_end(tiny_root):
     lex = json.loads((root / "results" / "evaluate" / "lexvla.json").read_text())
     assert [s["name"] for s in lex["sparsity"]] == ["threshold", "top4", "top16"]
     assert lex["text_encoding"] == "text cache"
+    # the search stage: test-image vectors into milvus-lite, every top-k equal to brute force; run twice (idempotent)
+    for _ in range(2):
+        stage(root, "milvus")
+        srch = json.loads((root / "results" / "search" / "summary.json").read_text())
+        assert srch["embedded"] and srch["stored"] == 8 and srch["topk_equals_brute_force"] == 1.0, srch
+    assert srch["ingest"] == {"written": 0, "skipped": 8}
+    assert (root / "results" / "search" / "export" / "impact.jsonl").is_file()
     out = root / "results" / "reports"
     run([sys.executable, "-m", "lexvla.evaluate", "--summary", "results/evaluate", "--out", "results/reports"], cwd=root)
     summary = json.loads((out / "summary.json").read_text())
