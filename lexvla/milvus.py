@@ -497,6 +497,8 @@ def run_search(params,                       # LoadedParams (search section)
                "examples": examples}
     tmp = out / "summary.json.tmp"
     tmp.write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n"); tmp.replace(out / "summary.json")
+    from lexvla.params import save_resolved
+    save_resolved(params, out, extra={"vectors": str(npz)})
     return summary
 
 def main(argv: list[str] | None = None) -> int:
