@@ -1,6 +1,6 @@
 """Where a training step of the embedded default spends its time: vision tower, text tower, lexical head, loss.
 
-    python benchmarks/bench_train.py [--params params.yaml] [--batch 64] [--reps 3] [--out benchmarks/results/train.md]
+    python benchmarks/bench_train.py [--params params.yaml] [--batch 64] [--reps 3] [--precision bf16] [--out benchmarks/results/train.md]
 
 Builds the models that `dvc repro` trains (params.yaml's model section: SmolLM2-135M + LoRA on its last 2 layers,
 the small DINOv2-architecture ViT) and times, on one batch of the prepared training data (or random pixels and
@@ -40,6 +40,7 @@ def main(argv=None) -> int:
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--precision", choices=["fp32", "bf16"], default="bf16", help="bf16 autocast, as train.precision")
     ap.add_argument("--preset", default=None, help="a registry preset instead of params.yaml's model (e.g. tiny)")
     ap.add_argument("--out", default=None)
     a = ap.parse_args(argv)
@@ -76,34 +77,47 @@ def main(argv=None) -> int:
     V, d = lex.vocab.size, lex.width
 
     rows = []
+    import contextlib
+    def amp():  # forward under autocast, backward outside it: as accelerate runs a training step
+        return torch.autocast(dev.type, dtype=torch.bfloat16) if a.precision == "bf16" else contextlib.nullcontext()
+
     def part(name, fn, note=""):
         t = best_time(fn, a.reps, sync)
         rows.append((name, t, note)); print(f"{name:58s} {t * 1000:9.1f} ms", file=sys.stderr)
         return t
 
     def vision():
-        h = lex.patch_hidden(pixels); h.backward(torch.randn_like(h))
+        with amp(): h = lex.patch_hidden(pixels)
+        h.backward(torch.randn_like(h))
     def text_cached():
-        h = lex.text_hidden_from_prefix(*prefix); h.backward(torch.randn_like(h))
+        with amp(): h = lex.text_hidden_from_prefix(*prefix)
+        h.backward(torch.randn_like(h))
     def text_full():
         tok = lex.tokenize(captions)
-        hid, m = lex.text_prefix(tok)  # no_grad: the frozen layers
-        h = lex.text_hidden_from_prefix(hid, m); h.backward(torch.randn_like(h))
+        with amp():
+            hid, m = lex.text_prefix(tok)  # no_grad: the frozen layers
+            h = lex.text_hidden_from_prefix(hid, m)
+        h.backward(torch.randn_like(h))
     with torch.no_grad(): H = lex.patch_hidden(pixels).detach()
     Hg = H.clone().requires_grad_(True)
     def head():
-        v, _ = lexical_maxpool(Hg, lex.visual_codebook)
-        s = l2norm(elu1p(v)); s.backward(torch.randn_like(s))
+        with amp():
+            v, _ = lexical_maxpool(Hg, lex.visual_codebook)
+            s = l2norm(elu1p(v))
+        s.backward(torch.randn_like(s))
     def head_naive():
-        s = l2norm(elu1p(torch.einsum("bnd,vd->bnv", Hg, lex.visual_codebook).amax(1))); s.backward(torch.randn_like(s))
+        with amp(): s = l2norm(elu1p(torch.einsum("bnd,vd->bnv", Hg, lex.visual_codebook).amax(1)))
+        s.backward(torch.randn_like(s))
     th = torch.randn(b, d, device=dev)
     def text_head():
         t = th.clone().requires_grad_(True)
-        s = l2norm(elu1p(t @ lex.text_codebook.T)); s.backward(torch.randn_like(s))
+        with amp(): s = l2norm(elu1p(t @ lex.text_codebook.T))
+        s.backward(torch.randn_like(s))
     fi = l2norm(torch.rand(b, V, device=dev)).requires_grad_(True)
     ft = l2norm(torch.rand(b, V, device=dev)).requires_grad_(True)
     def loss():
-        loss_fn(fi, ft, torch.tensor(14.3, device=dev), None)["loss"].backward()
+        with amp(): l = loss_fn(fi, ft, torch.tensor(14.3, device=dev), None)["loss"]
+        l.backward()
 
     n_patches = H.shape[1]
     part("vision: ViT + adapter, fwd+bwd", vision, f"{n_patches} patches")
@@ -117,8 +131,10 @@ def main(argv=None) -> int:
     def step_fn(model):
         opt = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=1e-5)
         def step():
-            out = model(pixels, text_prefix=prefix)
-            loss_fn(out["image_features"], out["text_features"], out["logit_scale"], None)["loss"].backward()
+            with amp():
+                out = model(pixels, text_prefix=prefix)
+                l = loss_fn(out["image_features"], out["text_features"], out["logit_scale"], None)["loss"]
+            l.backward()
             opt.step(); opt.zero_grad(set_to_none=True)
         return step
     t_lex = part("whole step, LexVLA (cached text prefix)", step_fn(lex), "fwd+bwd+AdamW")
@@ -128,7 +144,7 @@ def main(argv=None) -> int:
     dev_name = torch.cuda.get_device_name(0) if dev.type == "cuda" else f"{platform.processor() or 'CPU'}, {torch.get_num_threads()} threads"
     md = [f"# Benchmark: where a training step spends its time\n",
           f"`python benchmarks/bench_train.py{' --preset ' + a.preset if a.preset else ''} --batch {b}` ({when}, {dev_name}, "
-          f"torch {torch.__version__}). Model: {'preset ' + a.preset if a.preset else 'params.yaml'} "
+          f"torch {torch.__version__}, {a.precision}{' autocast' if a.precision == 'bf16' else ''}). Model: {'preset ' + a.preset if a.preset else 'params.yaml'} "
           f"(V = {V}, LM width {d}, {n_patches} patches); batch {b} from {source}. "
           f"Best of {a.reps} after a warm-up; each part runs forward + backward on its own.\n",
           "| part | time per batch | note |", "|---|---|---|"]
