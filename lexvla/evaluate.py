@@ -96,9 +96,9 @@ def encode_texts(model,             # a LexVLA model in eval mode
     return torch.cat(out) if out else torch.zeros(0, model.dim)
 
 # %% ../notebooks/13_evaluate.ipynb #4ab08216
-def class_vectors(model, names: list[str], prompt: str = "a {name}", batch_size: int = 64):
-    "(classes, dim) text-branch vectors of the class names (method §7)."
-    return encode_texts(model, [prompt.replace("{name}", n) for n in names], batch_size)
+def class_vectors(model, names: list[str], prompt: str = "a {name}", batch_size: int = 64, cache=None):
+    "(classes, dim) text-branch vectors of the class names (method §7); `cache` as in `encode_texts`."
+    return encode_texts(model, [prompt.replace("{name}", n) for n in names], batch_size, cache)
 
 def patch_labels(patch_vecs,            # (b, n, dim) patch vectors
                  class_vecs,            # (c, dim) class vectors
@@ -220,7 +220,7 @@ def run_patchdis(model, split: Split, data_dir: str | Path, transform, ep: Evalu
     if got is None: return None
     masks, names = got
     rows, cols = patch_grid(model)
-    cls = encode_texts(model, [ep.patchdis_prompt.replace("{name}", n) for n in names], ep.batch_size, cache)
+    cls = class_vectors(model, names, ep.patchdis_prompt, ep.batch_size, cache)
     bs = max(1, min(ep.batch_size, 16))  # patch vectors are b x n x V: keep batches small
     preds, kept_patches, kept_labels = [], [], []
     for s in tqdm(range(0, len(split.images), bs), desc="patchdis", unit="batch", disable=not progress):
@@ -252,15 +252,11 @@ def split_masks(data_dir: str | Path, split: Split):
 
 # %% ../notebooks/13_evaluate.ipynb #34c30e7f
 def _csr(x, threshold: float | None) -> dict:
-    "CSR arrays of the rows of `x` (entries > threshold; all non-zeros when None)."
-    import torch
-    x = torch.as_tensor(x).float().reshape(-1, x.shape[-1])
-    keep = x > threshold if threshold is not None else x != 0
-    counts = keep.sum(-1)
-    indptr = np.zeros(len(x) + 1, dtype=np.int64); indptr[1:] = np.cumsum(counts.numpy())
-    r, c = keep.nonzero(as_tuple=True)
-    return {"indptr": indptr, "indices": c.numpy().astype(np.int32), "values": x[r, c].numpy().astype(np.float32),
-            "shape": np.array(x.shape, dtype=np.int64)}
+    "CSR arrays of the rows of `x` (entries > threshold; all non-zeros when None), as `SparseVectors.from_dense` cuts them."
+    from lexvla.sparse import SparseVectors
+    x = np.asarray(x, dtype=np.float32).reshape(-1, x.shape[-1])
+    sv = SparseVectors.from_dense(x, threshold=threshold)
+    return {"indptr": sv.indptr, "indices": sv.indices, "values": sv.data, "shape": np.array(x.shape, dtype=np.int64)}
 
 def save_vectors(path: str | Path, model, split: Split, img, txt, pd: dict | None = None, data_dir=None) -> Path:
     "Write the vectors the reports draw (atomically, no pickles)."

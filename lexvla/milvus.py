@@ -429,17 +429,6 @@ def read_jsonl(path: str | Path,           # vectors.jsonl or impact.jsonl
     return _to_sparse(rows, len(words), ids)
 
 # %% ../notebooks/10_milvus.ipynb #11853b87
-def _topk_rows(m, k: int):
-    "Keep the k largest entries of each row of a scipy CSR matrix (k = 0: all)."
-    m = m.tocsr().copy()
-    if k:
-        for i in range(m.shape[0]):
-            s, e = m.indptr[i], m.indptr[i + 1]
-            if e - s > k: m.data[s:e][np.argsort(-m.data[s:e], kind="stable")[k:]] = 0
-        m.eliminate_zeros()
-    m.sort_indices()
-    return m
-
 def run_search(params,                       # LoadedParams (search section)
                evaluate_dir: str | Path,     # the evaluate stage's output (results/evaluate)
                out_dir: str | Path,          # results/search
@@ -454,8 +443,7 @@ def run_search(params,                       # LoadedParams (search section)
     if not bool(d["lexical"]): raise ValueError(f"search.variant: {sp.variant!r} is the dense baseline; it has no words to index")
     words = [str(w) for w in d["words"]]
     ids = [str(p) for p in d["images"]]
-    img = _topk_rows(d["image"], sp.topk)
-    docs = SparseVectors.from_scipy(img, ids=ids)
+    docs = SparseVectors.from_scipy(d["image"], ids=ids, topk=sp.topk or None)
     out = Path(out_dir); out.mkdir(parents=True, exist_ok=True)
     uri = sp.uri if "://" in sp.uri else str(repo_root() / sp.uri)
     # the ids are stable, so a killed ingest resumes; vectors of another model or another topk start over
@@ -473,13 +461,12 @@ def run_search(params,                       # LoadedParams (search section)
         counts = idx.ingest(docs, progress=progress)
         t_ingest = time.perf_counter() - t0
         n_q = len(d["captions"]) if sp.n_queries == 0 else min(sp.n_queries, len(d["captions"]))
-        qm = _topk_rows(d["text"][:n_q], sp.topk)
-        queries = SparseVectors.from_scipy(qm)
+        queries = SparseVectors.from_scipy(d["text"][:n_q], topk=sp.topk or None)
         t1 = time.perf_counter()
         hits = idx.search(queries, k=sp.k, explain=sp.explain)
         t_query = (time.perf_counter() - t1) / max(n_q, 1)
         stored = idx.count()
-    exact = (qm @ img.T).toarray()  # brute force over the same sparse vectors
+    exact = (queries.to_scipy() @ docs.to_scipy().T).toarray()  # brute force over the same sparse vectors
     agree, r1 = 0, 0
     for i, hs in enumerate(hits):
         want = np.sort(exact[i][exact[i] > 0])[::-1][:sp.k]

@@ -115,10 +115,16 @@ SparseVectors.from_dense = classmethod(_from_dense)
 
 # %% ../notebooks/07_sparse.ipynb #5110c3c8
 def _from_scipy(cls, m,        # any scipy sparse matrix or array of shape (n, V)
-                ids=None):
-    "CSR from a scipy sparse matrix (duplicates summed, words sorted, explicit zeros dropped)."
+                ids=None,
+                topk: int | None = None, # keep the k largest entries per row (the rule of `from_dense`)
+                chunk: int = 2048,       # rows densified at once when cutting to top-k
+               ):
+    "CSR from a scipy sparse matrix (duplicates summed, words sorted, explicit zeros dropped), optionally cut to top-k."
     m = sps.csr_matrix(m, copy=True)
     m.sum_duplicates(); m.eliminate_zeros(); m.sort_indices()
+    if topk is not None and m.shape[0]:  # same ties as from_dense: lower word index first
+        sv = cls.concat([cls.from_dense(m[s:s + chunk].toarray(), topk=topk) for s in range(0, m.shape[0], chunk)])
+        return cls(sv.indptr, sv.indices, sv.data, sv.dim, ids, check=False)
     return cls(m.indptr, m.indices, m.data, m.shape[1], ids)
 
 def _to_scipy(self) -> sps.csr_matrix:

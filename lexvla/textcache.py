@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 from pathlib import Path
 
 import torch
@@ -140,11 +141,11 @@ def main(argv: list[str] | None = None) -> int:
         else:  # training does not use it (e.g. LoRA on every block: no frozen prefix): an empty cache
             cache = TextPrefixCache(torch.zeros(0, 1), torch.zeros(1, dtype=torch.long), [], {"disabled": "train.text_cache is false"})
         tmp = out.with_name(out.name + ".tmp")
-        if tmp.exists(): import shutil; shutil.rmtree(tmp)
+        if tmp.exists(): shutil.rmtree(tmp)
         cache.save(tmp)
         save_resolved(params, tmp, extra={"captions": len(cache), "tokens": int(cache.hidden.shape[0]),
                                           "wall_s": round(time.perf_counter() - t0, 2)})
-        if out.exists(): import shutil; shutil.rmtree(out)
+        if out.exists(): shutil.rmtree(out)
         tmp.rename(out)  # a killed run leaves only the .tmp folder, never a half-written cache
     except (ParamsError, FileNotFoundError, ValueError) as e:
         print(f"textcache error: {e}", file=sys.stderr); return 2
