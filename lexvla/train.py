@@ -29,9 +29,9 @@ import torch
 from tqdm.auto import tqdm
 
 # %% auto #0
-__all__ = ['seed_everything', 'rng_state', 'set_rng_state', 'CheckpointError', 'Checkpointer', 'NonFiniteLoss', 'run_fingerprint',
-           'resolve_device', 'environment_record', 'param_groups', 'trainable_state', 'train', 'save_trained',
-           'load_trained', 'main']
+__all__ = ['TRAINING_CODE', 'seed_everything', 'rng_state', 'set_rng_state', 'CheckpointError', 'Checkpointer', 'NonFiniteLoss',
+           'run_fingerprint', 'resolve_device', 'environment_record', 'param_groups', 'trainable_state', 'train',
+           'save_trained', 'load_trained', 'main']
 
 # %% ../notebooks/12_train.ipynb #b81b6815
 def seed_everything(seed: int, deterministic: bool = True):
@@ -128,10 +128,15 @@ class Checkpointer:
 class NonFiniteLoss(RuntimeError):
     "The loss became NaN or infinite; training stopped and the last good checkpoint was kept."
 
+# the modules a training run executes: a checkpoint written by other code is not resumed
+TRAINING_CODE = ("params", "datasets", "vocab", "model", "maxpool", "losses", "textcache", "train")
+
 def run_fingerprint(params: LoadedParams, variant: str, data_dir: Path) -> str:
-    "sha256 of everything that determines the trained weights: the params sections, the variant and the data."
+    "sha256 of everything that determines the trained weights: the params sections, the variant, the data and the code."
     d = params.to_dict()
     rec = {"variant": variant, "params": {k: d[k] for k in sorted(d) if k in ("base", "prepare", "model", "train")}}
+    pkg = Path(__file__).resolve().parent if "__file__" in globals() else repo_root() / "lexvla"
+    rec["code"] = {m: hashlib.sha256((pkg / f"{m}.py").read_bytes()).hexdigest() for m in TRAINING_CODE}
     report = Path(data_dir) / "report.json"
     rec["data"] = hashlib.sha256(report.read_bytes()).hexdigest() if report.is_file() else str(data_dir)
     return hashlib.sha256(json.dumps(rec, sort_keys=True, default=str).encode()).hexdigest()[:16]
@@ -243,6 +248,11 @@ def train(params: LoadedParams,           # the loaded params file
 
     step, epoch, batch_in_epoch, resumed_from = 0, 0, 0, None
     last = ck.latest()
+    if last is not None and json.loads((last / "state.json").read_text()).get("step", 0) >= tp.steps:
+        # a finished run: DVC runs the stage again only after removing its outputs (metrics, plots), so train
+        # again (bit-identical on a CPU) rather than "resume" into an empty run
+        acc.print(f"{variant}: {last} is the end of a finished run; training again so that every output is rebuilt")
+        last = None
     if last is not None:
         tensors, objects, info = ck.load(last)
         missing = set(trainable_state(raw)) - set(tensors)
