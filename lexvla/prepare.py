@@ -92,7 +92,7 @@ def build_embedded(pp, seed: int, out: Path, progress: bool = True) -> dict:
         (out / "karpathy" / "images").mkdir(parents=True, exist_ok=True)
         (out / "masks" / split).mkdir(parents=True, exist_ok=True)
         (out / "masks" / f"panoptic_{split}").mkdir(parents=True, exist_ok=True)
-        pan_images, pan_anns = [], []
+        pan_images, pan_anns, metas = [], [], []
         for i, r in enumerate(pmap(_render, [job(split, i) for i in range(n)], pp.workers, f"draw {split}", progress)):
             stem = f"{split}_{i:06d}"
             (out / "karpathy" / "images" / f"{stem}.jpg").write_bytes(r["jpg"])
@@ -103,8 +103,10 @@ def build_embedded(pp, seed: int, out: Path, progress: bool = True) -> dict:
                                           sum(len(e["sentences"]) for e in entries)))
             pan_images.append({"id": imgid, "file_name": f"{stem}.jpg", "width": pp.image_size, "height": pp.image_size})
             pan_anns.append({"image_id": imgid, "file_name": f"{stem}.png", "segments_info": r["segments"]})
+            metas.append(r["meta"])
         write_json({"images": pan_images, "annotations": pan_anns, "categories": cats},
                    out / "masks" / f"panoptic_{split}.json")
+        write_json({"size": pp.image_size, "scenes": metas}, out / "scenes" / f"{split}.json")  # for lexvla.oracle
         counts[split] = n
     write_json({"images": entries, "dataset": "embedded"}, out / "karpathy" / "dataset_embedded.json")
     return counts
