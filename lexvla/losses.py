@@ -39,11 +39,14 @@ def flops_regularizer(s: torch.Tensor # (b, v) lexical vectors
 
 def overuse_penalty(s: torch.Tensor,          # (b, v) lexical vectors
                     detach_share: bool = False, # treat the share p̄_j / Σ_k p̄_k as a constant weight (no gradient)
+                    share: Literal["sum", "mean"] = "sum", # p̄_j over Σ_k p̄_k, or over mean_k p̄_k (= V x sum)
                    ) -> torch.Tensor:
     "Overuse penalty `Σ_j (p̄_j / Σ_k p̄_k) p̄_j²` (method §5 [choice]): FLOPs re-weighted by each word's share; 0 for an all-zero batch."
+    if share not in ("sum", "mean"): raise ValueError(f"share: got {share!r}, expected 'sum' or 'mean'")
     p = word_activation(s)
-    share = p / p.sum().clamp_min(torch.finfo(p.dtype).tiny)  # all-zero batch: 0, not 0/0
-    return ((share.detach() if detach_share else share) * p.pow(2)).sum()
+    total = p.sum() if share == "sum" else p.mean()
+    w = p / total.clamp_min(torch.finfo(p.dtype).tiny)  # all-zero batch: 0, not 0/0
+    return ((w.detach() if detach_share else w) * p.pow(2)).sum()
 
 # %% ../notebooks/05_losses.ipynb #2ba82e13
 def quadratic_warmup(step: int | None,  # optimiser step (None: warm-up finished)
@@ -85,6 +88,7 @@ class LexicalLoss(nn.Module):
                  lambda_txt: float = 1e-3,  # final weight of the text regulariser
                  warmup_steps: int = 0,     # steps of the quadratic warm-up of both weights (0: none)
                  detach_share: bool = False, # overuse only: no gradient through each word's share (see `overuse_penalty`)
+                 share: Literal["sum", "mean"] = "sum", # overuse only: the share's normaliser (see `overuse_penalty`)
                 ):
         super().__init__()
         if reg not in REGULARIZERS: raise ValueError(f"reg: got {reg!r}, expected one of {', '.join(REGULARIZERS)}")
@@ -92,33 +96,39 @@ class LexicalLoss(nn.Module):
             if not x >= 0: raise ValueError(f"{k}: got {x}, expected a weight >= 0")
         if warmup_steps < 0: raise ValueError(f"warmup_steps: got {warmup_steps}, expected >= 0")
         self.reg, self.lambda_img, self.lambda_txt, self.warmup_steps = reg, float(lambda_img), float(lambda_txt), int(warmup_steps)
-        self.detach_share = bool(detach_share)
+        if share not in ("sum", "mean"): raise ValueError(f"share: got {share!r}, expected 'sum' or 'mean'")
+        self.detach_share, self.share = bool(detach_share), share
 
     def extra_repr(self):
         return (f"reg={self.reg!r}, lambda_img={self.lambda_img}, lambda_txt={self.lambda_txt}, "
-                f"warmup_steps={self.warmup_steps}" + (", detach_share=True" if self.detach_share else ""))
+                f"warmup_steps={self.warmup_steps}" + (", detach_share=True" if self.detach_share else "")
+                + (f", share={self.share!r}" if self.reg == "overuse" else ""))
 
     def penalty(self, s: torch.Tensor # (b, v) lexical vectors
                ) -> torch.Tensor:
         "The unweighted regulariser of this loss on `s` (0 for kind `none`)."
         if self.reg == "none": return s.new_zeros(())
-        return overuse_penalty(s, self.detach_share) if self.reg == "overuse" else flops_regularizer(s)
+        return overuse_penalty(s, self.detach_share, self.share) if self.reg == "overuse" else flops_regularizer(s)
 
     def forward(self, image_features: torch.Tensor, # (b, v) image vectors
                 text_features: torch.Tensor,        # (b, v) text vectors
                 logit_scale: torch.Tensor | float,  # 1/T (the model's clamped, exponentiated scale)
                 step: int | None = None,            # optimiser step, for the warm-up (None: warm-up finished)
+                image_weights: torch.Tensor | None = None, # (b, v) the image weights before L2 normalisation: when
+                text_weights: torch.Tensor | None = None,  # given, the regulariser acts on these (`train.reg_on`)
                ) -> dict[str, torch.Tensor]:
         "Named parts: `contrastive_loss`, `image_reg_loss`, `text_reg_loss` (weighted), their sum `loss`, and `reg_weight`."
         contrastive = clip_contrastive(image_features, text_features, logit_scale)
         w = 0.0 if self.reg == "none" else quadratic_warmup(step, self.warmup_steps, 1.0)
-        img = self.lambda_img * w * self.penalty(image_features).to(contrastive.dtype)
-        txt = self.lambda_txt * w * self.penalty(text_features).to(contrastive.dtype)
+        on_img = image_features if image_weights is None else image_weights
+        on_txt = text_features if text_weights is None else text_weights
+        img = self.lambda_img * w * self.penalty(on_img).to(contrastive.dtype)
+        txt = self.lambda_txt * w * self.penalty(on_txt).to(contrastive.dtype)
         return {"contrastive_loss": contrastive, "image_reg_loss": img, "text_reg_loss": txt,
                 "loss": contrastive + img + txt, "reg_weight": contrastive.new_tensor(w)}
 
 def create_loss(kind: Literal["overuse", "flops", "none"] = "overuse", # the sparsity regulariser (train.variants.*.reg)
-                **kwargs, # `LexicalLoss` arguments: lambda_img, lambda_txt, warmup_steps, detach_share
+                **kwargs, # `LexicalLoss` arguments: lambda_img, lambda_txt, warmup_steps, detach_share, share
                ) -> LexicalLoss:
     "The LexVLA loss with the `kind` regulariser on both modalities (open_clip-style factory)."
     if kind not in REGULARIZERS: raise ValueError(f"loss kind: got {kind!r}, expected one of {', '.join(REGULARIZERS)}")
