@@ -119,7 +119,7 @@ def check_cache(cache: TextPrefixCache, model) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     "python -m lexvla.textcache --params params.yaml [--data DIR] [--out DIR]"
-    import argparse, sys, time
+    import argparse, sys
     from lexvla.params import ParamsError, load_params, repo_root, save_resolved
     ap = argparse.ArgumentParser(prog="python -m lexvla.textcache", description="Cache the frozen LM prefix of every caption.")
     ap.add_argument("--params", default="params.yaml", help="params file")
@@ -131,7 +131,6 @@ def main(argv: list[str] | None = None) -> int:
         params = load_params(a.params)
         root = repo_root()
         out = Path(a.out or root / "data" / "textcache")
-        t0 = time.perf_counter()
         torch.manual_seed(params.base.seed)
         if params.train.text_cache:
             model = create_model_from_params(params, variant="lexvla").eval()
@@ -143,8 +142,8 @@ def main(argv: list[str] | None = None) -> int:
         tmp = out.with_name(out.name + ".tmp")
         if tmp.exists(): shutil.rmtree(tmp)
         cache.save(tmp)
-        save_resolved(params, tmp, extra={"captions": len(cache), "tokens": int(cache.hidden.shape[0]),
-                                          "wall_s": round(time.perf_counter() - t0, 2)})
+        # no wall-clock time here: later stages depend on this folder, and a re-run must hash the same
+        save_resolved(params, tmp, extra={"captions": len(cache), "tokens": int(cache.hidden.shape[0])})
         if out.exists(): shutil.rmtree(out)
         tmp.rename(out)  # a killed run leaves only the .tmp folder, never a half-written cache
     except (ParamsError, FileNotFoundError, ValueError) as e:
