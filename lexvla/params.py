@@ -22,9 +22,9 @@ import yaml
 
 # %% auto #0
 __all__ = ['SECTIONS', 'repo_root', 'ParamsError', 'section', 'from_dict', 'BaseParams', 'PrepareParams', 'VariantSpec',
-           'TrainParams', 'EvaluateParams', 'ReportParams', 'SearchParams', 'LMParams', 'VocabParams', 'LoraParams',
-           'VisionParams', 'AdapterParams', 'ModelParams', 'LoadedParams', 'load_params', 'params_from_dict',
-           'apply_profile', 'overrides', 'save_resolved', 'main']
+           'TrainParams', 'EvaluateParams', 'ImagecacheParams', 'ReportParams', 'SearchParams', 'LMParams',
+           'VocabParams', 'LoraParams', 'VisionParams', 'LogitShiftParams', 'AdapterParams', 'ModelParams',
+           'LoadedParams', 'load_params', 'params_from_dict', 'apply_profile', 'overrides', 'save_resolved', 'main']
 
 # %% ../notebooks/00_params.ipynb #14c697a8
 def repo_root(start: str | Path | None = None, # folder to start from (default: this file's, then the cwd)
@@ -181,6 +181,7 @@ class VariantSpec:
     "One trained variant: which model and which sparsity regulariser (the paper's ablations)."
     model: Literal["lexvla", "bow", "dense"]  # model variant (overrides model.variant for this run)
     reg: Literal["overuse", "flops", "none"]  # sparsity regulariser on both modalities (method §5)
+    lam: float | None                         # λ of both modalities for this variant (null: train.lambda_img/_txt)
 
 @section("train")
 @dataclass
@@ -203,11 +204,18 @@ class TrainParams:
     checkpoint_every: int             # steps between checkpoints (atomic)
     log_every: int                    # steps between dvclive records
     text_cache: bool                  # use the cached frozen LM prefix (exact; see textcache)
+    image_cache: bool                 # use the frozen ViT's cached patch tokens (exact; see imagecache)
+    overuse_share: Literal["mean", "sum"]  # overuse weight p̄_j / mean_k p̄_k (= FLOPs at uniform use) or / Σ_k p̄_k
+    reg_on: Literal["max", "weights", "vectors"]  # penalise each vector over its largest entry, the raw ELU1p weights,
+                                                  # or the unit vectors (see the losses notebook)
 
     def validate(self, prefix):
         "Cross-field checks, named like the rest."
         for k in ("steps", "batch_size", "grad_accum", "checkpoint_every", "log_every", "captions_per_image"):
             if getattr(self, k) < 1: raise ParamsError(f"{prefix}.{k}: got {getattr(self, k)}, expected >= 1")
+        for name, v in self.variants.items():
+            if v.lam is not None and not v.lam >= 0:
+                raise ParamsError(f"{prefix}.variants.{name}.lam: got {v.lam}, expected a weight >= 0 or null")
         if self.batch_size % self.grad_accum:
             raise ParamsError(f"{prefix}.batch_size: got {self.batch_size}, expected a multiple of grad_accum={self.grad_accum}")
         if not self.variants: raise ParamsError(f"{prefix}.variants: got {{}}, expected at least one variant")
@@ -221,6 +229,8 @@ class EvaluateParams:
     max_images: int                 # evaluate the first N images of the split (0 = all)
     batch_size: int                 # images or captions per forward pass
     text_cache: bool                # encode captions from the cached frozen LM prefix when it holds them (exact)
+    image_cache: bool               # encode images from the frozen ViT's cached tokens when they match (exact)
+    oracle: bool                    # embedded data: the retrieval ceiling the captions allow (an oracle on the scenes)
     threshold: bool                 # also score the 1/sqrt(V) threshold sparsification (method §5)
     topks: list[int]                # top-k sweep: words kept per vector (method §5; k=512 vs CLIP's 512 dims)
     patchdis: bool                  # PatchDis mIoU against the split's ground-truth masks (method §7)
@@ -240,6 +250,16 @@ class EvaluateParams:
             raise ParamsError(f"{prefix}.patchdis_prompt: got {json.dumps(self.patchdis_prompt)}, expected a template with {{name}}")
 
 # %% ../notebooks/00_params.ipynb #07e9a734
+@section("imagecache")
+@dataclass
+class ImagecacheParams:
+    "The `imagecache` stage: the frozen ViT's patch tokens of every training and evaluation image."
+    batch_size: int        # images per ViT forward
+
+    def validate(self, prefix):
+        "A positive batch."
+        if self.batch_size < 1: raise ParamsError(f"{prefix}.batch_size: got {self.batch_size}, expected >= 1")
+
 @section("report")
 @dataclass
 class ReportParams:
@@ -320,6 +340,13 @@ class VisionParams:
     heads: int | None          # attention heads (null = the architecture's)
 
 @dataclass
+class LogitShiftParams:
+    "What each modality subtracts from its logits before ELU1p (method §3-§4 [choice]; see the model notebook)."
+    text: Literal["none", "mean", "lse"]   # none: the paper's literal ELU1p(z); mean: centred; lse: the LM's probabilities
+    image: Literal["none", "mean", "lse"]  # of the pooled logits (per image) and of each patch's logits
+    bias_scale: float  # > 0: a learnable knee offset per modality, b = bias_scale * θ (Adam moves θ ~lr/step); 0: off
+
+@dataclass
 class AdapterParams:
     "The trainable adapter: one self-attention block + a two-layer MLP to the LM width (method §4)."
     heads: int                 # attention heads of the block
@@ -334,6 +361,7 @@ class ModelParams:
     variant: Literal["lexvla", "flops", "none", "bow", "dense"]  # flops/none: same model, other loss; bow: BoW text target; dense: CLIP-style baseline
     lm: LMParams
     prompt: str                # in-context lexical prediction prompt; `{caption}` is replaced (method §3 [choice])
+    logit_shift: LogitShiftParams  # what is subtracted from each modality's logits before ELU1p
     vocab: VocabParams
     lora: LoraParams
     vision: VisionParams
