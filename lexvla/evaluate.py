@@ -20,8 +20,8 @@ import numpy as np
 
 # %% auto #0
 __all__ = ['SUMMARY_COLUMNS', 'chance_levels', 'encode_images', 'usable_cache', 'encode_texts', 'class_vectors', 'patch_labels',
-           'evaluate', 'Split', 'load_split', 'patch_grid', 'run_patchdis', 'split_masks', 'save_vectors',
-           'load_vectors', 'summarize', 'main']
+           'word_use', 'evaluate', 'Split', 'load_split', 'patch_grid', 'grid_majority', 'run_patchdis', 'split_masks',
+           'save_vectors', 'load_vectors', 'gap_closed', 'summarize', 'main']
 
 # %% ../notebooks/13_evaluate.ipynb #253b6bd0
 def chance_levels(txt2img,               # (captions,) image index of each caption
@@ -57,16 +57,22 @@ def encode_images(model,               # a LexVLA model in eval mode
                   batch_size: int = 64,
                   patches: bool = False, # per-patch vectors (b, n, dim) instead of pooled (b, dim)
                   progress: bool = False,
+                  cache=None,          # an ImageTokenCache, used when it holds this frozen ViT's tokens of every path
                  ):
     "Image (or patch) vectors of `paths`, float32 on the CPU."
     import torch
     from tqdm.auto import tqdm
+    from lexvla.imagecache import usable_image_cache
     enc = model.encode_image_patches if patches else model.encode_image
+    keys = [Path(p).name for p in paths]
+    use = usable_image_cache(cache, model) and all(k in cache for k in keys)
     out = []
     with torch.no_grad():
         for s in tqdm(range(0, len(paths), batch_size), desc="patches" if patches else "images", unit="batch",
                       disable=not progress):
-            out.append(enc(_pixels(paths[s:s + batch_size], transform)).float().cpu())
+            if use: v = enc(tokens=cache.lookup(keys[s:s + batch_size]))
+            else: v = enc(_pixels(paths[s:s + batch_size], transform))
+            out.append(v.float().cpu())
     return torch.cat(out) if out else torch.zeros(0, model.dim)
 
 def usable_cache(model, cache) -> bool:
@@ -113,6 +119,20 @@ def patch_labels(patch_vecs,            # (b, n, dim) patch vectors
     return lab
 
 # %% ../notebooks/13_evaluate.ipynb #bd5659c4
+def word_use(x,                # (n, V) lexical vectors (L2-normalised, non-negative)
+             words: list[str], # the vocabulary
+             top: int = 20,    # how many of the most-used words
+            ) -> dict:
+    "How concentrated the activation mass is on the most-used words (method §5: what the overuse penalty targets)."
+    V = x.shape[-1]
+    out = {}
+    for name, v in (("dense", x), ("threshold", x * (x > V ** -0.5))):  # all entries / those kept at 1/sqrt(V)
+        pbar = v.float().mean(0)
+        order = pbar.argsort(descending=True)[:top]
+        out[f"top{top}_mass_share_{name}"] = float(pbar[order].sum() / pbar.sum().clamp_min(1e-30))
+        if name == "threshold": out[f"top{top}_words"] = [words[int(i)] for i in order]
+    return out
+
 def _dense_stats(x) -> dict:
     "Mean active (non-zero) entries of dense vectors."
     return {"active": float((x != 0).sum(-1).float().mean())} if len(x) else {"active": 0.0}
@@ -124,6 +144,7 @@ def evaluate(params: LoadedParams,        # the loaded params file
              cache_dir: str | Path | None = None,  # default data/textcache
              out_dir: str | Path | None = None,    # default results/evaluate
              progress: bool = True,
+             image_cache_dir: str | Path | None = None, # default data/imagecache
             ) -> dict:
     "Evaluate one trained variant; write `<out_dir>/<variant>.json` and `<out_dir>/<variant>/`. Returns the metrics."
     ep, root = params.evaluate, repo_root()
@@ -151,7 +172,12 @@ def evaluate(params: LoadedParams,        # the loaded params file
     cache = None
     if ep.text_cache and getattr(model, "lm", None) is not None and (cache_dir / "captions.json").is_file():
         cache = TextPrefixCache.load(cache_dir)
-    img = encode_images(model, split.images, tf, ep.batch_size, progress=progress)
+    from lexvla.imagecache import ImageTokenCache, usable_image_cache
+    image_cache_dir = Path(image_cache_dir or root / "data" / "imagecache")
+    icache = None
+    if ep.image_cache and model.config.vision.frozen and ImageTokenCache.has(image_cache_dir, ep.split):
+        icache = ImageTokenCache.load(image_cache_dir, ep.split)
+    img = encode_images(model, split.images, tf, ep.batch_size, progress=progress, cache=icache)
     txt = encode_texts(model, split.captions, ep.batch_size, cache, progress=progress)
     t2i = torch.as_tensor(split.txt2img, dtype=torch.long)
     n_img, n_txt = len(img), len(txt)
@@ -159,12 +185,21 @@ def evaluate(params: LoadedParams,        # the loaded params file
     res = {"variant": variant, "model": model.variant, "reg": params.train.variants[variant].reg, "lexical": bool(model.lexical), "split": ep.split,
            "n_images": n_img, "n_captions": n_txt, "dim": int(model.dim),
            "text_encoding": "text cache" if usable_cache(model, cache) else "text tower",
+           "image_encoding": "image cache" if usable_image_cache(icache, model) else "vision tower",
            "chance": chance_levels(split.txt2img, n_img)}
+    if ep.oracle:  # the retrieval the captions allow at all (embedded scenes only; None on real data)
+        from lexvla.oracle import scene_oracle
+        orc = scene_oracle(data_dir, ep.split, max_images=ep.max_images)
+        if orc is not None:
+            if orc["n_captions"] != n_txt:
+                raise ValueError(f"{data_dir}: the oracle's split differs from the evaluated one")
+            res["ceiling"], res["oracle"] = orc.pop("ceiling"), orc
     res["dense"] = {**retrieval_metrics(img @ txt.T, t2i), "image_active_words": _dense_stats(img)["active"],
                     "text_active_words": _dense_stats(txt)["active"]}
     if model.lexical:
         res["sparsity"] = sparsity_sweep(img, txt, t2i, model.dim, list(ep.topks), ep.threshold)
-    pd = run_patchdis(model, split, data_dir, tf, ep, progress, cache) if ep.patchdis else None
+        res["word_use"] = {"image": word_use(img, model.vocab.words), "text": word_use(txt, model.vocab.words)}
+    pd = run_patchdis(model, split, data_dir, tf, ep, progress, cache, icache) if ep.patchdis else None
     if pd is not None: res["patchdis"] = pd["metrics"]
     res["wall_s"] = round(time.perf_counter() - t0, 2)
 
@@ -210,8 +245,22 @@ def patch_grid(model) -> tuple[int, int]:
     if g is None: raise AttributeError("the vision tower has no patch_embed.grid_size")
     return int(g[0]), int(g[1])
 
+def grid_majority(mask: np.ndarray, # (H, W) class index per pixel, -1 unlabelled
+                  rows: int, cols: int, n_classes: int) -> np.ndarray:
+    "(rows, cols) the most frequent labelled class under each patch (the nearest-upsampling cells); -1 if none."
+    H, W = mask.shape
+    cy, cx = (np.arange(H) * rows) // H, (np.arange(W) * cols) // W  # the cell of each pixel, as `upsample_nearest`
+    cell = (cy[:, None] * cols + cx[None, :]).ravel()
+    m = mask.ravel().astype(np.int64)
+    ok = m >= 0
+    counts = np.zeros((rows * cols, n_classes), np.int64)
+    np.add.at(counts, (cell[ok], m[ok]), 1)
+    out = counts.argmax(1)
+    out[counts.sum(1) == 0] = 0
+    return out.reshape(rows, cols)
+
 def run_patchdis(model, split: Split, data_dir: str | Path, transform, ep: EvaluateParams,
-                 progress: bool = False, cache=None) -> dict | None:
+                 progress: bool = False, cache=None, image_cache=None) -> dict | None:
     "PatchDis over the split (method §7): metrics, plus the report images' patch vectors and label maps; None without masks."
     import torch
     from tqdm.auto import tqdm
@@ -224,7 +273,7 @@ def run_patchdis(model, split: Split, data_dir: str | Path, transform, ep: Evalu
     bs = max(1, min(ep.batch_size, 16))  # patch vectors are b x n x V: keep batches small
     preds, kept_patches, kept_labels = [], [], []
     for s in tqdm(range(0, len(split.images), bs), desc="patchdis", unit="batch", disable=not progress):
-        pv = encode_images(model, split.images[s:s + bs], transform, bs, patches=True)   # (b, n, dim)
+        pv = encode_images(model, split.images[s:s + bs], transform, bs, patches=True, cache=image_cache)  # (b,n,dim)
         gts = masks[s:s + bs]
         present = torch.zeros(len(gts), len(names), dtype=torch.bool)
         for i, m in enumerate(gts):
@@ -235,7 +284,11 @@ def run_patchdis(model, split: Split, data_dir: str | Path, transform, ep: Evalu
             preds.append(upsample_nearest(lab[i].numpy(), m.shape))
             if s + i < ep.report_images:
                 kept_patches.append(pv[i]); kept_labels.append(lab[i].numpy())
-    return {"metrics": patchdis_from_labels(preds, masks, names), "class_names": names, "class_vectors": cls,
+    metrics = patchdis_from_labels(preds, masks, names)
+    # what the patch grid allows at all: each patch labelled with its majority true class, then upsampled
+    grid_best = [upsample_nearest(grid_majority(m, rows, cols, len(names)), m.shape) for m in masks]
+    metrics["grid_ceiling_mIoU"] = patchdis_from_labels(grid_best, masks, names)["mIoU"]
+    return {"metrics": metrics, "class_names": names, "class_vectors": cls,
             "grid": (rows, cols), "patches": kept_patches, "labels": kept_labels, "masks": masks[:ep.report_images]}
 
 
@@ -301,37 +354,79 @@ def load_vectors(path: str | Path) -> dict:
 # %% ../notebooks/13_evaluate.ipynb #2943bd32
 SUMMARY_COLUMNS = ("image_to_text_R@1", "image_to_text_R@5", "text_to_image_R@1", "text_to_image_R@5")
 
-def _row(r: dict) -> dict:
-    "One variant's headline numbers: dense, threshold and top-512 recall, active words, PatchDis."
-    row = {"model": r.get("model"), "dim": r.get("dim")}
+def gap_closed(r: float | None, chance: float, ceiling: float | None) -> float | None:
+    "The share of the achievable gap above chance that a recall closes: (r - chance) / (ceiling - chance)."
+    if r is None or ceiling is None or ceiling <= chance: return None
+    return (r - chance) / (ceiling - chance)
+
+def _row(r: dict, topk: int = 256) -> dict:
+    "One variant's headline numbers: dense, threshold and top-k recall, active words, word use, PatchDis, gap closed."
+    row = {"model": r.get("model"), "reg": r.get("reg"), "dim": r.get("dim")}
     for c in SUMMARY_COLUMNS: row[f"dense/{c}"] = r["dense"].get(c)
     sweep = {s.get("name"): s for s in r.get("sparsity", []) or []}
-    for name in ("threshold", "top512"):
+    for name in ("threshold", f"top{topk}"):
         s = sweep.get(name)
         if s is None: continue
         for c in SUMMARY_COLUMNS[::2]: row[f"{name}/{c}"] = s.get(c)
         row[f"{name}/image_active_words"] = s.get("image_active_words")
-    if "patchdis" in r: row["patchdis/mIoU"] = r["patchdis"].get("mIoU")
+        row[f"{name}/text_active_words"] = s.get("text_active_words")
+    use = (r.get("word_use") or {}).get("image")
+    if use: row["word_use/image_top20_mass_share"] = use.get("top20_mass_share_threshold")
+    if "patchdis" in r:
+        row["patchdis/mIoU"] = r["patchdis"].get("mIoU")
+        row["patchdis/grid_ceiling_mIoU"] = r["patchdis"].get("grid_ceiling_mIoU")
+    ceiling = r.get("ceiling")
+    for d in ("image_to_text", "text_to_image"):
+        c = f"{d}_R@1"
+        row[f"gap_closed/{c}"] = gap_closed(r["dense"].get(c), r["chance"][c], (ceiling or {}).get(c))
     return row
+
+_MD = [  # (header, row key(s)): two keys are shown as "a / b"
+    ("image->text R@1", "dense/image_to_text_R@1"), ("text->image R@1", "dense/text_to_image_R@1"),
+    ("gap closed (i->t / t->i)", ("gap_closed/image_to_text_R@1", "gap_closed/text_to_image_R@1")),
+    ("R@1 at 1/sqrt(V) (i->t / t->i)", ("threshold/image_to_text_R@1", "threshold/text_to_image_R@1")),
+    ("active words per image at 1/sqrt(V)", "threshold/image_active_words"),
+    ("R@1 at top-{k} (i->t / t->i)", ("top{k}/image_to_text_R@1", "top{k}/text_to_image_R@1")),
+    ("top-20 words' share of active mass", "word_use/image_top20_mass_share"),
+    ("PatchDis mIoU", "patchdis/mIoU")]
 
 def summarize(results_dir: str | Path, # folder of `<variant>.json` files
               out_dir: str | Path,     # where summary.json and summary.md go
+              topk: int = 256,         # the top-k sparsification shown (one of evaluate.topks)
              ) -> dict:
     "Put every evaluated variant side by side: `summary.json` (rows by variant) and `summary.md` (a table)."
     results_dir, out_dir = Path(results_dir), Path(out_dir)
     files = sorted(p for p in results_dir.glob("*.json") if not p.name.startswith("summary"))
     if not files: raise FileNotFoundError(f"{results_dir}: no <variant>.json results (run `dvc repro evaluate`)")
     runs = {p.stem: json.loads(p.read_text()) for p in files}
-    rows = {v: _row(r) for v, r in runs.items()}
-    chance = next(iter(runs.values()))["chance"]
+    rows = {v: _row(r, topk) for v, r in runs.items()}
+    first = next(iter(runs.values()))
+    chance, ceiling = first["chance"], first.get("ceiling")
     summary = {"variants": rows, "chance": {c: chance[c] for c in SUMMARY_COLUMNS},
-               "n_images": next(iter(runs.values()))["n_images"]}
-    cols = sorted({c for r in rows.values() for c in r if c not in ("model", "dim")},
-                  key=lambda c: (c.split("/")[0] != "dense", c))
+               "ceiling": {c: ceiling[c] for c in SUMMARY_COLUMNS} if ceiling else None,
+               "patchdis_grid_ceiling_mIoU": next((r.get("patchdis/grid_ceiling_mIoU") for r in rows.values()
+                                                   if r.get("patchdis/grid_ceiling_mIoU") is not None), None),
+               "n_images": first["n_images"], "n_captions": first["n_captions"], "split": first.get("split")}
     fmt = lambda v: "" if v is None else (f"{v:.3f}" if isinstance(v, float) else str(v))
-    md = ["| variant | model | " + " | ".join(cols) + " |", "|" + "---|" * (len(cols) + 2)]
-    md += [f"| {v} | {r['model']} | " + " | ".join(fmt(r.get(c)) for c in cols) + " |" for v, r in rows.items()]
-    md += [f"| chance | | " + " | ".join(fmt(chance.get(c.split("/")[-1])) if "R@" in c else "" for c in cols) + " |"]
+    def cell(r, key):
+        if isinstance(key, tuple):
+            a, b = (fmt(r.get(k.format(k=topk))) for k in key)
+            return f"{a} / {b}" if a or b else ""
+        v = r.get(key.format(k=topk))
+        return f"{v:.0f}" if "active_words" in key and v is not None else fmt(v)
+    heads = [h.format(k=topk) for h, _ in _MD]
+    md = [f"Split `{summary['split']}`: {summary['n_images']} images x {summary['n_captions']} captions.", "",
+          "| variant | model | regulariser | " + " | ".join(heads) + " |", "|" + "---|" * (len(heads) + 3)]
+    md += [f"| {v} | {r['model']} | {r.get('reg') or ''} | " + " | ".join(cell(r, k) for _, k in _MD) + " |"
+           for v, r in rows.items()]
+    for name, ref in (("chance", chance), ("ceiling (oracle)", ceiling)):
+        if not ref: continue
+        vals = {f"dense/{c}": ref.get(c) for c in SUMMARY_COLUMNS}
+        if name.startswith("ceiling"): vals["patchdis/mIoU"] = summary["patchdis_grid_ceiling_mIoU"]
+        md += [f"| {name} | | | " + " | ".join(cell(vals, k) for _, k in _MD) + " |"]
+    if ceiling: md += ["", "Gap closed = (R@1 - chance) / (ceiling - chance). The ceiling is the retrieval an oracle "
+                       "reading the scenes' true objects, colours and positions achieves (`lexvla.oracle`); its "
+                       "PatchDis entry is what the patch grid allows (each patch labelled with its majority class)."]
     out_dir.mkdir(parents=True, exist_ok=True)
     for name, text in (("summary.json", json.dumps(summary, indent=2) + "\n"), ("summary.md", "\n".join(md) + "\n")):
         tmp = out_dir / (name + ".tmp"); tmp.write_text(text); tmp.replace(out_dir / name)
@@ -347,18 +442,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", default=None, help="trained model folder (default models/<variant>/model)")
     ap.add_argument("--data", default=None, help="prepared data folder (default data/prepared)")
     ap.add_argument("--cache", default=None, help="text cache folder (default data/textcache)")
+    ap.add_argument("--image-cache", default=None, help="frozen-ViT token cache folder (default data/imagecache)")
     ap.add_argument("--out", default=None, help="output folder (default results/evaluate; with --summary: required)")
     ap.add_argument("--summary", default=None, metavar="RESULTS_DIR", help="summarise the <variant>.json files of RESULTS_DIR")
+    ap.add_argument("--topk", type=int, default=256, help="with --summary: the top-k sparsification shown")
     a = ap.parse_args(argv)
     try:
         if a.summary is not None:
             if a.out is None: ap.error("--summary needs --out")
-            s = summarize(a.summary, a.out); print(json.dumps({"variants": list(s["variants"])})); return 0
+            s = summarize(a.summary, a.out, a.topk); print(json.dumps({"variants": list(s["variants"])})); return 0
         if a.variant is None: ap.error("give --variant (or --summary)")
         params = load_params(a.params, only=["base", "train", "evaluate"])
         if a.variant not in params.train.variants:
             raise ParamsError(f"train.variants: no variant {a.variant!r} (have: {', '.join(params.train.variants)})")
-        r = evaluate(params, a.variant, a.model, a.data, a.cache, a.out)
+        r = evaluate(params, a.variant, a.model, a.data, a.cache, a.out, image_cache_dir=a.image_cache)
     except (ParamsError, FileNotFoundError, ValueError) as e:
         print(f"evaluate error: {e}", file=sys.stderr); return 2
     print(json.dumps({k: r[k] for k in ("variant", "n_images", "n_captions")} | {"dense": r["dense"]}))

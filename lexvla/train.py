@@ -30,8 +30,8 @@ from tqdm.auto import tqdm
 
 # %% auto #0
 __all__ = ['TRAINING_CODE', 'seed_everything', 'rng_state', 'set_rng_state', 'CheckpointError', 'Checkpointer', 'NonFiniteLoss',
-           'run_fingerprint', 'resolve_device', 'environment_record', 'param_groups', 'trainable_state', 'train',
-           'save_trained', 'load_trained', 'main']
+           'run_fingerprint', 'resolve_device', 'environment_record', 'param_groups', 'trainable_state', 'regularised',
+           'train', 'save_trained', 'load_trained', 'main']
 
 # %% ../notebooks/12_train.ipynb #b81b6815
 def seed_everything(seed: int, deterministic: bool = True):
@@ -129,7 +129,7 @@ class NonFiniteLoss(RuntimeError):
     "The loss became NaN or infinite; training stopped and the last good checkpoint was kept."
 
 # the modules a training run executes: a checkpoint written by other code is not resumed
-TRAINING_CODE = ("params", "datasets", "vocab", "model", "maxpool", "losses", "textcache", "train")
+TRAINING_CODE = ("params", "datasets", "vocab", "model", "maxpool", "losses", "textcache", "imagecache", "train")
 
 def run_fingerprint(params: LoadedParams, variant: str, data_dir: Path) -> str:
     "sha256 of everything that determines the trained weights: the params sections, the variant, the data and the code."
@@ -181,6 +181,16 @@ class _Epochs(torch.utils.data.Dataset):
     def __len__(self): return len(self.ds)
     def __getitem__(self, i): return self.ds[i]
 
+def regularised(out: dict, # a LexVLA forward's output
+                reg_on: str,       # train.reg_on: vectors | weights | max
+               ) -> dict:
+    "The vectors the sparsity penalty sees, as `LexicalLoss` keywords (none: the unit vectors themselves)."
+    if reg_on == "vectors" or "image_weights" not in out: return {}
+    if reg_on == "weights": return {"image_weights": out["image_weights"], "text_weights": out["text_weights"]}
+    # max: each vector over its largest entry, so its top word weighs 1 (scale-free, and denser always pays more)
+    return {f"{m}_weights": out[f"{m}_features"] / out[f"{m}_features"].amax(-1, keepdim=True).clamp_min(1e-12)
+            for m in ("image", "text")}
+
 def _lexical_active(x: torch.Tensor) -> float:
     "Mean words above the inference threshold 1/sqrt(V) (method §5)."
     return float((x.detach() > x.shape[-1] ** -0.5).sum(-1).float().mean())
@@ -193,6 +203,7 @@ def train(params: LoadedParams,           # the loaded params file
           results_dir: str | Path | None = None, # default results/train/<variant>
           progress: bool = True,
           loss_hook=None,                  # test hook: called with (step, parts) before backward
+          image_cache_dir: str | Path | None = None,  # frozen-ViT token cache (default data/imagecache)
          ) -> dict:
     "Train one variant; resume from its last checkpoint when one exists. Returns the run summary."
     from accelerate import Accelerator
@@ -201,6 +212,7 @@ def train(params: LoadedParams,           # the loaded params file
     from lexvla.losses import create_loss
     from lexvla.model import create_model_from_params
     from lexvla.textcache import TextPrefixCache, check_cache
+    from lexvla.imagecache import ImageTokenCache, check_image_cache
 
     base, tp = params.base, params.train
     if variant not in tp.variants:
@@ -225,13 +237,21 @@ def train(params: LoadedParams,           # the loaded params file
         except OSError as e: raise CheckpointError(f"{d}: cannot create output folder ({e.strerror or e})") from None
 
     model = create_model_from_params(params, variant=spec.model)
-    loss_fn = create_loss(spec.reg, lambda_img=tp.lambda_img, lambda_txt=tp.lambda_txt, warmup_steps=tp.reg_warmup_steps)
+    lam_img, lam_txt = (tp.lambda_img, tp.lambda_txt) if spec.lam is None else (spec.lam, spec.lam)
+    loss_fn = create_loss(spec.reg, lambda_img=lam_img, lambda_txt=lam_txt, warmup_steps=tp.reg_warmup_steps,
+                          **({"share": tp.overuse_share} if spec.reg == "overuse" else {}))
     use_cache = tp.text_cache and spec.model != "bow"
     cache = TextPrefixCache.load(cache_dir or root / "data" / "textcache") if use_cache else None
     if cache is not None: check_cache(cache, model)
+    # a frozen ViT sees one fixed view of each image (no augmentation), so its tokens are cached (imagecache)
+    frozen = model.config.vision.frozen
+    icache = None
+    if tp.image_cache and frozen:
+        icache = ImageTokenCache.load(image_cache_dir or root / "data" / "imagecache", "train")
+        check_image_cache(icache, model)
 
     micro = tp.batch_size // tp.grad_accum // acc.num_processes
-    ds = train_dataset(shards, image_transform(model.data_config, train=True), seed=base.seed,
+    ds = train_dataset(shards, image_transform(model.data_config, train=not frozen), seed=base.seed,
                        captions_per_image=tp.captions_per_image)
     g = torch.Generator(); g.manual_seed(base.seed)
     dl = torch.utils.data.DataLoader(_Epochs(ds), batch_size=micro, num_workers=tp.num_workers, collate_fn=collate_pairs,
@@ -280,12 +300,15 @@ def train(params: LoadedParams,           # the loaded params file
             batch_in_epoch += 1
             with acc.accumulate(model):
                 pixels = batch["pixels"].to(acc.device)
+                image = {"image_tokens": icache.lookup(batch["keys"]).to(acc.device)} if icache is not None else \
+                    {"pixels": pixels}
                 if cache is not None:
                     h, m = cache.lookup(batch["captions"])
-                    out = model(pixels, text_prefix=(h.to(acc.device), m.to(acc.device)))
+                    out = model(**image, text_prefix=(h.to(acc.device), m.to(acc.device)))
                 else:
-                    out = model(pixels, captions=batch["captions"])
-                parts = loss_fn(out["image_features"], out["text_features"], out["logit_scale"], step)
+                    out = model(**image, captions=batch["captions"])
+                parts = loss_fn(out["image_features"], out["text_features"], out["logit_scale"], step,
+                                **regularised(out, tp.reg_on))
                 if loss_hook is not None: loss_hook(step, parts)
                 if not torch.isfinite(parts["loss"]):
                     shown = ", ".join(f"{k}={float(v):.4g}" for k, v in parts.items() if torch.is_tensor(v) and v.numel() == 1)
@@ -299,7 +322,7 @@ def train(params: LoadedParams,           # the loaded params file
             step += 1
             with torch.no_grad():  # CLIP's clamp: 1/T at most 100
                 raw.logit_scale.clamp_(0, math.log(100))
-            bar.update(1); bar.set_postfix(loss=f"{float(parts['loss']):.3f}")
+            bar.update(1); bar.set_postfix(loss=f"{float(parts['loss'].detach()):.3f}")
             if step % tp.log_every == 0 or step == tp.steps:
                 dt = time.perf_counter() - t0
                 rec = {k: float(v) for k, v in parts.items() if torch.is_tensor(v) and v.numel() == 1}
@@ -370,6 +393,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--variant", required=True, help="a key of train.variants")
     ap.add_argument("--data", default=None, help="prepared data folder (default data/prepared)")
     ap.add_argument("--cache", default=None, help="text cache folder (default data/textcache)")
+    ap.add_argument("--image-cache", default=None, help="frozen-ViT token cache folder (default data/imagecache)")
     ap.add_argument("--out", default=None, help="model folder (default models/<variant>)")
     ap.add_argument("--results", default=None, help="metrics folder (default results/train/<variant>)")
     a = ap.parse_args(argv)
@@ -377,7 +401,7 @@ def main(argv: list[str] | None = None) -> int:
         params = load_params(a.params)
         if a.variant not in params.train.variants:
             raise ParamsError(f"train.variants: no variant {a.variant!r} (have: {', '.join(params.train.variants)})")
-        s = train(params, a.variant, a.data, a.cache, a.out, a.results)
+        s = train(params, a.variant, a.data, a.cache, a.out, a.results, image_cache_dir=a.image_cache)
     except (ParamsError, CheckpointError, NonFiniteLoss, FileNotFoundError) as e:
         print(f"train error: {e}", file=sys.stderr); return 2
     print(json.dumps(s))

@@ -104,7 +104,20 @@ def test_summary_table(tmp_path):
     assert "threshold/image_to_text_R@1" not in s["variants"]["dense"]
     assert s["chance"]["text_to_image_R@1"] == pytest.approx(0.1)
     md = (tmp_path / "out" / "summary.md").read_text().splitlines()
-    assert md[0].startswith("| variant | model | dense/") and len(md) == 2 + 2 + 1
+    assert md[0] == "Split `test`: 10 images x 50 captions."
+    assert md[2].startswith("| variant | model | regulariser | image->text R@1") and len(md) == 2 + 2 + 2 + 1
+    assert s["ceiling"] is None and "gap closed" not in md[-1]
+    # with an oracle ceiling: the gap each variant closes, and a ceiling row
+    for v in ("lexvla", "dense"):
+        r = json.loads((ev / f"{v}.json").read_text())
+        r["ceiling"] = {c: 0.9 for c in ("image_to_text_R@1", "image_to_text_R@5", "text_to_image_R@1",
+                                          "text_to_image_R@5")}
+        (ev / f"{v}.json").write_text(json.dumps(r))
+    s = summarize(ev, tmp_path / "out")
+    ch = s["chance"]["text_to_image_R@1"]
+    assert s["variants"]["lexvla"]["gap_closed/text_to_image_R@1"] == pytest.approx((0.1 - ch) / (0.9 - ch))
+    md = (tmp_path / "out" / "summary.md").read_text().splitlines()
+    assert any(l.startswith("| ceiling (oracle) | | | 0.900 | 0.900 |") for l in md), md
     assert json.loads((tmp_path / "out" / "summary.json").read_text()) == s
     with pytest.raises(FileNotFoundError, match="no <variant>.json"):
         summarize(tmp_path / "out" / "nothing", tmp_path / "x")

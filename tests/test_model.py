@@ -91,14 +91,21 @@ def test_shapes_and_normalisation(tiny):
 
 
 def test_image_vector_is_maxpool_of_patch_scores(tiny):
-    "s_img = normalize(max_patches ELU1p(H Z_img^T)), against a plain version (drops CLS/register tokens)."
+    "s_img = normalize(ELU1p(m - mean(m))), m = max_patches H Z_img^T (logit_shift mean), against a plain version."
     x = pixels()
     with torch.no_grad():
         tokens = tiny.vision.forward_features(x)
         assert tokens.shape[1] == 16 + tiny.vision.num_prefix_tokens and tiny.vision.num_prefix_tokens == 5
         h = tiny.adapter(tokens[:, 5:])
-        ref = F.normalize(F.elu(h @ tiny.visual_codebook.T).add(1).amax(1), dim=-1)
+        assert tiny.config.logit_shift.image == "mean"
+        pooled = (h @ tiny.visual_codebook.T).amax(1)
+        ref = F.normalize(F.elu(pooled - pooled.mean(-1, keepdim=True)).add(1), dim=-1)
         torch.testing.assert_close(tiny.encode_image(x), ref)
+    literal = create_model("tiny", logit_shift={"text": "none", "image": "none"})
+    with torch.no_grad():  # the paper's literal formula: ELU1p of the raw logits (monotone: pool before or after)
+        h = literal.adapter(literal.vision.forward_features(x)[:, 5:])
+        ref = F.normalize(F.elu(h @ literal.visual_codebook.T).add(1).amax(1), dim=-1)
+        torch.testing.assert_close(literal.encode_image(x), ref)
 
 
 def test_sparsify_against_plain_version():
@@ -261,7 +268,7 @@ def test_gradient_checkpointing_gives_same_gradients():
 
 def test_registry():
     assert {"tiny", "embedded", "paper"} <= set(list_models()) and list_models("pa*") == ["paper"]
-    assert "from scratch" in describe_model("embedded").lower()
+    assert "frozen pretrained dinov2" in " ".join(describe_model("embedded").lower().split())
     with pytest.raises(ValueError, match="unknown model 'tiney'.*tiny"):
         create_model("tiney")
     with pytest.raises(ParamsError, match="model.vision.widht: unknown key"):

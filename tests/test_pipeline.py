@@ -51,10 +51,11 @@ def stage(root: Path, module: str, *args, timeout=600, check=True):
 
 @pytest.fixture(scope="module")
 def tiny_root(tmp_path_factory):
-    "prepare + textcache on the tiny params, once for this module."
+    "prepare + textcache + imagecache on the tiny params, once for this module."
     root = write_root(tmp_path_factory.mktemp("tiny-repo"), tiny_params())
     stage(root, "prepare", "--no-progress")
     stage(root, "textcache")
+    stage(root, "imagecache")
     return root
 
 
@@ -87,7 +88,7 @@ def test_pipeline_end_to_end(tiny_root):
     assert all(torch.equal(before[k], after[k]) for k in before)
     lex = json.loads((root / "results" / "evaluate" / "lexvla.json").read_text())
     assert [s["name"] for s in lex["sparsity"]] == ["threshold", "top4", "top16"]
-    assert lex["text_encoding"] == "text cache"
+    assert lex["text_encoding"] == "text cache" and lex["image_encoding"] == "image cache"
     # the search stage: test-image vectors into milvus-lite, every top-k equal to brute force; run twice (idempotent)
     for _ in range(2):
         stage(root, "milvus")
@@ -158,7 +159,7 @@ def test_nonfinite_loss_stops_and_keeps_the_last_checkpoint(tiny_root, tmp_path)
 
     with pytest.raises(NonFiniteLoss) as e:
         train(params, "lexvla", tiny_root / "data" / "prepared", tiny_root / "data" / "textcache", tmp_path / "m",
-              tmp_path / "r", progress=False, loss_hook=poison)
+              tmp_path / "r", progress=False, loss_hook=poison, image_cache_dir=tiny_root / "data" / "imagecache")
     msg = str(e.value)
     assert "non-finite loss at step 5" in msg and "step-00000004" in msg, msg
     ck = Checkpointer(tmp_path / "m" / "checkpoints", run_fingerprint(params, "lexvla", tiny_root / "data" / "prepared"))
@@ -205,3 +206,32 @@ def test_same_params_same_weights(tiny_root, tmp_path):
             cwd=tiny_root)
     wx, wy = _weights(tmp_path / "x"), _weights(tmp_path / "y")
     assert all(torch.equal(wx[k], wy[k]) for k in wx)
+
+
+def test_image_cache_equals_the_live_vision_tower(tiny_root):
+    "The imagecache stage's tokens give the live ViT's image and patch vectors, for training and evaluation images."
+    from lexvla.datasets import image_transform, prepared_paths, train_dataset
+    from lexvla.evaluate import encode_images, load_split
+    from lexvla.imagecache import ImageTokenCache, check_image_cache
+    from lexvla.model import create_model_from_params
+    params = params_from_dict(tiny_params(), source="test")
+    model = create_model_from_params(params, variant="lexvla").eval()
+    tf = image_transform(model.data_config, train=False)
+    cache_dir = tiny_root / "data" / "imagecache"
+    test = ImageTokenCache.load(cache_dir, "test")
+    check_image_cache(test, model)
+    split = load_split(tiny_root / "data" / "prepared", "test")
+    assert len(test) == len(split.images) == 8
+    for patches in (False, True):
+        live = encode_images(model, split.images, tf, 4, patches=patches)
+        cached = encode_images(model, split.images, tf, 4, patches=patches, cache=test)
+        torch.testing.assert_close(cached, live, atol=1e-5, rtol=1e-5)
+    train = ImageTokenCache.load(cache_dir, "train")
+    ds = train_dataset(prepared_paths(tiny_root / "data" / "prepared")["shards"], tf, seed=0)
+    assert train.keys == ds.keys and len(train) == 48
+    s = ds.load(5)
+    with torch.no_grad():
+        torch.testing.assert_close(model.encode_image(tokens=train.lookup([s["key"]])),
+                                   model.encode_image(s["pixels"][None]), atol=1e-5, rtol=1e-5)
+    other = create_model_from_params(params, variant="lexvla", seed=3)  # another random frozen ViT
+    with pytest.raises(ValueError, match="rebuild it"): check_image_cache(test, other)
