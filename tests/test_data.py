@@ -35,7 +35,7 @@ def scenes(n=150, seed=3, split="val"):
 
 def tiny_params(d: Path, **over):
     y = yaml.safe_load((ROOT / "params.yaml").read_text())
-    y["prepare"].update(n_train=24, n_val=4, n_test=5, shard_size=10, workers=0)
+    y["prepare"].update(n_train=24, n_val=4, n_test=5, shard_size=10, workers=0, image_size=64)  # small scenes
     y["prepare"].update(over)
     (d / "params.yaml").write_text(yaml.safe_dump(y))
     return d / "params.yaml"

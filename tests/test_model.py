@@ -368,9 +368,12 @@ def test_explain_sums_to_the_score(tiny):
 # ---------------------------------------------------------------- the embedded text tower (SmolLM2-135M)
 
 @pytest.mark.slow
-def test_embedded_text_tower_in_context_lexical_prediction():
+def test_embedded_text_tower_in_context_lexical_prediction(tmp_path):
     "SmolLM2-135M's last-token prediction already names the caption's words (method §2); split == full on the real LM."
-    m = create_model("embedded").eval()
+    from lexvla.convert import convert_vision  # the embedded preset's frozen ViT, converted here (no dvc repro needed)
+    vit = convert_vision(tmp_path / "dinov2-vits14") / "model.safetensors"
+    m = create_model("embedded", vision={"checkpoint": str(vit)}).eval()
+    assert m.vision.patch_embed.grid_size == (8, 8) and not any(p.requires_grad for p in m.vision.parameters())
     assert m.vocab.size == 21504 and m.n_layers == 30 and m.text_prefix_layers == 28 and m.lora_layers == [28, 29]
     caps = ["a crimson ring above a green square", "two small red circles left of a blue star"]
     with torch.no_grad():
