@@ -24,8 +24,9 @@ from lexvla.prepare import prepare
 from lexvla.scenes import make_scene, scene_rng
 
 
-def rate(fn, n_items, min_s=3.0):
+def rate(fn, n_items, min_s=None):
     "Items per second of fn() (which handles n_items), repeated until min_s has passed; first call is a warm-up."
+    min_s = MIN_S if min_s is None else min_s
     fn()
     t0, done = time.perf_counter(), 0
     while time.perf_counter() - t0 < min_s:
@@ -33,21 +34,30 @@ def rate(fn, n_items, min_s=3.0):
     return done / (time.perf_counter() - t0)
 
 
+MIN_S = 4.0  # seconds each rate is measured for (--min-s)
+SEEN: dict[str, list[str]] = {}  # what each loader yielded in one epoch: the tests check that nothing is lost
+
+
 def loader_rate(ds, batch_size, workers, epochs=1):
     def go():
         g = torch.Generator(); g.manual_seed(0)
+        keys = []
         for b in torch.utils.data.DataLoader(ds, batch_size=batch_size, num_workers=workers, collate_fn=collate_pairs,
                                              drop_last=True, generator=g):
-            pass
+            keys += b["keys"]
+        SEEN[f"train_dataset, {workers} workers"] = keys
     n = (len(ds) // batch_size) * batch_size
-    return rate(go, n, min_s=4.0)
+    return rate(go, n, min_s=MIN_S)
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--params", default="params.yaml")
     ap.add_argument("--out", default=str(repo_root() / "benchmarks" / "results" / "data.md"))
+    ap.add_argument("--min-s", type=float, default=MIN_S, help="seconds each rate is measured for")
+    ap.add_argument("--json", default=None, help="also write the rates and what each loader yielded (the tests)")
     a = ap.parse_args(argv)
+    globals()["MIN_S"] = a.min_s
     p = load_params(a.params)
     pp, tp, vp = p.prepare, p.train, p.model.vision
     torch.set_num_threads(1)  # as in a DataLoader worker
@@ -79,8 +89,8 @@ def main(argv=None):
                      loader_rate(ds, tp.batch_size, w)))
 
     def stream():
-        for _ in streaming_dataset(shards, tf, seed=0, shuffle=1000): pass
-    rows.append(("streaming_dataset (wds.WebDataset), 0 workers", rate(stream, len(ds), min_s=4.0)))
+        SEEN["streaming_dataset"] = [s["key"] for s in streaming_dataset(shards, tf, seed=0, shuffle=1000)]
+    rows.append(("streaming_dataset (wds.WebDataset), 0 workers", rate(stream, len(ds), min_s=MIN_S)))
 
     head = (f"# Data throughput\n\nMachine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, "
             f"torch {torch.__version__}, Python {platform.python_version()}. Images {size} px, "
@@ -93,6 +103,10 @@ def main(argv=None):
     print(table)
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(table)
+    if a.json:
+        import json
+        Path(a.json).write_text(json.dumps({"rows": rows, "train_keys": list(ds.keys), "batch_size": tp.batch_size,
+                                            "seen": SEEN}) + "\n")
     if tmp is not None: tmp.cleanup()
     return 0
 

@@ -34,6 +34,8 @@ CASES = [
     ("paper, batch 256, V 17k", 256, 256, 17149, 4096),
     ("paper, batch 256, V 32k", 256, 256, 32000, 4096),
 ]
+# a toy case for the tests: seconds, yet the naive (b, n, V) scores (82 MB) outgrow one fused chunk (16 MB)
+TOY_CASES = [("toy", 16, 64, 20000, 64)]
 CPU_MAX_TFLOP = 0.5  # a forward pass over this many TFLOP is too slow for the CPU run (~100 GFLOP/s fp32)
 
 
@@ -205,6 +207,8 @@ def main(argv=None):
     ap.add_argument("--reps", type=int, default=3, help="timed runs after one warm-up (fewer for slow cases)")
     ap.add_argument("--slow-s", type=float, default=3.0, help="a warm-up slower than this is the only run")
     ap.add_argument("--out", help="also write the markdown report here")
+    ap.add_argument("--cases", choices=["all", "toy"], default="all", help="toy: one small case (the tests run it)")
+    ap.add_argument("--json", help="also write the measured CPU rows as JSON here (the tests read it)")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a.worker:
@@ -217,7 +221,7 @@ def main(argv=None):
     cuda = torch.cuda.is_available() and a.device in ("auto", "cuda")
     if a.device != "cuda":
         rows = []
-        for name, b, n, v, d in CASES:
+        for name, b, n, v, d in (TOY_CASES if a.cases == "toy" else CASES):
             c = Case(name, b, n, v, d)
             row = {"case": c}
             chunk = chunk_sizes(b, n, d, v)[0]
@@ -240,6 +244,10 @@ def main(argv=None):
             cpu = next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
         except (OSError, StopIteration): pass
         parts.append(f"## CPU ({cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}, fp32)\n\n{table(rows)}")
+        if a.json:
+            with open(a.json, "w") as fh:
+                json.dump([{"case": r["case"].name, **{f"{k[0]}_{k[1]}": v for k, v in r.items() if k != "case"}}
+                           for r in rows], fh, indent=1)
     if cuda:
         rows = run_cuda([(n_, b, n, v, d) for n_, b, n, v, d in CASES])
         for r in rows:

@@ -23,8 +23,8 @@ import scipy.sparse as sps
 from .sparse import SparseVectors, _as_numpy, explain, threshold_for
 
 # %% auto #0
-__all__ = ['FORMAT', 'IMAGE_SUFFIXES', 'VocabularyMismatch', 'words_fingerprint', 'Hit', 'InvertedIndex', 'list_images',
-           'build_command', 'query_command', 'main']
+__all__ = ['FORMAT', 'IMAGE_SUFFIXES', 'VocabularyMismatch', 'words_fingerprint', 'Hit', 'InvertedIndex', 'topk_agrees',
+           'list_images', 'build_command', 'query_command', 'main']
 
 # %% ../notebooks/09_index.ipynb #bccb4411
 class VocabularyMismatch(ValueError):
@@ -196,6 +196,27 @@ def _score_all(self, query) -> np.ndarray:
 
 InvertedIndex._scores, InvertedIndex._explain_row, InvertedIndex._search_one = _scores, _explain_row, _search_one
 InvertedIndex.search, InvertedIndex.score_all = _search, _score_all
+
+# %% ../notebooks/09_index.ipynb #5f534b4f
+def topk_agrees(hits: Sequence,        # an engine's answer: objects with `.id` and `.score`, best first
+                exact: np.ndarray,     # (n,) exact scores of every item for this query (0 = no shared word)
+                ids: Sequence[str],    # the item ids, in the order of `exact`
+                k: int,
+                rtol: float = 1e-5, atol: float = 1e-6, # float32 engines against a float64 reference
+               ) -> bool:
+    "Whether `hits` is a correct top-`k` of `exact`: the right ids (ties at the k-th score in any order), true scores."
+    exact = np.asarray(exact, dtype=np.float64)
+    n_match = int((exact > 0).sum())
+    if len(hits) != min(k, n_match): return False
+    where = {str(i): r for r, i in enumerate(ids)}
+    rows = [where.get(str(h.id), -1) for h in hits]
+    if -1 in rows or len(set(rows)) != len(rows): return False
+    if not hits: return True
+    got, true = np.array([float(h.score) for h in hits]), exact[rows]
+    tol = atol + rtol * float(np.abs(true).max())
+    if np.abs(got - true).max() > tol or (np.diff(got) > tol).any(): return False
+    kth = np.sort(exact[exact > 0])[::-1][len(hits) - 1]
+    return bool(set(np.flatnonzero(exact > kth + tol).tolist()) <= set(rows))
 
 # %% ../notebooks/09_index.ipynb #6537fbce
 def _save(self, folder) -> Path:
