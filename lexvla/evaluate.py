@@ -14,14 +14,15 @@ import sys
 import time
 from pathlib import Path
 
-from .params import EvaluateParams, LoadedParams, ParamsError, load_params, repo_root, save_resolved
+from .params import (EvaluateParams, LoadedParams, ParamsError, load_params, record_run, repo_relative, repo_root,
+                           save_resolved)
 
 import numpy as np
 
 # %% auto #0
 __all__ = ['SUMMARY_COLUMNS', 'chance_levels', 'encode_images', 'usable_cache', 'encode_texts', 'class_vectors', 'patch_labels',
            'word_use', 'evaluate', 'Split', 'load_split', 'patch_grid', 'grid_majority', 'run_patchdis', 'split_masks',
-           'save_vectors', 'load_vectors', 'gap_closed', 'summarize', 'main']
+           'save_vectors', 'load_vectors', 'gap_closed', 'summarize', 'clean_executed', 'main']
 
 # %% ../notebooks/13_evaluate.ipynb #253b6bd0
 def chance_levels(txt2img,               # (captions,) image index of each caption
@@ -201,10 +202,13 @@ def evaluate(params: LoadedParams,        # the loaded params file
         res["word_use"] = {"image": word_use(img, model.vocab.words), "text": word_use(txt, model.vocab.words)}
     pd = run_patchdis(model, split, data_dir, tf, ep, progress, cache, icache) if ep.patchdis else None
     if pd is not None: res["patchdis"] = pd["metrics"]
-    res["wall_s"] = round(time.perf_counter() - t0, 2)
 
     save_vectors(out_dir / variant / "vectors.npz", model, split, img, txt, pd, data_dir=data_dir)
-    save_resolved(params, out_dir / variant, extra={"variant": variant, "model_dir": str(model_dir), "device": device})
+    save_resolved(params, out_dir / variant, extra={"variant": variant, "model_dir": repo_relative(model_dir),
+                                                    "device": device})
+    from lexvla.train import environment_record
+    record_run(f"evaluate-{variant}", {"stage": f"evaluate@{variant}", "wall_s": round(time.perf_counter() - t0, 2),
+                                       "environment": environment_record(device)}, results=out_dir.parent)
     dest = out_dir / f"{variant}.json"
     tmp = dest.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(res, indent=2) + "\n"); tmp.replace(dest)
@@ -432,6 +436,25 @@ def summarize(results_dir: str | Path, # folder of `<variant>.json` files
         tmp = out_dir / (name + ".tmp"); tmp.write_text(text); tmp.replace(out_dir / name)
     return summary
 
+# %% ../notebooks/13_evaluate.ipynb #3bae05ba
+def clean_executed(path: str | Path) -> Path:
+    "Rewrite an executed notebook without run times, execution counts and random cell ids (its outputs stay)."
+    import nbformat
+    path = Path(path)
+    nb = nbformat.read(path, as_version=4)
+    nb.metadata = nbformat.from_dict({k: nb.metadata[k] for k in ("kernelspec", "language_info") if k in nb.metadata})
+    for i, c in enumerate(nb.cells):
+        c.metadata = nbformat.from_dict({k: v for k, v in c.metadata.items() if k == "tags"})
+        c.id = f"cell-{i}"  # papermill's injected cell has a random one
+        if c.cell_type == "code":
+            c.execution_count = None
+            for o in c.outputs:
+                if "execution_count" in o: o.execution_count = None
+    tmp = path.with_name(path.name + ".tmp")
+    nbformat.write(nb, tmp)
+    tmp.replace(path)
+    return path
+
 # %% ../notebooks/13_evaluate.ipynb #4eddb0cc
 def main(argv: list[str] | None = None) -> int:
     "python -m lexvla.evaluate --params params.yaml --variant NAME | --summary RESULTS_DIR --out DIR"
@@ -446,7 +469,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=None, help="output folder (default results/evaluate; with --summary: required)")
     ap.add_argument("--summary", default=None, metavar="RESULTS_DIR", help="summarise the <variant>.json files of RESULTS_DIR")
     ap.add_argument("--topk", type=int, default=256, help="with --summary: the top-k sparsification shown")
+    ap.add_argument("--clean-executed", nargs="+", metavar="NOTEBOOK", help="strip run metadata from executed notebooks")
     a = ap.parse_args(argv)
+    if a.clean_executed:
+        for p in a.clean_executed: clean_executed(p)
+        return 0
     try:
         if a.summary is not None:
             if a.out is None: ap.error("--summary needs --out")

@@ -21,10 +21,11 @@ from typing import Any, Literal
 import yaml
 
 # %% auto #0
-__all__ = ['SECTIONS', 'repo_root', 'ParamsError', 'section', 'from_dict', 'BaseParams', 'PrepareParams', 'VariantSpec',
-           'TrainParams', 'EvaluateParams', 'ImagecacheParams', 'ReportParams', 'SearchParams', 'LMParams',
-           'VocabParams', 'LoraParams', 'VisionParams', 'LogitShiftParams', 'AdapterParams', 'ModelParams',
-           'LoadedParams', 'load_params', 'params_from_dict', 'apply_profile', 'overrides', 'save_resolved', 'main']
+__all__ = ['SECTIONS', 'REPLACED_BY_PROFILES', 'repo_root', 'ParamsError', 'section', 'from_dict', 'BaseParams', 'PrepareParams',
+           'VariantSpec', 'TrainParams', 'EvaluateParams', 'ImagecacheParams', 'ReportParams', 'SearchParams',
+           'LMParams', 'VocabParams', 'LoraParams', 'VisionParams', 'LogitShiftParams', 'AdapterParams', 'ModelParams',
+           'LoadedParams', 'load_params', 'params_from_dict', 'apply_profile', 'overrides', 'save_resolved',
+           'repo_relative', 'write_json', 'record_run', 'main']
 
 # %% ../notebooks/00_params.ipynb #14c697a8
 def repo_root(start: str | Path | None = None, # folder to start from (default: this file's, then the cwd)
@@ -447,11 +448,16 @@ def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
         else: out[key] = v
     return out
 
+# a profile gives these maps whole (its own set of variants), where other sections merge key by key
+REPLACED_BY_PROFILES = ("train.variants",)
+
 def _merge(base: dict, over: dict, prefix: str = "") -> dict:
     out = dict(base)
     for k, v in over.items():
         if k not in base: raise ParamsError(f"{prefix}{k}: unknown key in profile")
-        out[k] = _merge(base[k], v, f"{prefix}{k}.") if isinstance(v, dict) and isinstance(base[k], dict) else v
+        whole = f"{prefix}{k}" in REPLACED_BY_PROFILES
+        out[k] = _merge(base[k], v, f"{prefix}{k}.") if isinstance(v, dict) and isinstance(base[k], dict) and not whole \
+            else v
     return out
 
 def apply_profile(profile: str | Path,              # a partial params file, or the name of one in profiles/
@@ -472,7 +478,17 @@ def overrides(profile: str | Path, params: str | Path = "params.yaml") -> list[s
     "`section.key=value` strings (YAML values) for `dvc exp run -S`, from a checked profile."
     apply_profile(profile, params)
     prof = Path(profile) if Path(profile).exists() else repo_root() / "profiles" / f"{profile}.yaml"
-    return [f"{k}={json.dumps(v)}" for k, v in _flatten(_read_yaml(prof)).items()]
+    base = _flatten(_read_yaml(Path(params) if Path(params).exists() else repo_root() / params))
+    over, out = _read_yaml(prof), []
+    for key in REPLACED_BY_PROFILES:  # a map given whole: drop the entries it lacks, add (`+`) the new ones
+        sec, name = key.split(".")
+        given = over.get(sec, {}).pop(name, None)
+        if given is None: continue
+        have = {k.split(".")[2] for k in base if k.startswith(key + ".")}
+        out += [f"~{key}.{n}" for n in sorted(have - set(given))]
+        out += [f"+{key}.{n}={json.dumps(v)}" for n, v in given.items() if n not in have]
+        out += [f"{key}.{k}={json.dumps(v)}" for k, v in _flatten({n: v for n, v in given.items() if n in have}).items()]
+    return out + [f"{k}={json.dumps(v)}" for k, v in _flatten(over).items()]
 
 # %% ../notebooks/00_params.ipynb #6f78d6eb
 def save_resolved(params: LoadedParams, # what the stage loaded
@@ -481,12 +497,33 @@ def save_resolved(params: LoadedParams, # what the stage loaded
                  ) -> Path:
     "Write the resolved params (and `extra`) as `params.resolved.json` next to a stage's outputs."
     out_dir = Path(out_dir); out_dir.mkdir(parents=True, exist_ok=True)
-    rec = {"params_file": str(params.path), "params": params.to_dict(), **(extra or {})}
-    dest = out_dir / "params.resolved.json"
-    tmp = dest.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(rec, indent=2, sort_keys=True, default=str) + "\n")
-    tmp.replace(dest)
-    return dest
+    rec = {"params_file": repo_relative(params.path), "params": params.to_dict(), **(extra or {})}
+    return write_json(out_dir / "params.resolved.json", rec, sort_keys=True)
+
+def repo_relative(path: str | Path) -> str:
+    "`path` relative to the repository root when it lies inside it, else absolute: outputs must not name the clone."
+    p = Path(path).resolve()
+    try: return p.relative_to(repo_root()).as_posix()
+    except (ValueError, FileNotFoundError): return str(p)
+
+def write_json(path: str | Path, obj, **kw) -> Path:
+    "Write `obj` as indented JSON, atomically (a temporary file, then a rename)."
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=str, **kw) + "\n")
+    tmp.replace(path)
+    return path
+
+def record_run(stage: str,  # e.g. "train-lexvla": the file name
+               facts: dict, # what varies between runs of the same inputs: wall time, host, versions, resumes
+               results: str | Path | None = None, # the results folder (default: the repository's `results/`)
+              ) -> Path:
+    "Keep a run's volatile facts in `results/runs/<stage>.json`, which no DVC stage declares or reads."
+    # a DVC output that later stages depend on holds only what its inputs determine, so that a re-run gives the
+    # same hashes (and the same dvc.lock) and DVC skips what did not change; times and hosts go here instead
+    folder = Path(results or repo_root() / "results") / "runs"
+    folder.mkdir(parents=True, exist_ok=True)
+    return write_json(folder / f"{stage}.json", facts, sort_keys=True)
 
 # %% ../notebooks/00_params.ipynb #69b185a3
 def main(argv: list[str] | None = None) -> int:

@@ -16,22 +16,24 @@ import os
 import platform
 import random
 import shutil
+import signal
 import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
 
-from .params import LoadedParams, ParamsError, TrainParams, VariantSpec, load_params, repo_root, save_resolved
+from .params import (LoadedParams, ParamsError, TrainParams, VariantSpec, load_params, record_run, repo_relative,
+                           repo_root, save_resolved, write_json)
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 # %% auto #0
-__all__ = ['TRAINING_CODE', 'seed_everything', 'rng_state', 'set_rng_state', 'CheckpointError', 'Checkpointer', 'NonFiniteLoss',
-           'run_fingerprint', 'resolve_device', 'environment_record', 'param_groups', 'trainable_state', 'regularised',
-           'train', 'save_trained', 'load_trained', 'main']
+__all__ = ['TRAINING_CODE', 'seed_everything', 'rng_state', 'set_rng_state', 'CheckpointError', 'fault_point', 'Checkpointer',
+           'NonFiniteLoss', 'run_fingerprint', 'resolve_device', 'environment_record', 'param_groups',
+           'trainable_state', 'regularised', 'train', 'save_trained', 'load_trained', 'main']
 
 # %% ../notebooks/12_train.ipynb #b81b6815
 def seed_everything(seed: int, deterministic: bool = True):
@@ -58,8 +60,22 @@ class CheckpointError(RuntimeError):
 
 def _fsync_dir(path: Path):
     try:
-        fd = os.open(path, os.O_RDONLY); os.fsync(fd); os.close(fd)
+        fd = os.open(path, os.O_RDONLY)
+        os.fsync(fd)
+        os.close(fd)
     except OSError: pass
+
+def fault_point(name: str):
+    "Test hook: SIGKILL this process at `name` when the comma-separated `LEXVLA_FAULT` names it."
+    # the resume tests kill a run at exact places (mid-step, mid-checkpoint) instead of racing a timer
+    if name in os.environ.get("LEXVLA_FAULT", "").split(","): os.kill(os.getpid(), signal.SIGKILL)
+
+def _remove(path: Path):
+    "Delete a folder so that no half-deleted checkpoint is ever visible: rename it away first."
+    trash = path.with_name(f".trash-{path.name}-{os.getpid()}")
+    try: path.rename(trash)
+    except OSError: return
+    shutil.rmtree(trash, ignore_errors=True)
 
 class Checkpointer:
     "Atomic, fingerprinted training checkpoints in one folder."
@@ -74,7 +90,8 @@ class Checkpointer:
         try:
             self.folder.mkdir(parents=True, exist_ok=True)
             probe = self.folder / ".write-probe"
-            probe.write_bytes(b"ok"); probe.unlink()
+            probe.write_bytes(b"ok")
+            probe.unlink()
         except OSError as e:
             raise CheckpointError(f"{self.folder}: cannot write checkpoints here ({e.strerror or e})") from None
 
@@ -97,23 +114,46 @@ class Checkpointer:
             if tmp.exists(): shutil.rmtree(tmp)
             tmp.mkdir(parents=True)
             save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp / "weights.safetensors"))
+            fault_point(f"save-{step}-weights")
             torch.save(objects, tmp / "objects.pt")
-            (tmp / "state.json").write_text(json.dumps({**info, "step": step, "fingerprint": self.fingerprint}, indent=1))
+            state = {**info, "step": step, "fingerprint": self.fingerprint}
+            (tmp / "state.json").write_text(json.dumps(state, indent=1))
             for f in tmp.iterdir():
                 with open(f, "rb") as fh: os.fsync(fh.fileno())
-            if final.exists(): shutil.rmtree(final)
-            tmp.rename(final); _fsync_dir(self.folder)
+            if final.exists(): _remove(final)  # a stale one: another run's, or one written after a kill
+            tmp.rename(final)
+            _fsync_dir(self.folder)
+            fault_point(f"save-{step}-renamed")
             lt = self.folder / ".latest.json.tmp"
             lt.write_text(json.dumps({"name": name, "step": step, "fingerprint": self.fingerprint}))
-            lt.replace(self.folder / "latest.json"); _fsync_dir(self.folder)
+            lt.replace(self.folder / "latest.json")
+            _fsync_dir(self.folder)
         except OSError as e:
             shutil.rmtree(tmp, ignore_errors=True)
             why = "disk full" if e.errno == errno.ENOSPC else (e.strerror or str(e))
             prev = self.latest()
             raise CheckpointError(f"{final}: could not write checkpoint at step {step} ({why}); "
                                   f"last good checkpoint: {prev or 'none'}") from None
-        for old in sorted(self.folder.glob("step-*"))[:-self.keep]: shutil.rmtree(old, ignore_errors=True)
+        self.prune(step)
         return final
+
+    def _step_and_run(self, path: Path) -> tuple[int, str | None]:
+        try: s = json.loads((path / "state.json").read_text())
+        except (OSError, json.JSONDecodeError): return -1, None
+        return int(s.get("step", -1)), s.get("fingerprint")
+
+    def prune(self, newest: int):
+        "Keep this run's `keep` newest checkpoints up to step `newest` (the one `latest.json` names); drop the rest."
+        # by what a checkpoint *is*, not by its name: an earlier run's (other params, or the same params trained
+        # again) may hold later steps, and sorting names would then delete the checkpoint just written
+        mine = []
+        for p in list(self.folder.iterdir()):
+            if p.name.startswith((".step-", ".trash-")) and p.name != f".step-{newest:08d}.tmp": _remove(p)
+            if not (p.name.startswith("step-") and p.is_dir()): continue
+            step, run = self._step_and_run(p)
+            if run == self.fingerprint and 0 <= step <= newest: mine.append((step, p))
+            else: _remove(p)
+        for _, p in sorted(mine)[:-self.keep]: _remove(p)
 
     def load(self, path: Path) -> tuple[dict, dict, dict]:
         "(tensors, objects, info) of a checkpoint folder."
@@ -131,11 +171,14 @@ class NonFiniteLoss(RuntimeError):
 # the modules a training run executes: a checkpoint written by other code is not resumed
 TRAINING_CODE = ("params", "datasets", "vocab", "model", "maxpool", "losses", "textcache", "imagecache", "train")
 
-def run_fingerprint(params: LoadedParams, variant: str, data_dir: Path) -> str:
+def run_fingerprint(params: LoadedParams, variant: str, data_dir: Path,
+                    code_dir: Path | None = None, # the package whose TRAINING_CODE is hashed (default: this one)
+                   ) -> str:
     "sha256 of everything that determines the trained weights: the params sections, the variant, the data and the code."
     d = params.to_dict()
     rec = {"variant": variant, "params": {k: d[k] for k in sorted(d) if k in ("base", "prepare", "model", "train")}}
-    pkg = Path(__file__).resolve().parent if "__file__" in globals() else repo_root() / "lexvla"
+    pkg = Path(code_dir) if code_dir is not None else \
+        Path(__file__).resolve().parent if "__file__" in globals() else repo_root() / "lexvla"
     rec["code"] = {m: hashlib.sha256((pkg / f"{m}.py").read_bytes()).hexdigest() for m in TRAINING_CODE}
     report = Path(data_dir) / "report.json"
     rec["data"] = hashlib.sha256(report.read_bytes()).hexdigest() if report.is_file() else str(data_dir)
@@ -290,7 +333,7 @@ def train(params: LoadedParams,           # the loaded params file
         live.log_params({"variant": variant, "model": spec.model, "reg": spec.reg, "seed": base.seed})
     V = getattr(raw, "vocab", None)
     bar = tqdm(total=tp.steps, initial=step, desc=f"train {variant}", unit="step", disable=not (progress and acc.is_main_process))
-    t0, seen, t_start = time.perf_counter(), 0, time.perf_counter()
+    t0, seen, t_start, images_total = time.perf_counter(), 0, time.perf_counter(), 0
     parts = {}
     model.train()
     while step < tp.steps:
@@ -311,13 +354,15 @@ def train(params: LoadedParams,           # the loaded params file
                                 **regularised(out, tp.reg_on))
                 if loss_hook is not None: loss_hook(step, parts)
                 if not torch.isfinite(parts["loss"]):
-                    shown = ", ".join(f"{k}={float(v):.4g}" for k, v in parts.items() if torch.is_tensor(v) and v.numel() == 1)
+                    shown = ", ".join(f"{k}={float(v.detach()):.4g}" for k, v in parts.items() if torch.is_tensor(v) and v.numel() == 1)
                     raise NonFiniteLoss(f"{variant}: non-finite loss at step {step} ({shown}); stopped. "
                                         f"Last good checkpoint: {ck.latest() or 'none'}")
                 acc.backward(parts["loss"])
+                fault_point(f"step-{step + 1}-backward")  # mid-step: gradients computed, weights not yet updated
                 if acc.sync_gradients and tp.grad_clip > 0: acc.clip_grad_norm_(model.parameters(), tp.grad_clip)
                 opt.step(); sched.step(); opt.zero_grad(set_to_none=True)
             seen += pixels.shape[0] * acc.num_processes
+            images_total += pixels.shape[0] * acc.num_processes
             if not acc.sync_gradients: continue
             step += 1
             with torch.no_grad():  # CLIP's clamp: 1/T at most 100
@@ -325,9 +370,9 @@ def train(params: LoadedParams,           # the loaded params file
             bar.update(1); bar.set_postfix(loss=f"{float(parts['loss'].detach()):.3f}")
             if step % tp.log_every == 0 or step == tp.steps:
                 dt = time.perf_counter() - t0
-                rec = {k: float(v) for k, v in parts.items() if torch.is_tensor(v) and v.numel() == 1}
-                rec.update(lr=sched.get_last_lr()[0], temperature=float(1 / raw.logit_scale.exp()),
-                           images_per_s=seen / max(dt, 1e-9))
+                rec = {k: float(v.detach()) for k, v in parts.items() if torch.is_tensor(v) and v.numel() == 1}
+                rec.update(lr=sched.get_last_lr()[0], temperature=float(1 / raw.logit_scale.detach().exp()))
+                bar.set_postfix(loss=f"{rec['loss']:.3f}", img_s=f"{seen / max(dt, 1e-9):.1f}")
                 if spec.model != "dense":
                     rec["image_active_words"] = _lexical_active(out["image_features"])
                     rec["text_active_words"] = _lexical_active(out["text_features"])
@@ -344,14 +389,19 @@ def train(params: LoadedParams,           # the loaded params file
             epoch, batch_in_epoch = epoch + 1, 0
     bar.close()
     live.end()
-    summary = {"variant": variant, "model": spec.model, "reg": spec.reg, "steps": step, "resumed_from": resumed_from,
-               "final_loss": {k: float(v) for k, v in parts.items() if torch.is_tensor(v) and v.numel() == 1},
-               "wall_s_this_run": round(time.perf_counter() - t_start, 2)}
+    # what the params determine (a DVC output), apart from what differs run to run (results/runs/, untracked)
+    summary = {"variant": variant, "model": spec.model, "reg": spec.reg, "steps": step,
+               "final_loss": {k: float(v.detach()) for k, v in parts.items() if torch.is_tensor(v) and v.numel() == 1}}
+    facts = {"stage": f"train@{variant}", "resumed_from": resumed_from and repo_relative(resumed_from),
+             "wall_s_this_run": round(time.perf_counter() - t_start, 2),
+             "images_per_s": round(images_total / max(time.perf_counter() - t_start, 1e-9), 2),
+             "environment": environment_record(device)}
     if acc.is_main_process:
         save_trained(raw, params, variant, out_dir / "model")
-        (results_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-        save_resolved(params, results_dir, extra={"variant": variant, "environment": environment_record(device)})
-    return summary
+        write_json(results_dir / "summary.json", summary)
+        save_resolved(params, results_dir, extra={"variant": variant})
+        record_run(f"train-{variant}", facts, results=results_dir.parent.parent)
+    return {**summary, **facts}
 
 # %% ../notebooks/12_train.ipynb #a534f9ae
 def save_trained(model, params: LoadedParams, variant: str, folder: str | Path) -> Path:
