@@ -37,3 +37,83 @@ def analysis_notebooks():
 @pytest.fixture(scope="session")
 def root():
     return ROOT
+
+
+# ---- `dvc repro` on profiles/tiny.yaml in two fresh copies, started as soon as a test that needs it is collected --
+
+REPRO_TIMEOUT = 1200  # s: both copies, on a busy 2-core machine
+_repro: dict = {}
+
+
+def fresh_copy(dest: Path, profile: str = "tiny") -> Path:
+    "The repository's tracked and untracked-but-not-ignored files in `dest`, params.yaml = params.yaml + `profile`, git-committed."
+    import shutil
+
+    import yaml
+
+    from lexvla.params import apply_profile
+    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=ROOT, capture_output=True,
+                           check=True).stdout.decode().split("\0")
+    for f in filter(None, files):
+        src = ROOT / f
+        if f == "dvc.lock" or not src.is_file(): continue  # the committed lock is the default's full run
+        (dest / f).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(src, dest / f)
+    merged = apply_profile(ROOT / "profiles" / f"{profile}.yaml", ROOT / "params.yaml")
+    (dest / "params.yaml").write_text(yaml.safe_dump(merged, sort_keys=False))
+    git = ["git", "-c", "user.name=lexvla tests", "-c", "user.email=tests@lexvla.invalid", "-c", "init.defaultBranch=main"]
+    for cmd in (["init", "-q"], ["add", "-A"], ["commit", "-qm", "fresh copy"]):
+        subprocess.run(git + cmd, cwd=dest, check=True, capture_output=True)
+    return dest
+
+
+def start_repro():
+    "Two fresh copies, each running `dvc repro` in the background, one thread each (the tests go on meanwhile)."
+    import tempfile
+    if _repro: return _repro
+    top = Path(tempfile.mkdtemp(prefix="lexvla-repro-"))
+    env = {**os.environ, "PYTHONHASHSEED": "0", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
+           "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
+    env.pop("LEXVLA_FAULT", None)
+    _repro["top"], _repro["runs"] = top, {}
+    for name in ("a", "b"):
+        root = fresh_copy(top / name)
+        log = open(top / f"{name}.log", "w")
+        _repro["runs"][name] = (root, subprocess.Popen([tool("dvc"), "repro"], cwd=root, env=env, stdout=log,
+                                                       stderr=subprocess.STDOUT), log)
+    return _repro
+
+
+def pytest_collection_modifyitems(config, items):
+    "The tests that wait for the background `dvc repro` runs go last, so that every other test overlaps with them."
+    items.sort(key=lambda item: item.get_closest_marker("repro") is not None)
+
+
+def pytest_collection_finish(session):
+    if any(item.get_closest_marker("repro") for item in session.items): start_repro()
+
+
+def pytest_sessionfinish(session):
+    import shutil
+    for _, p, log in _repro.get("runs", {}).values():
+        if p.poll() is None: p.kill()
+        log.close()
+    if "top" in _repro and not os.environ.get("LEXVLA_KEEP_REPRO"): shutil.rmtree(_repro["top"], ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def tiny_repro():
+    "{name: repository root} of the two finished `dvc repro` copies (fails with the log of one that failed)."
+    start_repro()
+    out = {}
+    for name, (root, p, log) in _repro["runs"].items():
+        try: rc = p.wait(timeout=REPRO_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            pytest.fail(f"dvc repro in copy {name} took over {REPRO_TIMEOUT} s")
+        log.flush()
+        if rc != 0:
+            pytest.fail(f"dvc repro in copy {name} ({root}) exited {rc}:\n"
+                        f"{(_repro['top'] / f'{name}.log').read_text()[-6000:]}")
+        out[name] = root
+    return out

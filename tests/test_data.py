@@ -117,9 +117,10 @@ def test_circle_mask_matches_analytic_disc():
         assert not (m != ref)[np.abs(dist - r) > 0.75].any()  # they differ only on the boundary
 
 
-def test_vocabulary_is_whole_tokens():
-    tok = ROOT / "models" / "smollm2-135m" / "tokenizer.json"
-    if not tok.is_file(): pytest.skip("converted SmolLM2 tokenizer not built (dvc repro convert)")
+@pytest.mark.repro
+def test_vocabulary_is_whole_tokens(tiny_repro):
+    "Every word of the scenes' grammar is one SmolLM2 token (with its leading space), in the converted tokenizer."
+    tok = tiny_repro["a"] / "models" / "smollm2-135m" / "tokenizer.json"  # written by the convert stage
     vocab = json.loads(tok.read_text())["model"]["vocab"]
     assert [w for w in S.vocabulary() if "Ġ" + w not in vocab] == []
     words = {w for s in scenes(100) for c in s.captions for w in words_of(c)}
@@ -327,7 +328,9 @@ def test_loader_order_workers_and_resume(prepared):
 
 # ---- misconfiguration and atomic output --------------------------------------------------------------------
 
-def test_misconfiguration_stops_with_a_name(tmp_path):
+def test_misconfiguration_stops_with_a_name(tmp_path, capsys):
+    "The prepare command line exits 2 with one line naming the key or file, and writes nothing."
+    from lexvla.prepare import main
     caps = _real_fixture(tmp_path, 3)
     (tmp_path / "m.csv").write_text("file,caption\n" + "".join(f"imgs/im{i}.png,{c}\n" for i, c in enumerate(caps)))
     cases = [({"kind": "laion"}, "prepare.kind"),
@@ -338,11 +341,11 @@ def test_misconfiguration_stops_with_a_name(tmp_path):
              ({"kind": "karpathy"}, "prepare.source: got null")]
     for over, msg in cases:
         p = tiny_params(tmp_path, **over)
-        r = run([sys.executable, "-m", "lexvla.prepare", "--params", str(p), "--out", str(tmp_path / "o"), "--no-progress"],
-                check=False)
-        assert r.returncode == 2 and msg in r.stderr, (over, r.stderr)
+        rc = main(["--params", str(p), "--out", str(tmp_path / "o"), "--no-progress"])
+        err = capsys.readouterr().err
+        assert rc == 2 and msg in err, (over, err)
         assert not (tmp_path / "o").exists() and not list(tmp_path.glob(".o.*"))
-        assert "Traceback" not in r.stderr
+        assert "Traceback" not in err
 
 
 def test_killed_prepare_leaves_old_output(tmp_path, monkeypatch):

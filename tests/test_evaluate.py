@@ -2,6 +2,7 @@
 import copy
 import itertools
 import json
+import sys
 import math
 
 import numpy as np
@@ -136,5 +137,5 @@ def test_cli_errors_name_the_problem(tmp_path, capsys):
 
 
 def test_cli_runs_as_module():
-    r = run([str(ROOT / ".venv/bin/python"), "-m", "lexvla.evaluate", "--variant", "nosuch"], check=False)
+    r = run([sys.executable, "-m", "lexvla.evaluate", "--variant", "nosuch"], check=False)
     assert r.returncode == 2 and "no variant 'nosuch'" in r.stderr
