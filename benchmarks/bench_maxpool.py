@@ -208,6 +208,7 @@ def main(argv=None):
     ap.add_argument("--slow-s", type=float, default=3.0, help="a warm-up slower than this is the only run")
     ap.add_argument("--out", help="also write the markdown report here")
     ap.add_argument("--cases", choices=["all", "toy"], default="all", help="toy: one small case (the tests run it)")
+    ap.add_argument("--passes", nargs="+", choices=["fwd", "fwdbwd"], default=["fwd", "fwdbwd"], help="CPU passes run")
     ap.add_argument("--json", help="also write the measured CPU rows as JSON here (the tests read it)")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
@@ -225,7 +226,7 @@ def main(argv=None):
             c = Case(name, b, n, v, d)
             row = {"case": c}
             chunk = chunk_sizes(b, n, d, v)[0]
-            for mode in ("fwd", "fwdbwd"):
+            for mode in a.passes:
                 if c.tflop > CPU_MAX_TFLOP:
                     need = c.naive_need(mode)
                     row["naive", mode] = {"skip": (f"OOM-skipped (needs ≥ {gb(need)})" if need > a.ram_limit_gb * 2**30

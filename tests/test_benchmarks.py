@@ -26,14 +26,14 @@ def test_training_step_breakdown_runs_on_the_tiny_preset(tmp_path):
 
 
 def test_maxpool_benchmark_fused_head_needs_less_memory(tmp_path):
-    "The fused max-pool's peak memory is a fraction of the naive einsum's, forward and forward+backward."
+    "The fused max-pool's peak memory is a fraction of the naive einsum's in a training step (forward+backward)."
     js = tmp_path / "maxpool.json"
     r = run([sys.executable, str(ROOT / "benchmarks" / "bench_maxpool.py"), "--device", "cpu", "--cases", "toy",
-             "--reps", "1", "--json", str(js)], timeout=300)
+             "--passes", "fwdbwd", "--reps", "1", "--json", str(js)], timeout=300)
     assert "| toy |" in r.stdout
     (row,) = json.loads(js.read_text())
-    for mode in ("fwd", "fwdbwd"):  # measured 3.1x and 7.1x at this size
-        assert row[f"naive_{mode}"]["peak"] >= 2 * row[f"fused_{mode}"]["peak"], (mode, row)
+    # measured 7.1x at this size (forward alone 3.1x; the committed table has every pass at the real shapes)
+    assert row["naive_fwdbwd"]["peak"] >= 3 * row["fused_fwdbwd"]["peak"], row
 
 
 def test_index_benchmark_exact_methods_have_recall_one(tmp_path):
