@@ -90,6 +90,7 @@ def pytest_collection_modifyitems(config, items):
 
 
 def pytest_collection_finish(session):
+    if session.config.option.collectonly: return
     if any(item.get_closest_marker("repro") for item in session.items): start_repro()
 
 
