@@ -469,7 +469,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=None, help="output folder (default results/evaluate; with --summary: required)")
     ap.add_argument("--summary", default=None, metavar="RESULTS_DIR", help="summarise the <variant>.json files of RESULTS_DIR")
     ap.add_argument("--topk", type=int, default=256, help="with --summary: the top-k sparsification shown")
-    ap.add_argument("--clean-executed", nargs="+", metavar="NOTEBOOK", help="strip run metadata from executed notebooks")
+    ap.add_argument("--clean-executed", nargs="+", metavar="NOTEBOOK",
+                    help="strip run metadata from executed notebooks")
     a = ap.parse_args(argv)
     if a.clean_executed:
         for p in a.clean_executed: clean_executed(p)

@@ -456,8 +456,8 @@ def _merge(base: dict, over: dict, prefix: str = "") -> dict:
     for k, v in over.items():
         if k not in base: raise ParamsError(f"{prefix}{k}: unknown key in profile")
         whole = f"{prefix}{k}" in REPLACED_BY_PROFILES
-        out[k] = _merge(base[k], v, f"{prefix}{k}.") if isinstance(v, dict) and isinstance(base[k], dict) and not whole \
-            else v
+        nested = isinstance(v, dict) and isinstance(base[k], dict) and not whole
+        out[k] = _merge(base[k], v, f"{prefix}{k}.") if nested else v
     return out
 
 def apply_profile(profile: str | Path,              # a partial params file, or the name of one in profiles/
@@ -487,7 +487,8 @@ def overrides(profile: str | Path, params: str | Path = "params.yaml") -> list[s
         have = {k.split(".")[2] for k in base if k.startswith(key + ".")}
         out += [f"~{key}.{n}" for n in sorted(have - set(given))]
         out += [f"+{key}.{n}={json.dumps(v)}" for n, v in given.items() if n not in have]
-        out += [f"{key}.{k}={json.dumps(v)}" for k, v in _flatten({n: v for n, v in given.items() if n in have}).items()]
+        kept = {n: v for n, v in given.items() if n in have}
+        out += [f"{key}.{k}={json.dumps(v)}" for k, v in _flatten(kept).items()]
     return out + [f"{k}={json.dumps(v)}" for k, v in _flatten(over).items()]
 
 # %% ../notebooks/00_params.ipynb #6f78d6eb

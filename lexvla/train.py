@@ -354,7 +354,8 @@ def train(params: LoadedParams,           # the loaded params file
                                 **regularised(out, tp.reg_on))
                 if loss_hook is not None: loss_hook(step, parts)
                 if not torch.isfinite(parts["loss"]):
-                    shown = ", ".join(f"{k}={float(v.detach()):.4g}" for k, v in parts.items() if torch.is_tensor(v) and v.numel() == 1)
+                    shown = ", ".join(f"{k}={float(v.detach()):.4g}" for k, v in parts.items()
+                                      if torch.is_tensor(v) and v.numel() == 1)
                     raise NonFiniteLoss(f"{variant}: non-finite loss at step {step} ({shown}); stopped. "
                                         f"Last good checkpoint: {ck.latest() or 'none'}")
                 acc.backward(parts["loss"])
