@@ -63,7 +63,7 @@ def main(argv=None):
     torch.set_num_threads(1)  # as in a DataLoader worker
     rows = []
 
-    size = pp.image_size
+    size = vp.img_size  # the scenes are drawn at the vision tower's input size
     rows.append((f"generator: draw one {size} px scene + 5 captions (1 process)",
                  rate(lambda: [make_scene(scene_rng(0, "train", i), size) for i in range(50)], 50)))
     rows.append(("generator: draw + JPEG encode (1 process)",

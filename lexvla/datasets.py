@@ -1,4 +1,5 @@
-"""One on-disk format for every dataset (webdataset shards, Karpathy JSON, COCO-style masks), readers for real data, and loaders that survive bad input and count it.
+"""One on-disk format for every dataset (webdataset shards, Karpathy JSON, COCO-style masks), readers for real
+data, and loaders that survive bad input and count it.
 
 Docs: https://github.com/lexvla/lexvla/datasets.html.md"""
 
@@ -8,6 +9,8 @@ Docs: https://github.com/lexvla/lexvla/datasets.html.md"""
 from __future__ import annotations
 
 import csv
+import functools
+import glob
 import hashlib
 import io
 import json
@@ -22,15 +25,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
+import braceexpand
 import numpy as np
+import timm
+import timm.data
 import torch
+import webdataset as wds
 from PIL import Image, ImageOps, UnidentifiedImageError
+from tqdm.auto import tqdm
+
+from .runtime import write_json
 
 # %% auto #0
 __all__ = ['MAX_IMAGE_PIXELS', 'MAX_CAPTION_CHARS', 'TRAIN_AUGMENT', 'IMAGE_EXTS', 'DataConfigError', 'SkipLog', 'decode_image',
            'clean_caption', 'backbone_data_config', 'image_transform', 'sample_key', 'encode_jpeg', 'write_shards',
            'expand_shards', 'ShardSample', 'index_shards', 'sample_captions', 'TarPairs', 'train_dataset',
-           'collate_pairs', 'streaming_dataset', 'karpathy_tokens', 'karpathy_entry', 'write_json', 'read_karpathy',
+           'collate_pairs', 'streaming_dataset', 'karpathy_tokens', 'karpathy_entry', 'read_karpathy',
            'karpathy_image_path', 'KarpathySplit', 'load_karpathy', 'write_categories', 'png_bytes', 'panoptic_png',
            'panoptic_segments', 'read_categories', 'Masks', 'load_masks', 'ManifestItem', 'read_manifest',
            'prepared_paths']
@@ -68,7 +78,8 @@ class SkipLog:
         for r, n in other.converted.items():
             self.converted[r] += n
             for e in other.converted_examples.get(r, []):
-                if len(self.converted_examples.setdefault(r, [])) < self.max_examples: self.converted_examples[r].append(e)
+                ex = self.converted_examples.setdefault(r, [])
+                if len(ex) < self.max_examples: ex.append(e)
         return self
 
     @property
@@ -90,7 +101,8 @@ def _to_rgb(im: Image.Image, log: SkipLog | None, name: str) -> Image.Image:
     "Upright RGB version of a decoded image; each repair is logged."
     note = (lambda what: log.convert(what, name)) if log is not None else (lambda what: None)
     if im.getexif().get(0x0112, 1) not in (1, None):  # EXIF Orientation tag
-        im = ImageOps.exif_transpose(im); note("exif_rotated")
+        im = ImageOps.exif_transpose(im)
+        note("exif_rotated")
     mode = im.mode
     if mode == "RGB": return im
     if mode == "P":
@@ -125,16 +137,26 @@ def decode_image(src: bytes | str | Path,  # encoded bytes, or a path to read
     if isinstance(src, (str, Path)):
         name = name or str(src)
         try: src = Path(src).read_bytes()
-        except FileNotFoundError: skip("missing_file"); return None
-        except (IsADirectoryError, PermissionError, OSError): skip("unreadable_file"); return None
-    if len(src) == 0: skip("empty_file"); return None
+        except FileNotFoundError:
+            skip("missing_file")
+            return None
+        except (IsADirectoryError, PermissionError, OSError):
+            skip("unreadable_file")
+            return None
+    if len(src) == 0:
+        skip("empty_file")
+        return None
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             im = Image.open(io.BytesIO(src))
             w, h = im.size
-            if w * h > max_pixels: skip("too_large"); return None
-            if min(w, h) < min_side: skip("too_small"); return None
+            if w * h > max_pixels:
+                skip("too_large")
+                return None
+            if min(w, h) < min_side:
+                skip("too_small")
+                return None
             im.load()
             return _to_rgb(im, log, name)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning): skip("too_large")
@@ -152,17 +174,29 @@ def clean_caption(raw: str | bytes | None, # the caption as read
                  ) -> str | None:
     "The caption with whitespace collapsed, or None (reason logged) when it is unusable."
     skip = (lambda r: log.skip(r, name) if log is not None else None)
-    if raw is None: skip("caption_missing"); return None
+    if raw is None:
+        skip("caption_missing")
+        return None
     if isinstance(raw, (bytes, bytearray)):
         try: raw = bytes(raw).decode("utf-8")
-        except UnicodeDecodeError: skip("caption_not_utf8"); return None
+        except UnicodeDecodeError:
+            skip("caption_not_utf8")
+            return None
     try: raw.encode("utf-8")
-    except UnicodeEncodeError: skip("caption_not_utf8"); return None  # lone surrogates: surrogateescape'd bytes
-    if raw == "": skip("caption_empty"); return None
+    except UnicodeEncodeError:  # lone surrogates: surrogateescape'd bytes
+        skip("caption_not_utf8")
+        return None
+    if raw == "":
+        skip("caption_empty")
+        return None
     if not raw.isprintable(): raw = "".join(c if c.isprintable() or c.isspace() else " " for c in raw)
     text = " ".join(raw.split())
-    if not text: skip("caption_whitespace"); return None
-    if len(text) > max_chars: skip("caption_too_long"); return None
+    if not text:
+        skip("caption_whitespace")
+        return None
+    if len(text) > max_chars:
+        skip("caption_too_long")
+        return None
     return text
 
 # %% ../notebooks/02_datasets.ipynb #5ebeae62
@@ -173,7 +207,6 @@ def backbone_data_config(timm_name: str,          # e.g. vit_small_patch14_dinov
                          img_size: int | None = None, # input side the model is built with (None: the pretrained one)
                         ) -> dict:
     "timm's data config (input size, interpolation, mean, std, crop) for a backbone, without building it."
-    import timm
     cfg = timm.models.get_pretrained_cfg(timm_name)
     if cfg is None: raise DataConfigError(f"timm has no pretrained config for {timm_name!r}")
     out = dict(timm.data.resolve_data_config({}, pretrained_cfg=cfg.to_dict()))
@@ -185,7 +218,6 @@ def image_transform(data_config: dict,   # timm data config (input_size, interpo
                     **overrides,         # any `timm.data.create_transform` argument
                    ) -> Callable:
     "PIL RGB image -> (3, H, W) float tensor, by timm's `create_transform` from the backbone's data config."
-    import timm.data
     missing = [k for k in ("input_size", "mean", "std") if k not in data_config]
     if missing: raise DataConfigError(f"data config lacks {missing[0]!r} (got keys: {', '.join(data_config)})")
     kw = {k: data_config[k] for k in ("input_size", "interpolation", "mean", "std", "crop_pct", "crop_mode")
@@ -203,7 +235,9 @@ def sample_key(i: int, shard_size: int) -> str:
 def encode_jpeg(im: Image.Image | np.ndarray, quality: int = 95) -> bytes:
     "JPEG bytes with 4:4:4 chroma (small coloured objects keep their colour)."
     if isinstance(im, np.ndarray): im = Image.fromarray(im)
-    b = io.BytesIO(); im.convert("RGB").save(b, "JPEG", quality=quality, subsampling=0); return b.getvalue()
+    b = io.BytesIO()
+    im.convert("RGB").save(b, "JPEG", quality=quality, subsampling=0)
+    return b.getvalue()
 
 def write_shards(samples: Iterable[dict], # dicts with __key__, jpg (bytes), txt (str), json (dict)
                  out_dir: str | Path,     # folder for 00000.tar, 00001.tar, ...
@@ -212,9 +246,8 @@ def write_shards(samples: Iterable[dict], # dicts with __key__, jpg (bytes), txt
                  total: int | None = None, # for the progress bar
                 ) -> list[Path]:
     "Write webdataset shards in img2dataset's layout, reproducibly (fixed tar metadata)."
-    import webdataset as wds
-    from tqdm.auto import tqdm
-    out_dir = Path(out_dir); out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
     paths, writer, n = [], None, 0
     for s in tqdm(samples, total=total, desc="write shards", unit="img", disable=not progress):
         if n % shard_size == 0:
@@ -232,7 +265,6 @@ IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 
 def expand_shards(spec: str | Path | Iterable[str | Path]) -> list[Path]:
     "Shard paths from a brace pattern, glob, folder or list; DataConfigError when one is missing or none match."
-    import braceexpand, glob
     specs = [spec] if isinstance(spec, (str, Path)) else list(spec)
     out = []
     for sp in specs:
@@ -240,7 +272,8 @@ def expand_shards(spec: str | Path | Iterable[str | Path]) -> list[Path]:
         if Path(sp).is_dir():
             found = sorted(Path(sp).glob("*.tar"))
             if not found: raise DataConfigError(f"{sp}: folder holds no *.tar shards")
-            out += found; continue
+            out += found
+            continue
         for p in braceexpand.braceexpand(sp):
             if any(ch in p for ch in "*?["):
                 found = sorted(Path(q) for q in glob.glob(p))
@@ -274,16 +307,24 @@ def index_shards(shards: list[str | Path], log: SkipLog | None = None) -> list[S
                 for m in tf:
                     if not m.isfile(): continue
                     mt = _KEY_RE.match(m.name)
-                    if mt is None: log.skip("no_extension", f"{path}:{m.name}"); continue
+                    if mt is None:
+                        log.skip("no_extension", f"{path}:{m.name}")
+                        continue
                     groups.setdefault(mt.group(1), {})[mt.group(2).lower()] = (m.offset_data, m.size)
         except (tarfile.TarError, OSError, EOFError) as e:
             log.skip("corrupt_shard", f"{path} ({type(e).__name__}: {e})")  # members read before the damage are kept
         for key, g in groups.items():
             name = f"{Path(path).name}:{key}"
             ext = next((e for e in IMAGE_EXTS if e in g), None)
-            if ext is None: log.skip("missing_image", name); continue
-            if "txt" not in g and "json" not in g: log.skip("caption_missing", name); continue
-            if key in seen: log.skip("duplicate_key", name); continue
+            if ext is None:
+                log.skip("missing_image", name)
+                continue
+            if "txt" not in g and "json" not in g:
+                log.skip("caption_missing", name)
+                continue
+            if key in seen:
+                log.skip("duplicate_key", name)
+                continue
             seen.add(key)
             out.append(ShardSample(key, si, g[ext], ext, g.get("txt"), g.get("json")))
     return out
@@ -318,9 +359,14 @@ def _seeded(seed: int):
     "Seed python, numpy and torch RNGs for one sample, then restore the caller's states."
     gen = torch.random.default_generator  # CPU only: torch.manual_seed would also queue CUDA seeding (slow)
     py, npst, th = random.getstate(), np.random.get_state(), gen.get_state()
-    random.seed(seed); np.random.seed(seed % 2**32); gen.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    gen.manual_seed(seed)
     try: yield
-    finally: random.setstate(py); np.random.set_state(npst); gen.set_state(th)
+    finally:
+        random.setstate(py)
+        np.random.set_state(npst)
+        gen.set_state(th)
 
 class TarPairs(torch.utils.data.Dataset):
     "Map-style image-caption pairs from webdataset shards, in an order fixed by (seed, epoch)."
@@ -341,7 +387,7 @@ class TarPairs(torch.utils.data.Dataset):
         self.set_epoch(0)
 
     def set_epoch(self, epoch: int, # the epoch: fixes the order, the captions and the augmentation
-                  skip: int = 0,    # samples of this epoch to leave out at its start (resume: batches done x batch size)
+                  skip: int = 0,    # samples to leave out at the epoch's start (resume: batches done x batch size)
                  ) -> None:
         "Select the epoch (and skip its first `skip` samples)."
         if not 0 <= skip <= len(self.samples): raise ValueError(f"skip={skip} outside 0..{len(self.samples)}")
@@ -351,10 +397,13 @@ class TarPairs(torch.utils.data.Dataset):
     def __len__(self) -> int: return len(self.samples) - self.skip
 
     def __getstate__(self):  # open file handles stay in the process that opened them
-        d = dict(self.__dict__); d["_fh"] = {}; return d
+        d = dict(self.__dict__)
+        d["_fh"] = {}
+        return d
 
     def _file(self, shard: int):
-        if self.__dict__.get("_pid") != os.getpid(): self._fh, self._pid = {}, os.getpid()  # a forked worker: own handles
+        if self.__dict__.get("_pid") != os.getpid():  # a forked worker: its own handles
+            self._fh, self._pid = {}, os.getpid()
         if shard not in self._fh: self._fh[shard] = open(self.shards[shard], "rb")
         return self._fh[shard]
 
@@ -375,13 +424,15 @@ class TarPairs(torch.utils.data.Dataset):
         s = self.samples[idx]
         log = SkipLog()
         caps = self.captions(idx, log)[:self.captions_per_image]
-        img = decode_image(_read_at(self._file(s.shard), s.image), log, s.key, self.min_side, self.max_pixels) if caps else None
+        img = None
+        if caps: img = decode_image(_read_at(self._file(s.shard), s.image), log, s.key, self.min_side, self.max_pixels)
         self.log.update(log)
         if img is None:
             for r in log.skipped:
                 if r not in self._warned:
-                    self._warned.add(r); warnings.warn(f"training data: skipping bad samples ({r}, e.g. {s.key}); "
-                                                       f"each is replaced by the next in the epoch's order")
+                    self._warned.add(r)
+                    warnings.warn(f"training data: skipping bad samples ({r}, e.g. {s.key}); "
+                                  f"each is replaced by the next in the epoch's order")
             return None
         caption = caps[_hash64(self.seed, self.epoch, s.key, "caption") % len(caps)]
         if self.transform is not None:
@@ -423,8 +474,6 @@ def streaming_dataset(shards, transform: Callable | None, seed: int, captions_pe
                       shuffle: int = 1000,          # sample shuffle buffer (0: none)
                       max_caption_chars: int = MAX_CAPTION_CHARS):
     "An iterable `wds.WebDataset` of the same samples, for data that does not fit an index."
-    import functools
-    import webdataset as wds
     urls = [str(p) for p in expand_shards(shards)]
     ds = wds.WebDataset(urls, shardshuffle=len(urls) if shuffle else False, seed=seed, handler=wds.warn_and_continue,
                         nodesplitter=wds.split_by_node, empty_check=False)
@@ -449,19 +498,13 @@ def karpathy_entry(imgid: int, filename: str, split: str, captions: list[str], f
     if cocoid is not None: e["cocoid"] = cocoid
     return e
 
-def write_json(obj: Any, path: str | Path) -> Path:
-    "Write JSON atomically (temp name, then rename), keys sorted."
-    path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, sort_keys=True, ensure_ascii=False) + "\n", encoding="utf-8")
-    tmp.replace(path); return path
-
 def read_karpathy(json_path: str | Path) -> dict:
     "Read and check a Karpathy split JSON; DataConfigError naming the file and the first bad entry."
     p = Path(json_path)
     if not p.is_file(): raise DataConfigError(f"{p}: Karpathy split JSON not found")
     try: d = json.loads(p.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e: raise DataConfigError(f"{p}: not valid JSON ({e})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DataConfigError(f"{p}: not valid JSON ({e})") from None
     if not isinstance(d, dict) or not isinstance(d.get("images"), list):
         raise DataConfigError(f"{p}: expected a Karpathy split JSON with an 'images' list")
     for i, e in enumerate(d["images"]):
@@ -505,27 +548,32 @@ def load_karpathy(json_path: str | Path,  # dataset_flickr30k.json, dataset_coco
     for i, e in enumerate(entries):
         images.append(karpathy_image_path(e, root))
         i2t.append(list(range(len(caps), len(caps) + len(e["sentences"]))))
-        caps += [s["raw"] for s in e["sentences"]]; t2i += [i] * len(e["sentences"])
+        caps += [s["raw"] for s in e["sentences"]]
+        t2i += [i] * len(e["sentences"])
     if check_files:
         missing = [p for p in images if not p.is_file()]
-        if missing: raise DataConfigError(f"{len(missing)} image(s) of split {split!r} missing under {root}, e.g. {missing[0]}")
-    return KarpathySplit(images, caps, torch.tensor(t2i, dtype=torch.long), i2t, [Path(e["filename"]).stem for e in entries], entries)
+        if missing:
+            raise DataConfigError(f"{len(missing)} image(s) of split {split!r} missing under {root}, e.g. {missing[0]}")
+    ids = [Path(e["filename"]).stem for e in entries]
+    return KarpathySplit(images, caps, torch.tensor(t2i, dtype=torch.long), i2t, ids, entries)
 
 # %% ../notebooks/02_datasets.ipynb #d651f1a7
 def write_categories(names: list[str], path: str | Path, supercategory: str = "shape") -> Path:
     "COCO categories JSON: id i = names[i]; id 0 is `background` when names[0] is."
     cats = [{"id": i, "name": n, "supercategory": "background" if n == "background" else supercategory}
             for i, n in enumerate(names)]
-    return write_json({"categories": cats}, path)
+    return write_json(path, {"categories": cats}, indent=None, sort_keys=True, ensure_ascii=False)
 
 def png_bytes(arr: np.ndarray) -> bytes:
     "PNG bytes of a uint8 array (L for 2-D, RGB for 3-D), deterministic."
-    b = io.BytesIO(); Image.fromarray(np.ascontiguousarray(arr)).save(b, "PNG", optimize=False, compress_level=6)
+    b = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(arr)).save(b, "PNG", optimize=False, compress_level=6)
     return b.getvalue()
 
 def panoptic_png(instance: np.ndarray) -> bytes:
     "COCO panoptic PNG of an instance map (segment id k = RGB (k, 0, 0); 0 = void)."
-    rgb = np.zeros((*instance.shape, 3), np.uint8); rgb[..., 0] = instance
+    rgb = np.zeros((*instance.shape, 3), np.uint8)
+    rgb[..., 0] = instance
     return png_bytes(rgb)
 
 def panoptic_segments(instance: np.ndarray, category_ids: list[int]) -> list[dict]:
@@ -578,7 +626,9 @@ def load_masks(mask_dir: str | Path,        # folder of {id}.png semantic masks
         a = np.asarray(Image.open(p))
         if a.ndim != 2: raise DataConfigError(f"{p}: expected a one-channel semantic mask, got shape {a.shape}")
         bad = np.setdiff1d(np.unique(a), np.nonzero(lut >= 0)[0].tolist() + [ignore_value])
-        if len(bad): raise DataConfigError(f"{p}: pixel value {int(bad[0])} is no category of {categories_json} (id_offset {id_offset})")
+        if len(bad):
+            raise DataConfigError(f"{p}: pixel value {int(bad[0])} is no category of {categories_json} "
+                                  f"(id_offset {id_offset})")
         m = lut[a.astype(np.int64)]
         masks.append(m)
     return Masks(masks, [c["name"] for c in cats], cat_ids, ids)
@@ -597,8 +647,12 @@ def _manifest_rows(path: Path, log: SkipLog) -> Iterator[tuple[int, dict]]:
             for n, line in enumerate(f, 1):
                 if not line.strip(): continue
                 try: row = json.loads(line)
-                except json.JSONDecodeError: log.skip("bad_row", f"{path.name}:{n}"); continue
-                if not isinstance(row, dict): log.skip("bad_row", f"{path.name}:{n}"); continue
+                except json.JSONDecodeError:
+                    log.skip("bad_row", f"{path.name}:{n}")
+                    continue
+                if not isinstance(row, dict):
+                    log.skip("bad_row", f"{path.name}:{n}")
+                    continue
                 yield n, row
     elif path.suffix.lower() in (".csv", ".tsv"):
         with open(path, encoding="utf-8", errors="surrogateescape", newline="") as f:
@@ -619,7 +673,7 @@ def _columns(path: Path) -> list[str]:
 
 def read_manifest(path: str | Path,          # .csv / .tsv / .jsonl
                   image_column: str = "image", caption_column: str = "caption",
-                  image_root: str | Path | None = None, # image paths are relative to this (default: the manifest's folder)
+                  image_root: str | Path | None = None, # image paths are relative to this (default: manifest's folder)
                   key_column: str | None = None,        # a column of sample ids (default: the image path)
                   log: SkipLog | None = None, max_caption_chars: int = MAX_CAPTION_CHARS,
                  ) -> list[ManifestItem]:
@@ -632,17 +686,22 @@ def read_manifest(path: str | Path,          # .csv / .tsv / .jsonl
     cols = _columns(path)
     for what, col in (("image_column", image_column), ("caption_column", caption_column), ("key_column", key_column)):
         if col is not None and col not in cols:
-            raise DataConfigError(f"{path}: no column {col!r} (prepare.{what}); columns: {', '.join(map(str, cols)) or 'none'}")
+            have = ", ".join(map(str, cols)) or "none"
+            raise DataConfigError(f"{path}: no column {col!r} (prepare.{what}); columns: {have}")
     items: dict[str, ManifestItem] = {}
     for n, row in _manifest_rows(path, log):
         where = f"{path.name}:{n}"
         rel = row.get(image_column)
-        if not isinstance(rel, str) or not rel.strip(): log.skip("bad_row", where); continue
+        if not isinstance(rel, str) or not rel.strip():
+            log.skip("bad_row", where)
+            continue
         p = root / rel.strip()
         key = str(row[key_column]) if key_column else rel.strip()
         cap = clean_caption(row.get(caption_column), log, where, max_caption_chars)
         if cap is None: continue
-        if not p.is_file(): log.skip("missing_file", f"{where} {rel}"); continue
+        if not p.is_file():
+            log.skip("missing_file", f"{where} {rel}")
+            continue
         it = items.get(key)
         if it is None: items[key] = ManifestItem(key, p, [cap])
         elif it.path != p: log.skip("duplicate_key", f"{where} {key}")
@@ -658,6 +717,7 @@ def prepared_paths(data_dir: str | Path) -> dict:
     js = sorted((d / "karpathy").glob("dataset_*.json"))
     if len(js) != 1: raise DataConfigError(f"{d / 'karpathy'}: expected one dataset_*.json, found {len(js)}")
     cats = d / "masks" / "categories.json"
-    return {"shards": sorted((d / "train").glob("*.tar")), "karpathy_json": js[0], "image_root": d / "karpathy" / "images",
+    return {"shards": sorted((d / "train").glob("*.tar")), "karpathy_json": js[0],
+            "image_root": d / "karpathy" / "images",
             "masks": {s: d / "masks" / s for s in ("val", "test") if (d / "masks" / s).is_dir()},
             "categories": cats if cats.is_file() else None}

@@ -1,4 +1,5 @@
-"""The `evaluate` stage: zero-shot retrieval at the dense lexical vectors and along the sparsity sweep, PatchDis mIoU, chance levels, and the vectors the reports draw.
+"""The `evaluate` stage: zero-shot retrieval at the dense lexical vectors and along the sparsity sweep, PatchDis
+mIoU, chance levels, and the vectors the reports draw.
 
 Docs: https://github.com/lexvla/lexvla/evaluate.html.md"""
 
@@ -7,22 +8,30 @@ Docs: https://github.com/lexvla/lexvla/evaluate.html.md"""
 # %% ../notebooks/13_evaluate.ipynb #bd0321ce
 from __future__ import annotations
 
-import argparse
-import json
 import math
-import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from .params import (EvaluateParams, LoadedParams, ParamsError, load_params, record_run, repo_relative, repo_root,
-                           save_resolved)
-
 import numpy as np
+import scipy.sparse as sp
+import torch
+from tqdm.auto import tqdm
+
+from .caches import ImageTokenCache, TextPrefixCache, usable_image_cache, usable_text_cache
+from .datasets import image_transform, load_karpathy, load_masks, prepared_paths
+from .encode import class_vectors, encode_images, encode_texts
+from .metrics import patchdis, patchdis_from_labels, retrieval_metrics, sparsity_sweep, upsample_nearest
+from .model import load_trained
+from .oracle import scene_oracle
+from .params import EvaluateParams, LoadedParams, ParamsError, load_params, record_run, save_resolved
+from .runtime import (environment_record, repo_relative, resolve_device, resolve_path, run_cli,
+                            seed_everything, stage_parser, write_json)
+from .sparse import SparseVectors, save_vectors, threshold_for
 
 # %% auto #0
-__all__ = ['SUMMARY_COLUMNS', 'chance_levels', 'encode_images', 'usable_cache', 'encode_texts', 'class_vectors', 'patch_labels',
-           'word_use', 'evaluate', 'Split', 'load_split', 'patch_grid', 'grid_majority', 'run_patchdis', 'split_masks',
-           'save_vectors', 'load_vectors', 'gap_closed', 'summarize', 'clean_executed', 'main']
+__all__ = ['chance_levels', 'word_use', 'evaluate', 'Split', 'load_split', 'patch_grid', 'grid_majority', 'run_patchdis',
+           'split_masks', 'save_report_vectors', 'main']
 
 # %% ../notebooks/13_evaluate.ipynb #253b6bd0
 def chance_levels(txt2img,               # (captions,) image index of each caption
@@ -43,82 +52,6 @@ def chance_levels(txt2img,               # (captions,) image index of each capti
     out["text_to_image_mean_rank"] = (n_images + 1) / 2
     return out
 
-# %% ../notebooks/13_evaluate.ipynb #14ee70c8
-def _pixels(paths, transform):
-    from PIL import Image
-    out = []
-    for p in paths:
-        with Image.open(p) as im: out.append(transform(im.convert("RGB")))
-    import torch
-    return torch.stack(out)
-
-def encode_images(model,               # a LexVLA model in eval mode
-                  paths: list,         # image files
-                  transform,           # eval transform (`image_transform(model.data_config, train=False)`)
-                  batch_size: int = 64,
-                  patches: bool = False, # per-patch vectors (b, n, dim) instead of pooled (b, dim)
-                  progress: bool = False,
-                  cache=None,          # an ImageTokenCache, used when it holds this frozen ViT's tokens of every path
-                 ):
-    "Image (or patch) vectors of `paths`, float32 on the CPU."
-    import torch
-    from tqdm.auto import tqdm
-    from lexvla.imagecache import usable_image_cache
-    enc = model.encode_image_patches if patches else model.encode_image
-    keys = [Path(p).name for p in paths]
-    use = usable_image_cache(cache, model) and all(k in cache for k in keys)
-    out = []
-    with torch.no_grad():
-        for s in tqdm(range(0, len(paths), batch_size), desc="patches" if patches else "images", unit="batch",
-                      disable=not progress):
-            if use: v = enc(tokens=cache.lookup(keys[s:s + batch_size]))
-            else: v = enc(_pixels(paths[s:s + batch_size], transform))
-            out.append(v.float().cpu())
-    return torch.cat(out) if out else torch.zeros(0, model.dim)
-
-def usable_cache(model, cache) -> bool:
-    "Whether `cache` holds this model's frozen prefix (same depth and width): only then is it exact."
-    from lexvla.textcache import check_cache
-    if cache is None or getattr(model, "lm", None) is None or cache.hidden.shape[-1] != model.width: return False
-    try: check_cache(cache, model)
-    except ValueError: return False  # another LM, prompt or depth: the text tower is used instead
-    return True
-
-def encode_texts(model,             # a LexVLA model in eval mode
-                 captions: list[str],
-                 batch_size: int = 64,
-                 cache=None,         # a TextPrefixCache, used when `usable_cache` and it holds every caption
-                 progress: bool = False,
-                ):
-    "Text vectors of `captions`, float32 on the CPU."
-    import torch
-    from tqdm.auto import tqdm
-    use = usable_cache(model, cache) and all(c in cache for c in captions)
-    out = []
-    with torch.no_grad():
-        for s in tqdm(range(0, len(captions), batch_size), desc="captions", unit="batch", disable=not progress):
-            batch = captions[s:s + batch_size]
-            v = model.encode_text_from_prefix(*cache.lookup(batch)) if use else model.encode_text(batch)
-            out.append(v.float().cpu())
-    return torch.cat(out) if out else torch.zeros(0, model.dim)
-
-# %% ../notebooks/13_evaluate.ipynb #4ab08216
-def class_vectors(model, names: list[str], prompt: str = "a {name}", batch_size: int = 64, cache=None):
-    "(classes, dim) text-branch vectors of the class names (method §7); `cache` as in `encode_texts`."
-    return encode_texts(model, [prompt.replace("{name}", n) for n in names], batch_size, cache)
-
-def patch_labels(patch_vecs,            # (b, n, dim) patch vectors
-                 class_vecs,            # (c, dim) class vectors
-                 present=None,          # (b, c) bool: classes allowed per image (None = all)
-                ):
-    "(b, n) best class per patch (method §7); -1 for an image with no allowed class."
-    import torch
-    scores = torch.einsum("bnd,cd->bnc", patch_vecs.float(), class_vecs.float())
-    if present is not None: scores = scores.masked_fill(~present[:, None, :], float("-inf"))
-    lab = scores.argmax(-1)
-    if present is not None: lab[~present.any(-1)] = -1
-    return lab
-
 # %% ../notebooks/13_evaluate.ipynb #bd5659c4
 def word_use(x,                # (n, V) lexical vectors (L2-normalised, non-negative)
              words: list[str], # the vocabulary
@@ -127,7 +60,7 @@ def word_use(x,                # (n, V) lexical vectors (L2-normalised, non-nega
     "How concentrated the activation mass is on the most-used words (method §5: what the overuse penalty targets)."
     V = x.shape[-1]
     out = {}
-    for name, v in (("dense", x), ("threshold", x * (x > V ** -0.5))):  # all entries / those kept at 1/sqrt(V)
+    for name, v in (("dense", x), ("threshold", x * (x > threshold_for(V)))):  # all entries / those kept
         pbar = v.float().mean(0)
         order = pbar.argsort(descending=True)[:top]
         out[f"top{top}_mass_share_{name}"] = float(pbar[order].sum() / pbar.sum().clamp_min(1e-30))
@@ -148,21 +81,16 @@ def evaluate(params: LoadedParams,        # the loaded params file
              image_cache_dir: str | Path | None = None, # default data/imagecache
             ) -> dict:
     "Evaluate one trained variant; write `<out_dir>/<variant>.json` and `<out_dir>/<variant>/`. Returns the metrics."
-    ep, root = params.evaluate, repo_root()
+    ep = params.evaluate
     if variant not in params.train.variants:
         raise ParamsError(f"train.variants: no variant {variant!r} (have: {', '.join(params.train.variants)})")
-    model_dir = Path(model_dir or root / "models" / variant / "model")
-    data_dir = Path(data_dir or root / "data" / "prepared")
-    cache_dir = Path(cache_dir or root / "data" / "textcache")
-    out_dir = Path(out_dir or root / "results" / "evaluate")
-    for f, why in ((model_dir / "params.resolved.json", "not a trained model folder (run `dvc repro train`)"),
-                   (data_dir / "karpathy", "no prepared Karpathy split (run `dvc repro prepare`)")):
-        if not f.exists(): raise FileNotFoundError(f"{f}: {why}")
-    import torch
-    from lexvla.datasets import image_transform
-    from lexvla.metrics import retrieval_metrics, sparsity_sweep
-    from lexvla.textcache import TextPrefixCache
-    from lexvla.train import load_trained, resolve_device, seed_everything
+    model_dir = resolve_path(model_dir, f"models/{variant}/model")
+    data_dir = resolve_path(data_dir, "data/prepared")
+    cache_dir = resolve_path(cache_dir, "data/textcache")
+    out_dir = resolve_path(out_dir, "results/evaluate")
+    image_cache_dir = resolve_path(image_cache_dir, "data/imagecache")
+    if not (data_dir / "karpathy").exists():
+        raise FileNotFoundError(f"{data_dir / 'karpathy'}: no prepared Karpathy split (run `dvc repro prepare`)")
     device = resolve_device(params.base.device)
     seed_everything(params.base.seed, params.base.deterministic)
     t0 = time.perf_counter()
@@ -173,8 +101,6 @@ def evaluate(params: LoadedParams,        # the loaded params file
     cache = None
     if ep.text_cache and getattr(model, "lm", None) is not None and (cache_dir / "captions.json").is_file():
         cache = TextPrefixCache.load(cache_dir)
-    from lexvla.imagecache import ImageTokenCache, usable_image_cache
-    image_cache_dir = Path(image_cache_dir or root / "data" / "imagecache")
     icache = None
     if ep.image_cache and model.config.vision.frozen and ImageTokenCache.has(image_cache_dir, ep.split):
         icache = ImageTokenCache.load(image_cache_dir, ep.split)
@@ -183,13 +109,12 @@ def evaluate(params: LoadedParams,        # the loaded params file
     t2i = torch.as_tensor(split.txt2img, dtype=torch.long)
     n_img, n_txt = len(img), len(txt)
 
-    res = {"variant": variant, "model": model.variant, "reg": params.train.variants[variant].reg, "lexical": bool(model.lexical), "split": ep.split,
-           "n_images": n_img, "n_captions": n_txt, "dim": int(model.dim),
-           "text_encoding": "text cache" if usable_cache(model, cache) else "text tower",
+    res = {"variant": variant, "model": model.variant, "reg": params.train.variants[variant].reg,
+           "lexical": bool(model.lexical), "split": ep.split, "n_images": n_img, "n_captions": n_txt,
+           "dim": int(model.dim), "text_encoding": "text cache" if usable_text_cache(model, cache) else "text tower",
            "image_encoding": "image cache" if usable_image_cache(icache, model) else "vision tower",
            "chance": chance_levels(split.txt2img, n_img)}
     if ep.oracle:  # the retrieval the captions allow at all (embedded scenes only; None on real data)
-        from lexvla.oracle import scene_oracle
         orc = scene_oracle(data_dir, ep.split, max_images=ep.max_images)
         if orc is not None:
             if orc["n_captions"] != n_txt:
@@ -203,20 +128,15 @@ def evaluate(params: LoadedParams,        # the loaded params file
     pd = run_patchdis(model, split, data_dir, tf, ep, progress, cache, icache) if ep.patchdis else None
     if pd is not None: res["patchdis"] = pd["metrics"]
 
-    save_vectors(out_dir / variant / "vectors.npz", model, split, img, txt, pd, data_dir=data_dir)
+    save_report_vectors(out_dir / variant / "vectors.npz", model, split, img, txt, pd, data_dir=data_dir)
     save_resolved(params, out_dir / variant, extra={"variant": variant, "model_dir": repo_relative(model_dir),
                                                     "device": device})
-    from lexvla.train import environment_record
     record_run(f"evaluate-{variant}", {"stage": f"evaluate@{variant}", "wall_s": round(time.perf_counter() - t0, 2),
                                        "environment": environment_record(device)}, results=out_dir.parent)
-    dest = out_dir / f"{variant}.json"
-    tmp = dest.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(res, indent=2) + "\n"); tmp.replace(dest)
+    write_json(out_dir / f"{variant}.json", res)
     return res
 
 # %% ../notebooks/13_evaluate.ipynb #1f2701d1
-from dataclasses import dataclass, field
-
 @dataclass
 class Split:
     "One evaluation split: image files, their captions (in order) and each caption's image."
@@ -231,7 +151,6 @@ def load_split(data_dir: str | Path, # prepared data (holds karpathy/)
                max_images: int = 0,  # keep the first N images (0 = all)
               ) -> Split:
     "The Karpathy-format split of `data_dir`, optionally cut to its first `max_images` images."
-    from lexvla.datasets import load_karpathy, prepared_paths
     p = prepared_paths(data_dir)
     s = load_karpathy(p["karpathy_json"], p["image_root"], split=split)
     images, captions, t2i, ids = list(s.images), list(s.captions), [int(i) for i in s.txt2img], list(s.ids)
@@ -265,41 +184,35 @@ def grid_majority(mask: np.ndarray, # (H, W) class index per pixel, -1 unlabelle
 
 def run_patchdis(model, split: Split, data_dir: str | Path, transform, ep: EvaluateParams,
                  progress: bool = False, cache=None, image_cache=None) -> dict | None:
-    "PatchDis over the split (method §7): metrics, plus the report images' patch vectors and label maps; None without masks."
-    import torch
-    from tqdm.auto import tqdm
-    from lexvla.metrics import patchdis_from_labels, upsample_nearest
+    "PatchDis over the split (method §7) by `metrics.patchdis`, plus the report images' patches; None without masks."
     got = split_masks(data_dir, split)
     if got is None: return None
     masks, names = got
     rows, cols = patch_grid(model)
     cls = class_vectors(model, names, ep.patchdis_prompt, ep.batch_size, cache)
     bs = max(1, min(ep.batch_size, 16))  # patch vectors are b x n x V: keep batches small
-    preds, kept_patches, kept_labels = [], [], []
-    for s in tqdm(range(0, len(split.images), bs), desc="patchdis", unit="batch", disable=not progress):
-        pv = encode_images(model, split.images[s:s + bs], transform, bs, patches=True, cache=image_cache)  # (b,n,dim)
-        gts = masks[s:s + bs]
-        present = torch.zeros(len(gts), len(names), dtype=torch.bool)
-        for i, m in enumerate(gts):
-            u = np.unique(m); u = u[(u >= 0) & (u < len(names))]
-            present[i, torch.as_tensor(u, dtype=torch.long)] = True
-        lab = patch_labels(pv, cls, present if ep.patchdis_present_only else None).view(len(gts), rows, cols)
-        for i, m in enumerate(gts):
-            preds.append(upsample_nearest(lab[i].numpy(), m.shape))
-            if s + i < ep.report_images:
-                kept_patches.append(pv[i]); kept_labels.append(lab[i].numpy())
-    metrics = patchdis_from_labels(preds, masks, names)
+    kept, bar = [], tqdm(total=len(split.images), desc="patchdis", unit="image", disable=not progress)
+
+    def patch_vectors(start: int, stop: int) -> torch.Tensor:  # (stop - start, n, dim), batch by batch
+        pv = encode_images(model, split.images[start:stop], transform, bs, patches=True, cache=image_cache)
+        kept.extend(pv[:max(0, ep.report_images - start)])
+        bar.update(stop - start)
+        return pv
+
+    metrics = patchdis(patch_vectors, cls, masks, grid=(rows, cols), class_names=names,
+                       present_only=ep.patchdis_present_only, batch_size=bs, keep_labels=ep.report_images)
+    bar.close()
+    labels = metrics.pop("labels")
     # what the patch grid allows at all: each patch labelled with its majority true class, then upsampled
     grid_best = [upsample_nearest(grid_majority(m, rows, cols, len(names)), m.shape) for m in masks]
     metrics["grid_ceiling_mIoU"] = patchdis_from_labels(grid_best, masks, names)["mIoU"]
-    return {"metrics": metrics, "class_names": names, "class_vectors": cls,
-            "grid": (rows, cols), "patches": kept_patches, "labels": kept_labels, "masks": masks[:ep.report_images]}
+    return {"metrics": metrics, "class_names": names, "class_vectors": cls, "grid": (rows, cols),
+            "patches": kept[:ep.report_images], "labels": labels, "masks": masks[:ep.report_images]}
 
 
 # %% ../notebooks/13_evaluate.ipynb #e039f950
 def split_masks(data_dir: str | Path, split: Split):
-    "`(masks, class names)` of the split's images (each mask (H, W) of class indices, -1 unlabelled), or None without masks."
-    from lexvla.datasets import load_masks, prepared_paths
+    "`(masks, class names)` of the split's images (each (H, W) of class indices, -1 unlabelled); None without masks."
     p = prepared_paths(data_dir)
     mdir = p["masks"].get(split.name)
     if mdir is None or p["categories"] is None: return None
@@ -308,186 +221,51 @@ def split_masks(data_dir: str | Path, split: Split):
 
 
 # %% ../notebooks/13_evaluate.ipynb #34c30e7f
-def _csr(x, threshold: float | None) -> dict:
-    "CSR arrays of the rows of `x` (entries > threshold; all non-zeros when None), as `SparseVectors.from_dense` cuts them."
-    from lexvla.sparse import SparseVectors
+def _rows(x, threshold: float | None) -> SparseVectors:
+    "The rows of `x` (any leading shape) as sparse vectors: entries above `threshold`, all non-zeros when None."
     x = np.asarray(x, dtype=np.float32).reshape(-1, x.shape[-1])
-    sv = SparseVectors.from_dense(x, threshold=threshold)
-    return {"indptr": sv.indptr, "indices": sv.indices, "values": sv.data, "shape": np.array(x.shape, dtype=np.int64)}
+    return SparseVectors.from_dense(x, threshold=threshold)
 
-def save_vectors(path: str | Path, model, split: Split, img, txt, pd: dict | None = None, data_dir=None) -> Path:
-    "Write the vectors the reports draw (atomically, no pickles)."
-    import torch
-    path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
+def save_report_vectors(path: str | Path, model, split: Split, img, txt, pd: dict | None = None,
+                        data_dir=None) -> Path:
+    "Write the vectors the reports draw (`sparse.save_vectors`: atomically, no pickles)."
     V = img.shape[-1]
-    thr = V ** -0.5 if model.lexical else None  # the dense baseline keeps all its (signed) dimensions
+    thr = threshold_for(V) if model.lexical else None  # the dense baseline keeps all its (signed) dimensions
+    images = [str(Path(p).relative_to(data_dir)) if data_dir and Path(p).is_relative_to(data_dir) else str(p)
+              for p in split.images]
     arrays = {"words": np.array(model.vocab.words if model.lexical else [f"d{i}" for i in range(V)]),
-              "lexical": np.array(bool(model.lexical)),
-              "images": np.array([str(Path(p).relative_to(data_dir)) if data_dir and Path(p).is_relative_to(data_dir)
-                                  else str(p) for p in split.images]),
+              "lexical": np.array(bool(model.lexical)), "images": np.array(images),
               "captions": np.array(split.captions), "txt2img": np.asarray(split.txt2img, dtype=np.int64),
               "image_mean": img.mean(0).numpy(), "text_mean": txt.mean(0).numpy()}
     if thr is not None:
         arrays["image_active_frac"] = (img > thr).float().mean(0).numpy()
         arrays["text_active_frac"] = (txt > thr).float().mean(0).numpy()
-    mats = {"image": _csr(img, thr), "text": _csr(txt, thr)}
+    mats = {"image": _rows(img, thr), "text": _rows(txt, thr)}
     if pd is not None:
-        arrays["class_names"] = np.array(pd["class_names"]); arrays["grid"] = np.array(pd["grid"])
-        mats["classes"] = _csr(pd["class_vectors"], None)
+        arrays["class_names"] = np.array(pd["class_names"])
+        arrays["grid"] = np.array(pd["grid"])
+        mats["classes"] = _rows(pd["class_vectors"], None)
         if pd["patches"]:
-            mats["patches"] = _csr(torch.stack(pd["patches"]), thr)  # (report images x patches, V)
+            mats["patches"] = _rows(torch.stack(pd["patches"]), thr)  # (report images x patches, V)
             arrays["patch_labels"] = np.stack(pd["labels"]).astype(np.int64)
             arrays["masks"] = np.stack([np.asarray(m) for m in pd["masks"]]).astype(np.int64)
-    for name, m in mats.items():
-        for k, v in m.items(): arrays[f"{name}.{k}"] = v
-    tmp = path.with_name(path.name + ".tmp.npz")
-    np.savez_compressed(tmp, **arrays)
-    tmp.replace(path)
-    return path
-
-def load_vectors(path: str | Path) -> dict:
-    "Read `save_vectors`' file: sparse matrices as scipy CSR, the rest as arrays (no pickles)."
-    import scipy.sparse as sp
-    with np.load(path, allow_pickle=False) as z: d = {k: z[k] for k in z.files}
-    out = {k: v for k, v in d.items() if "." not in k}
-    for name in {k.split(".")[0] for k in d if "." in k}:
-        out[name] = sp.csr_matrix((d[f"{name}.values"], d[f"{name}.indices"], d[f"{name}.indptr"]),
-                                  shape=tuple(d[f"{name}.shape"]))
-    return out
-
-# %% ../notebooks/13_evaluate.ipynb #2943bd32
-SUMMARY_COLUMNS = ("image_to_text_R@1", "image_to_text_R@5", "text_to_image_R@1", "text_to_image_R@5")
-
-def gap_closed(r: float | None, chance: float, ceiling: float | None) -> float | None:
-    "The share of the achievable gap above chance that a recall closes: (r - chance) / (ceiling - chance)."
-    if r is None or ceiling is None or ceiling <= chance: return None
-    return (r - chance) / (ceiling - chance)
-
-def _row(r: dict, topk: int = 256) -> dict:
-    "One variant's headline numbers: dense, threshold and top-k recall, active words, word use, PatchDis, gap closed."
-    row = {"model": r.get("model"), "reg": r.get("reg"), "dim": r.get("dim")}
-    for c in SUMMARY_COLUMNS: row[f"dense/{c}"] = r["dense"].get(c)
-    sweep = {s.get("name"): s for s in r.get("sparsity", []) or []}
-    for name in ("threshold", f"top{topk}"):
-        s = sweep.get(name)
-        if s is None: continue
-        for c in SUMMARY_COLUMNS[::2]: row[f"{name}/{c}"] = s.get(c)
-        row[f"{name}/image_active_words"] = s.get("image_active_words")
-        row[f"{name}/text_active_words"] = s.get("text_active_words")
-    use = (r.get("word_use") or {}).get("image")
-    if use: row["word_use/image_top20_mass_share"] = use.get("top20_mass_share_threshold")
-    if "patchdis" in r:
-        row["patchdis/mIoU"] = r["patchdis"].get("mIoU")
-        row["patchdis/grid_ceiling_mIoU"] = r["patchdis"].get("grid_ceiling_mIoU")
-    ceiling = r.get("ceiling")
-    for d in ("image_to_text", "text_to_image"):
-        c = f"{d}_R@1"
-        row[f"gap_closed/{c}"] = gap_closed(r["dense"].get(c), r["chance"][c], (ceiling or {}).get(c))
-    return row
-
-_MD = [  # (header, row key(s)): two keys are shown as "a / b"
-    ("image->text R@1", "dense/image_to_text_R@1"), ("text->image R@1", "dense/text_to_image_R@1"),
-    ("gap closed (i->t / t->i)", ("gap_closed/image_to_text_R@1", "gap_closed/text_to_image_R@1")),
-    ("R@1 at 1/sqrt(V) (i->t / t->i)", ("threshold/image_to_text_R@1", "threshold/text_to_image_R@1")),
-    ("active words per image at 1/sqrt(V)", "threshold/image_active_words"),
-    ("R@1 at top-{k} (i->t / t->i)", ("top{k}/image_to_text_R@1", "top{k}/text_to_image_R@1")),
-    ("top-20 words' share of active mass", "word_use/image_top20_mass_share"),
-    ("PatchDis mIoU", "patchdis/mIoU")]
-
-def summarize(results_dir: str | Path, # folder of `<variant>.json` files
-              out_dir: str | Path,     # where summary.json and summary.md go
-              topk: int = 256,         # the top-k sparsification shown (one of evaluate.topks)
-             ) -> dict:
-    "Put every evaluated variant side by side: `summary.json` (rows by variant) and `summary.md` (a table)."
-    results_dir, out_dir = Path(results_dir), Path(out_dir)
-    files = sorted(p for p in results_dir.glob("*.json") if not p.name.startswith("summary"))
-    if not files: raise FileNotFoundError(f"{results_dir}: no <variant>.json results (run `dvc repro evaluate`)")
-    runs = {p.stem: json.loads(p.read_text()) for p in files}
-    rows = {v: _row(r, topk) for v, r in runs.items()}
-    first = next(iter(runs.values()))
-    chance, ceiling = first["chance"], first.get("ceiling")
-    summary = {"variants": rows, "chance": {c: chance[c] for c in SUMMARY_COLUMNS},
-               "ceiling": {c: ceiling[c] for c in SUMMARY_COLUMNS} if ceiling else None,
-               "patchdis_grid_ceiling_mIoU": next((r.get("patchdis/grid_ceiling_mIoU") for r in rows.values()
-                                                   if r.get("patchdis/grid_ceiling_mIoU") is not None), None),
-               "n_images": first["n_images"], "n_captions": first["n_captions"], "split": first.get("split")}
-    fmt = lambda v: "" if v is None else (f"{v:.3f}" if isinstance(v, float) else str(v))
-    def cell(r, key):
-        if isinstance(key, tuple):
-            a, b = (fmt(r.get(k.format(k=topk))) for k in key)
-            return f"{a} / {b}" if a or b else ""
-        v = r.get(key.format(k=topk))
-        return f"{v:.0f}" if "active_words" in key and v is not None else fmt(v)
-    heads = [h.format(k=topk) for h, _ in _MD]
-    md = [f"Split `{summary['split']}`: {summary['n_images']} images x {summary['n_captions']} captions.", "",
-          "| variant | model | regulariser | " + " | ".join(heads) + " |", "|" + "---|" * (len(heads) + 3)]
-    md += [f"| {v} | {r['model']} | {r.get('reg') or ''} | " + " | ".join(cell(r, k) for _, k in _MD) + " |"
-           for v, r in rows.items()]
-    for name, ref in (("chance", chance), ("ceiling (oracle)", ceiling)):
-        if not ref: continue
-        vals = {f"dense/{c}": ref.get(c) for c in SUMMARY_COLUMNS}
-        if name.startswith("ceiling"): vals["patchdis/mIoU"] = summary["patchdis_grid_ceiling_mIoU"]
-        md += [f"| {name} | | | " + " | ".join(cell(vals, k) for _, k in _MD) + " |"]
-    if ceiling: md += ["", "Gap closed = (R@1 - chance) / (ceiling - chance). The ceiling is the retrieval an oracle "
-                       "reading the scenes' true objects, colours and positions achieves (`lexvla.oracle`); its "
-                       "PatchDis entry is what the patch grid allows (each patch labelled with its majority class)."]
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for name, text in (("summary.json", json.dumps(summary, indent=2) + "\n"), ("summary.md", "\n".join(md) + "\n")):
-        tmp = out_dir / (name + ".tmp"); tmp.write_text(text); tmp.replace(out_dir / name)
-    return summary
-
-# %% ../notebooks/13_evaluate.ipynb #3bae05ba
-def clean_executed(path: str | Path) -> Path:
-    "Rewrite an executed notebook without run times, execution counts and random cell ids (its outputs stay)."
-    import nbformat
-    path = Path(path)
-    nb = nbformat.read(path, as_version=4)
-    nb.metadata = nbformat.from_dict({k: nb.metadata[k] for k in ("kernelspec", "language_info") if k in nb.metadata})
-    for i, c in enumerate(nb.cells):
-        c.metadata = nbformat.from_dict({k: v for k, v in c.metadata.items() if k == "tags"})
-        c.id = f"cell-{i}"  # papermill's injected cell has a random one
-        if c.cell_type == "code":
-            c.execution_count = None
-            for o in c.outputs:
-                if "execution_count" in o: o.execution_count = None
-    tmp = path.with_name(path.name + ".tmp")
-    nbformat.write(nb, tmp)
-    tmp.replace(path)
-    return path
+    return save_vectors(path, arrays, mats)
 
 # %% ../notebooks/13_evaluate.ipynb #4eddb0cc
+def _run(a) -> dict:
+    params = load_params(a.params, only=["base", "train", "evaluate"])
+    r = evaluate(params, a.variant, a.model, a.data, a.cache, a.out, image_cache_dir=a.image_cache)
+    return {k: r[k] for k in ("variant", "n_images", "n_captions")} | {"dense": r["dense"]}
+
 def main(argv: list[str] | None = None) -> int:
-    "python -m lexvla.evaluate --params params.yaml --variant NAME | --summary RESULTS_DIR --out DIR"
-    ap = argparse.ArgumentParser(prog="python -m lexvla.evaluate",
-                                 description="Evaluate one trained variant (retrieval, sparsity sweep, PatchDis), or summarise all.")
-    ap.add_argument("--params", default="params.yaml", help="params file")
-    ap.add_argument("--variant", help="a key of train.variants")
-    ap.add_argument("--model", default=None, help="trained model folder (default models/<variant>/model)")
-    ap.add_argument("--data", default=None, help="prepared data folder (default data/prepared)")
-    ap.add_argument("--cache", default=None, help="text cache folder (default data/textcache)")
-    ap.add_argument("--image-cache", default=None, help="frozen-ViT token cache folder (default data/imagecache)")
-    ap.add_argument("--out", default=None, help="output folder (default results/evaluate; with --summary: required)")
-    ap.add_argument("--summary", default=None, metavar="RESULTS_DIR", help="summarise the <variant>.json files of RESULTS_DIR")
-    ap.add_argument("--topk", type=int, default=256, help="with --summary: the top-k sparsification shown")
-    ap.add_argument("--clean-executed", nargs="+", metavar="NOTEBOOK",
-                    help="strip run metadata from executed notebooks")
-    a = ap.parse_args(argv)
-    if a.clean_executed:
-        for p in a.clean_executed: clean_executed(p)
-        return 0
-    try:
-        if a.summary is not None:
-            if a.out is None: ap.error("--summary needs --out")
-            s = summarize(a.summary, a.out, a.topk); print(json.dumps({"variants": list(s["variants"])})); return 0
-        if a.variant is None: ap.error("give --variant (or --summary)")
-        params = load_params(a.params, only=["base", "train", "evaluate"])
-        if a.variant not in params.train.variants:
-            raise ParamsError(f"train.variants: no variant {a.variant!r} (have: {', '.join(params.train.variants)})")
-        r = evaluate(params, a.variant, a.model, a.data, a.cache, a.out, image_cache_dir=a.image_cache)
-    except (ParamsError, FileNotFoundError, ValueError) as e:
-        print(f"evaluate error: {e}", file=sys.stderr); return 2
-    print(json.dumps({k: r[k] for k in ("variant", "n_images", "n_captions")} | {"dense": r["dense"]}))
-    return 0
+    "python -m lexvla.evaluate --params params.yaml --variant NAME"
+    ap = stage_parser("evaluate", "Evaluate one trained variant (retrieval, sparsity sweep, PatchDis).",
+                      model="trained model folder (default models/<variant>/model)", data="prepared data folder (default data/prepared)",
+                      cache="text cache folder (default data/textcache)",
+                      image_cache="frozen-ViT token cache folder (default data/imagecache)",
+                      out="output folder (default results/evaluate)")
+    ap.add_argument("--variant", required=True, help="a key of train.variants")
+    return run_cli(ap, _run, argv)
 
 # %% ../notebooks/13_evaluate.ipynb #e82de728
-if __name__ == "__main__": sys.exit(main())
+if __name__ == "__main__": raise SystemExit(main())

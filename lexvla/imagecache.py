@@ -7,101 +7,21 @@ Docs: https://github.com/lexvla/lexvla/imagecache.html.md"""
 # %% ../notebooks/11a_imagecache.ipynb #17c7268c
 from __future__ import annotations
 
-import argparse
-import dataclasses
-import hashlib
-import json
-import shutil
-import sys
 from pathlib import Path
 from typing import Iterable
 
 import torch
-from safetensors.torch import load_file, save_file
+from PIL import Image
 from tqdm.auto import tqdm
 
+from .caches import ImageTokenCache, vision_cache_meta
 from .datasets import image_transform, load_karpathy, prepared_paths, train_dataset
-from .params import ParamsError, load_params, repo_root, save_resolved
+from .model import create_model_from_params
+from .params import LoadedParams, load_params, save_resolved
+from .runtime import replace_dir, resolve_path, run_cli, stage_parser, temp_dir
 
 # %% auto #0
-__all__ = ['ImageTokenCache', 'vision_fingerprint', 'vision_cache_meta', 'usable_image_cache', 'check_image_cache',
-           'build_image_cache', 'train_images', 'split_images', 'main']
-
-# %% ../notebooks/11a_imagecache.ipynb #056a5e57
-class ImageTokenCache:
-    "The frozen ViT's patch tokens of a set of images (one view each), looked up by image key."
-    def __init__(self,
-                 tokens: torch.Tensor,     # (images, n, d): patch tokens after the ViT's final norm
-                 keys: list[str],          # one key per image: webdataset key (train) or file name (eval)
-                 meta: dict | None = None, # what built them (`vision_cache_meta`)
-                ):
-        self.tokens, self.keys, self.meta = tokens, list(keys), dict(meta or {})
-        self.index = {k: i for i, k in enumerate(self.keys)}
-        if len(self.index) != len(self.keys): raise ValueError("image keys must be unique")
-        if len(self.keys) != len(tokens): raise ValueError(f"{len(self.keys)} keys for {len(tokens)} token sets")
-
-    def __len__(self): return len(self.keys)
-    def __contains__(self, key): return key in self.index
-
-    def lookup(self, keys: list[str], # image keys to fetch (each must be in the cache)
-              ) -> torch.Tensor:
-        "(b, n, d) the cached tokens of `keys`, in order."
-        missing = [k for k in keys if k not in self.index]
-        if missing: raise KeyError(f"{len(missing)} image(s) not in the image cache, e.g. {missing[0]!r}; "
-                                   "rebuild it (dvc repro imagecache)")
-        return self.tokens[torch.tensor([self.index[k] for k in keys], dtype=torch.long)]
-
-    def save(self, folder: str | Path, name: str):
-        "Write `folder/<name>.safetensors` and `folder/<name>.json` (temp names, then rename)."
-        folder = Path(folder); folder.mkdir(parents=True, exist_ok=True)
-        t, j = folder / f"{name}.safetensors", folder / f"{name}.json"
-        save_file({"tokens": self.tokens.contiguous()}, str(t.with_suffix(".tmp")))
-        j.with_suffix(".jtmp").write_text(json.dumps({"keys": self.keys, "meta": self.meta}))
-        t.with_suffix(".tmp").replace(t); j.with_suffix(".jtmp").replace(j)
-
-    @classmethod
-    def load(cls, folder: str | Path, name: str) -> "ImageTokenCache":
-        "The cache `name` (e.g. `train`, `test`) of `folder`."
-        folder = Path(folder)
-        for f in (f"{name}.safetensors", f"{name}.json"):
-            if not (folder / f).is_file():
-                raise FileNotFoundError(f"{folder / f}: image cache file missing (run `dvc repro imagecache`)")
-        j = json.loads((folder / f"{name}.json").read_text())
-        return cls(load_file(str(folder / f"{name}.safetensors"))["tokens"], j["keys"], j.get("meta"))
-
-    @staticmethod
-    def has(folder: str | Path, name: str) -> bool:
-        "Whether `folder` holds a cache called `name`."
-        return (Path(folder) / f"{name}.safetensors").is_file() and (Path(folder) / f"{name}.json").is_file()
-
-# %% ../notebooks/11a_imagecache.ipynb #a2bc6a09
-def vision_fingerprint(vit: torch.nn.Module) -> str:
-    "sha256 over the ViT's state dict (names, shapes, dtypes and bytes), 16 hex digits."
-    h = hashlib.sha256()
-    for k, v in sorted(vit.state_dict().items()):
-        t = v.detach().cpu().contiguous()
-        h.update(f"{k}:{tuple(t.shape)}:{t.dtype}".encode()); h.update(t.view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()[:16]
-
-def vision_cache_meta(model) -> dict:
-    "What a LexVLA model's ViT tokens depend on: its weights, its params and the preprocessing."
-    dc = {k: (list(v) if isinstance(v, tuple) else v) for k, v in model.data_config.items()}
-    return {"weights": vision_fingerprint(model.vision), "vision": dataclasses.asdict(model.config.vision),
-            "data_config": dc, "view": "eval"}
-
-def usable_image_cache(cache: ImageTokenCache | None, model) -> bool:
-    "Whether `cache` holds this model's frozen-ViT tokens (same weights, params and preprocessing)."
-    if cache is None or not model.config.vision.frozen: return False
-    return cache.meta == vision_cache_meta(model)
-
-def check_image_cache(cache: ImageTokenCache, model) -> None:
-    "Refuse a cache built by another ViT, size or preprocessing: its tokens would be silently wrong."
-    if not model.config.vision.frozen:
-        raise ValueError("model.vision.frozen is false: a trainable ViT cannot use cached tokens (train.image_cache)")
-    want = vision_cache_meta(model)
-    bad = [k for k in want if cache.meta.get(k) != want[k]]
-    if bad: raise ValueError(f"image cache was built for another {', '.join(bad)} ({bad[0]}: cache "
-                             f"{cache.meta.get(bad[0])!r}, model {want[bad[0]]!r}); rebuild it (dvc repro imagecache)")
+__all__ = ['build_image_cache', 'train_images', 'split_images', 'build', 'main']
 
 # %% ../notebooks/11a_imagecache.ipynb #940dbd28
 @torch.no_grad()
@@ -137,52 +57,45 @@ def train_images(shards, transform, seed: int):
 
 def split_images(data_dir: str | Path, split: str, transform):
     "(file name, pixels) of every image of a Karpathy split of the prepared data."
-    from PIL import Image
     p = prepared_paths(data_dir)
     for path in load_karpathy(p["karpathy_json"], p["image_root"], split=split).images:
         with Image.open(path) as im: yield Path(path).name, transform(im.convert("RGB"))
 
 # %% ../notebooks/11a_imagecache.ipynb #27efff41
+def build(params: LoadedParams,           # the loaded params file
+          data_dir: str | Path | None = None, # default data/prepared
+          out: str | Path | None = None,      # default data/imagecache
+         ) -> str:
+    "The `imagecache` stage: the frozen ViT's tokens of the training images and the evaluated split's."
+    data, out = resolve_path(data_dir, "data/prepared"), resolve_path(out, "data/imagecache")
+    tmp = temp_dir(out)
+    torch.manual_seed(params.base.seed)
+    counts = {}
+    if params.train.image_cache and params.model.vision.frozen:
+        model = create_model_from_params(params, variant="lexvla").eval()
+        tf = image_transform(model.data_config, train=False)
+        shards = prepared_paths(data)["shards"]
+        n_train = len(train_dataset(shards, None, seed=params.base.seed).samples)
+        bs = params.imagecache.batch_size
+        caches = {"train": build_image_cache(model, train_images(shards, tf, params.base.seed), bs, n_train,
+                                             desc="train image tokens")}
+        split = params.evaluate.split
+        caches[split] = build_image_cache(model, split_images(data, split, tf), bs, desc=f"{split} image tokens")
+        for name, c in caches.items():
+            c.save(tmp, name)
+            counts[name] = len(c)
+    elif not params.train.image_cache:  # nothing to cache: the stage leaves an empty folder
+        counts["disabled"] = "train.image_cache is false"
+    else: counts["disabled"] = "model.vision.frozen is false"
+    save_resolved(params, tmp, extra={"images": counts})
+    replace_dir(tmp, out)
+    return f"image cache: {counts} -> {out}"
+
 def main(argv: list[str] | None = None) -> int:
     "python -m lexvla.imagecache --params params.yaml [--data DIR] [--out DIR]"
-    ap = argparse.ArgumentParser(prog="python -m lexvla.imagecache",
-                                 description="Cache the frozen ViT's patch tokens of the training and eval images.")
-    ap.add_argument("--params", default="params.yaml", help="params file")
-    ap.add_argument("--data", default=None, help="prepared data folder (default data/prepared)")
-    ap.add_argument("--out", default=None, help="cache folder (default data/imagecache)")
-    a = ap.parse_args(argv)
-    try:
-        from lexvla.model import create_model_from_params
-        params = load_params(a.params)
-        root = repo_root()
-        data = Path(a.data or root / "data" / "prepared")
-        out = Path(a.out or root / "data" / "imagecache")
-        tmp = out.with_name(out.name + ".tmp")
-        if tmp.exists(): shutil.rmtree(tmp)
-        tmp.mkdir(parents=True)
-        torch.manual_seed(params.base.seed)
-        counts = {}
-        if params.train.image_cache and params.model.vision.frozen:
-            model = create_model_from_params(params, variant="lexvla").eval()
-            tf = image_transform(model.data_config, train=False)
-            shards = prepared_paths(data)["shards"]
-            n_train = len(train_dataset(shards, None, seed=params.base.seed).samples)
-            bs = params.imagecache.batch_size
-            caches = {"train": build_image_cache(model, train_images(shards, tf, params.base.seed), bs, n_train,
-                                                 desc="train image tokens")}
-            split = params.evaluate.split
-            caches[split] = build_image_cache(model, split_images(data, split, tf), bs, desc=f"{split} image tokens")
-            for name, c in caches.items(): c.save(tmp, name); counts[name] = len(c)
-        else:  # a trainable ViT (or the cache switched off): nothing to cache, the stage leaves an empty folder
-            counts["disabled"] = "train.image_cache is false" if not params.train.image_cache else \
-                "model.vision.frozen is false"
-        save_resolved(params, tmp, extra={"images": counts})
-        if out.exists(): shutil.rmtree(out)
-        tmp.rename(out)  # a killed run leaves only the .tmp folder, never a half-written cache
-    except (ParamsError, FileNotFoundError, ValueError) as e:
-        print(f"imagecache error: {e}", file=sys.stderr); return 2
-    print(f"image cache: {counts} -> {out}")
-    return 0
+    ap = stage_parser("imagecache", "Cache the frozen ViT's patch tokens of the training and eval images.",
+                      data="prepared data folder (default data/prepared)", out="cache folder (default data/imagecache)")
+    return run_cli(ap, lambda a: build(load_params(a.params), a.data, a.out), argv)
 
 # %% ../notebooks/11a_imagecache.ipynb #672b3d7e
-if __name__ == "__main__": sys.exit(main())
+if __name__ == "__main__": raise SystemExit(main())

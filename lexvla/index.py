@@ -1,4 +1,5 @@
-"""An exact, explainable in-process inverted index over sparse lexical vectors: numpy posting lists, top-k identical to brute force, every hit explained word by word; saved without pickles; with a build/query CLI.
+"""An exact, explainable in-process inverted index over sparse lexical vectors: numpy posting lists, top-k identical
+to brute force, every hit explained word by word; saved without pickles.
 
 Docs: https://github.com/lexvla/lexvla/index.html.md"""
 
@@ -7,12 +8,8 @@ Docs: https://github.com/lexvla/lexvla/index.html.md"""
 # %% ../notebooks/09_index.ipynb #ed5617a8
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
-import shutil
-import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -20,11 +17,11 @@ from typing import Sequence
 import numpy as np
 import scipy.sparse as sps
 
-from .sparse import SparseVectors, _as_numpy, explain, threshold_for
+from .runtime import replace_dir, temp_dir
+from .sparse import SparseVectors, _as_numpy, explain
 
 # %% auto #0
-__all__ = ['FORMAT', 'IMAGE_SUFFIXES', 'VocabularyMismatch', 'words_fingerprint', 'Hit', 'InvertedIndex', 'topk_agrees',
-           'list_images', 'build_command', 'query_command', 'main']
+__all__ = ['FORMAT', 'VocabularyMismatch', 'words_fingerprint', 'Hit', 'InvertedIndex', 'topk_agrees']
 
 # %% ../notebooks/09_index.ipynb #bccb4411
 class VocabularyMismatch(ValueError):
@@ -37,7 +34,7 @@ def words_fingerprint(words: Sequence[str]) -> str:
 # %% ../notebooks/09_index.ipynb #2f3ab1bf
 @dataclass
 class Hit:
-    "One search result: the item's id, its score, and the words that make the score (word, contribution), largest first."
+    "One search result: the item's id, its score, and the words that make the score (word, contribution)."
     id: str | int
     score: float
     explanation: list[tuple[str, float]] = field(default_factory=list)
@@ -46,8 +43,7 @@ class Hit:
         return {"id": self.id, "score": self.score, "row": self.row,
                 "explanation": [{"word": w, "contribution": c} for w, c in self.explanation]}
 
-FORMAT = "lexvla.index/1"
-
+# %% ../notebooks/09_index.ipynb #c4fef8cd
 class InvertedIndex:
     "Posting lists over the vocabulary (numpy), exact top-k by dot product, explained hits."
     def __init__(self,
@@ -59,52 +55,23 @@ class InvertedIndex:
                  n: int | None = None,   # number of items (default: len(ids))
                  meta: dict | None = None,
                 ):
-        self.word_ptr, self.docs, self.weights = np.asarray(word_ptr, np.int64), np.asarray(docs, np.int32), np.asarray(weights)
+        self.word_ptr = np.asarray(word_ptr, np.int64)
+        self.docs = np.asarray(docs, np.int32)
+        self.weights = np.asarray(weights)
         self.words = [str(w) for w in words]
         if len(self.word_ptr) != len(self.words) + 1:
             raise ValueError(f"word_ptr has {len(self.word_ptr)} entries for {len(self.words)} words (expected V+1)")
-        if self.weights.dtype not in (np.float32, np.float16): raise ValueError(f"weights must be float32 or float16, got {self.weights.dtype}")
+        if self.weights.dtype not in (np.float32, np.float16):
+            raise ValueError(f"weights must be float32 or float16, got {self.weights.dtype}")
         if n is None and ids is None: raise ValueError("give the item ids or their number n")
         self.n = int(n if n is not None else len(ids))
         self.ids = list(ids) if ids is not None else None
         if self.ids is not None and len(self.ids) != self.n: raise ValueError(f"{len(self.ids)} ids for {self.n} items")
         self.fingerprint = words_fingerprint(self.words)
         self.meta = dict(meta or {})
-        # all weights > 0 (lexical vectors are): then a positive query's score is > 0 exactly where an item shares a word
+        # all weights > 0 (lexical vectors are): then a positive query's score is > 0 exactly where an item
+        # shares a word
         self.positive = bool(len(self.weights) == 0 or self.weights.min() > 0)
-
-    @classmethod
-    def build(cls,
-              sv: SparseVectors,          # the items' sparse lexical vectors (with ids, or rows are the ids)
-              words: Sequence[str],       # the vocabulary: words[j] is word j (len V)
-              dtype: str = "float32",     # posting weights: float32 (exact) or float16 (2/3 of the memory)
-              chunk_nnz: int = 1 << 24,   # postings sorted at once (bounds the scratch memory)
-              meta: dict | None = None,   # recorded with the index (e.g. how the vectors were sparsified)
-             ) -> "InvertedIndex":
-        "Build the posting lists of `sv` (a stable counting sort by word, chunked)."
-        if sv.dim != len(words): raise VocabularyMismatch(f"vectors have V={sv.dim} words, the vocabulary has {len(words)}")
-        if dtype not in ("float32", "float16"): raise ValueError(f"dtype must be float32 or float16, got {dtype!r}")
-        V, n = sv.dim, len(sv)
-        if n >= 2**31: raise ValueError(f"{n} items: item rows are int32, at most 2**31 - 1")
-        counts = np.zeros(V, np.int64)
-        for s in range(0, sv.nnz, chunk_nnz): counts += np.bincount(sv.indices[s:s + chunk_nnz], minlength=V)
-        word_ptr = np.zeros(V + 1, np.int64); np.cumsum(counts, out=word_ptr[1:])
-        docs, weights = np.empty(sv.nnz, np.int32), np.empty(sv.nnz, dtype)
-        cursor = word_ptr[:-1].copy()
-        r0 = 0
-        while r0 < n:  # rows in chunks of about chunk_nnz postings
-            r1 = max(r0 + 1, int(np.searchsorted(sv.indptr, sv.indptr[r0] + chunk_nnz, side="right")) - 1)
-            r1 = min(r1, n)
-            a, b = sv.indptr[r0], sv.indptr[r1]
-            blk = sps.csr_matrix((sv.data[a:b], sv.indices[a:b], sv.indptr[r0:r1 + 1] - a), shape=(r1 - r0, V)).tocsc()
-            c = np.diff(blk.indptr)                                   # this chunk's postings per word
-            word = np.repeat(np.arange(V), c)
-            pos = cursor[word] + (np.arange(len(word)) - blk.indptr[:-1][word])
-            docs[pos] = blk.indices + r0; weights[pos] = blk.data
-            cursor += c
-            r0 = r1
-        return cls(word_ptr, docs, weights, words, sv.ids if sv.ids is not None else None, n,
-                   meta={"dtype": dtype, **(meta or {})})
 
     def __len__(self): return self.n
     @property
@@ -116,27 +83,72 @@ class InvertedIndex:
         "Bytes of the posting arrays."
         return self.word_ptr.nbytes + self.docs.nbytes + self.weights.nbytes
     def __repr__(self):
-        return f"InvertedIndex(n={self.n}, V={self.V}, postings={self.nnz}, {self.weights.dtype}, {self.nbytes / 2**20:.1f} MiB)"
+        return (f"InvertedIndex(n={self.n}, V={self.V}, postings={self.nnz}, {self.weights.dtype}, "
+                f"{self.nbytes / 2**20:.1f} MiB)")
+
+# %% ../notebooks/09_index.ipynb #23115405
+def _build(cls,
+           sv: SparseVectors,          # the items' sparse lexical vectors (with ids, or rows are the ids)
+           words: Sequence[str],       # the vocabulary: words[j] is word j (len V)
+           dtype: str = "float32",     # posting weights: float32 (exact) or float16 (2/3 of the memory)
+           chunk_nnz: int = 1 << 24,   # postings sorted at once (bounds the scratch memory)
+           meta: dict | None = None,   # recorded with the index (e.g. how the vectors were sparsified)
+          ) -> "InvertedIndex":
+    "Build the posting lists of `sv` (a stable counting sort by word, chunked)."
+    if sv.dim != len(words):
+        raise VocabularyMismatch(f"vectors have V={sv.dim} words, the vocabulary has {len(words)}")
+    if dtype not in ("float32", "float16"): raise ValueError(f"dtype must be float32 or float16, got {dtype!r}")
+    V, n = sv.dim, len(sv)
+    if n >= 2**31: raise ValueError(f"{n} items: item rows are int32, at most 2**31 - 1")
+    counts = np.zeros(V, np.int64)
+    for s in range(0, sv.nnz, chunk_nnz): counts += np.bincount(sv.indices[s:s + chunk_nnz], minlength=V)
+    word_ptr = np.zeros(V + 1, np.int64)
+    np.cumsum(counts, out=word_ptr[1:])
+    docs, weights = np.empty(sv.nnz, np.int32), np.empty(sv.nnz, dtype)
+    cursor = word_ptr[:-1].copy()
+    r0 = 0
+    while r0 < n:  # rows in chunks of about chunk_nnz postings
+        r1 = max(r0 + 1, int(np.searchsorted(sv.indptr, sv.indptr[r0] + chunk_nnz, side="right")) - 1)
+        r1 = min(r1, n)
+        a, b = sv.indptr[r0], sv.indptr[r1]
+        blk = sps.csr_matrix((sv.data[a:b], sv.indices[a:b], sv.indptr[r0:r1 + 1] - a), shape=(r1 - r0, V)).tocsc()
+        c = np.diff(blk.indptr)                                   # this chunk's postings per word
+        word = np.repeat(np.arange(V), c)
+        pos = cursor[word] + (np.arange(len(word)) - blk.indptr[:-1][word])
+        docs[pos] = blk.indices + r0
+        weights[pos] = blk.data
+        cursor += c
+        r0 = r1
+    return cls(word_ptr, docs, weights, words, sv.ids if sv.ids is not None else None, n,
+               meta={"dtype": dtype, **(meta or {})})
+
+InvertedIndex.build = classmethod(_build)
 
 # %% ../notebooks/09_index.ipynb #5b35efc6
 def _query(q, V: int) -> tuple[np.ndarray, np.ndarray]:
     "One query as (sorted unique word indices int64, float32 weights); duplicates summed, zeros dropped."
-    if isinstance(q, dict): idx, val = np.fromiter(q.keys(), np.int64, len(q)), np.fromiter(q.values(), np.float64, len(q))
-    elif isinstance(q, tuple) and len(q) == 2: idx, val = np.asarray(q[0], np.int64).ravel(), np.asarray(q[1], np.float64).ravel()
+    if isinstance(q, dict):
+        idx, val = np.fromiter(q.keys(), np.int64, len(q)), np.fromiter(q.values(), np.float64, len(q))
+    elif isinstance(q, tuple) and len(q) == 2:
+        idx, val = np.asarray(q[0], np.int64).ravel(), np.asarray(q[1], np.float64).ravel()
     else:
         x = _as_numpy(q).ravel()
         if len(x) != V: raise ValueError(f"a dense query must have V={V} entries, got {len(x)}")
-        idx = np.flatnonzero(x); val = x[idx].astype(np.float64)
+        idx = np.flatnonzero(x)
+        val = x[idx].astype(np.float64)
     if len(idx) != len(val): raise ValueError(f"{len(idx)} word indices but {len(val)} weights")
     if len(idx) and (idx.min() < 0 or idx.max() >= V):
-        raise ValueError(f"query word index {int(idx.max() if idx.max() >= V else idx.min())} is outside the vocabulary (V={V})")
+        bad = int(idx.max() if idx.max() >= V else idx.min())
+        raise ValueError(f"query word index {bad} is outside the vocabulary (V={V})")
     if not np.all(np.isfinite(val)): raise ValueError("query weights must be finite")
     u, inv = np.unique(idx, return_inverse=True)
-    w = np.zeros(len(u), np.float64); np.add.at(w, inv, val)
+    w = np.zeros(len(u), np.float64)
+    np.add.at(w, inv, val)
     w = w.astype(np.float32)
     keep = w != 0
     return u[keep], w[keep]
 
+# %% ../notebooks/09_index.ipynb #6b3ea348
 def _scores(self, qi: np.ndarray, qw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     "(n,) float64 scores and (n,) bool 'shares a word' of one query (ascending word order, float64)."
     s = np.zeros(self.n, np.float64)
@@ -158,6 +170,9 @@ def _top(s: np.ndarray, touched: np.ndarray, k: int) -> np.ndarray:
         cand = cand[s[cand] >= kth]                                # every item tied with it stays a candidate
     return cand[np.lexsort((cand, -s[cand]))][:k]
 
+InvertedIndex._scores = _scores
+
+# %% ../notebooks/09_index.ipynb #ad5f00f1
 def _explain_row(self, row: int, qi: np.ndarray, qw: np.ndarray, top: int | None) -> list[tuple[str, float]]:
     "The shared words of the query and item `row`, found by binary search in the query words' posting lists."
     di, dw = [], []
@@ -165,9 +180,14 @@ def _explain_row(self, row: int, qi: np.ndarray, qw: np.ndarray, top: int | None
     for j in qi.tolist():
         a, b = self.word_ptr[j], self.word_ptr[j + 1]
         p = a + np.searchsorted(self.docs[a:b], key)
-        if p < b and self.docs[p] == row: di.append(j); dw.append(float(self.weights[p]))
+        if p < b and self.docs[p] == row:
+            di.append(j)
+            dw.append(float(self.weights[p]))
     return explain(qi, qw, np.asarray(di, np.int64), np.asarray(dw, np.float64), self.words, top=top)
 
+InvertedIndex._explain_row = _explain_row
+
+# %% ../notebooks/09_index.ipynb #f16c52fe
 def _search_one(self, q, k: int, explain_top: int | None) -> list[Hit]:
     qi, qw = _query(q, self.V)
     s, touched = self._scores(qi, qw)
@@ -177,14 +197,15 @@ def _search_one(self, q, k: int, explain_top: int | None) -> list[Hit]:
             for r in rows.tolist()]
 
 def _search(self,
-            query,                 # one query ((indices, weights), {index: weight}, dense V-vector) or a batch (SparseVectors, 2-D array)
+            query,                 # one query (see above) or a batch (SparseVectors, 2-D array)
             k: int = 10,           # hits per query
             explain: int | None = 5, # words per hit's explanation (0: none; None: all shared words)
            ) -> list[Hit] | list[list[Hit]]:
     "Exact top-k items by dot product, each explained by its top shared words."
     if k < 1: raise ValueError(f"k must be >= 1, got {k}")
     if isinstance(query, SparseVectors):
-        if query.dim != self.V: raise VocabularyMismatch(f"queries have V={query.dim} words, the index has V={self.V}")
+        if query.dim != self.V:
+            raise VocabularyMismatch(f"queries have V={query.dim} words, the index has V={self.V}")
         return [self._search_one(query.row(i), k, explain) for i in range(len(query))]
     if not isinstance(query, (tuple, dict)) and getattr(query, "ndim", 1) == 2:
         return [self._search_one(r, k, explain) for r in query]
@@ -194,8 +215,9 @@ def _score_all(self, query) -> np.ndarray:
     "(n,) float64 scores of every item for one query (0 for items sharing no word)."
     return self._scores(*_query(query, self.V))[0]
 
-InvertedIndex._scores, InvertedIndex._explain_row, InvertedIndex._search_one = _scores, _explain_row, _search_one
-InvertedIndex.search, InvertedIndex.score_all = _search, _score_all
+InvertedIndex._search_one = _search_one
+InvertedIndex.search = _search
+InvertedIndex.score_all = _score_all
 
 # %% ../notebooks/09_index.ipynb #5f534b4f
 def topk_agrees(hits: Sequence,        # an engine's answer: objects with `.id` and `.score`, best first
@@ -219,33 +241,33 @@ def topk_agrees(hits: Sequence,        # an engine's answer: objects with `.id` 
     return bool(set(np.flatnonzero(exact > kth + tol).tolist()) <= set(rows))
 
 # %% ../notebooks/09_index.ipynb #6537fbce
+FORMAT = "lexvla.index/1"
+
 def _save(self, folder) -> Path:
     "Write the index to `folder` (npz + JSON, no pickles), atomically."
-    folder = Path(folder); folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = folder.with_name(folder.name + ".tmp")
-    if tmp.exists(): shutil.rmtree(tmp)
-    tmp.mkdir()
+    tmp = temp_dir(folder)
     np.savez(tmp / "postings.npz", word_ptr=self.word_ptr, docs=self.docs, weights=self.weights)
     (tmp / "words.json").write_text(json.dumps(self.words))
     (tmp / "ids.json").write_text(json.dumps(self.ids))
     info = {"format": FORMAT, "n": self.n, "V": self.V, "nnz": self.nnz, "dtype": str(self.weights.dtype),
             "vocab_fingerprint": self.fingerprint, "meta": self.meta}
     (tmp / "index.json").write_text(json.dumps(info, indent=2) + "\n")
-    if folder.exists():
-        old = folder.with_name(folder.name + ".old")
-        if old.exists(): shutil.rmtree(old)
-        folder.rename(old); tmp.rename(folder); shutil.rmtree(old)
-    else: tmp.rename(folder)
-    return folder
+    return replace_dir(tmp, folder)
 
+InvertedIndex.save = _save
+
+# %% ../notebooks/09_index.ipynb #476550af
 def _load(cls, folder, words: Sequence[str] | None = None, # the vocabulary you will query with (checked)
          ) -> "InvertedIndex":
     "Read `save`'s folder; with `words`, refuse an index built over another vocabulary."
     folder = Path(folder)
     info_path = folder / "index.json"
-    if not info_path.is_file(): raise FileNotFoundError(f"{info_path}: not an index folder (build one with `python -m lexvla.index build`)")
+    if not info_path.is_file():
+        raise FileNotFoundError(f"{info_path}: not an index folder "
+                                "(build one with `python -m lexvla.search index build`)")
     info = json.loads(info_path.read_text())
-    if info.get("format") != FORMAT: raise ValueError(f"{info_path}: format {info.get('format')!r}, expected {FORMAT!r}")
+    if info.get("format") != FORMAT:
+        raise ValueError(f"{info_path}: format {info.get('format')!r}, expected {FORMAT!r}")
     saved_words = json.loads((folder / "words.json").read_text())
     if words_fingerprint(saved_words) != info["vocab_fingerprint"]:
         raise ValueError(f"{folder / 'words.json'}: does not match the fingerprint in index.json (a corrupt index)")
@@ -259,170 +281,4 @@ def _load(cls, folder, words: Sequence[str] | None = None, # the vocabulary you 
     ids = json.loads((folder / "ids.json").read_text())
     return cls(wp, docs, w, saved_words, ids, info["n"], info.get("meta"))
 
-InvertedIndex.save, InvertedIndex.load = _save, classmethod(_load)
-
-# %% ../notebooks/09_index.ipynb #8140c7a2
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
-
-def list_images(source: str | Path) -> tuple[list[Path], list[str]]:
-    "Image paths and ids (paths relative to the folder/manifest) of a folder or a manifest."
-    import csv
-    src = Path(source)
-    if src.is_dir():
-        paths = sorted(p for p in src.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
-        return paths, [p.relative_to(src).as_posix() for p in paths]
-    if not src.is_file(): raise FileNotFoundError(f"{src}: no such image folder or manifest")
-    suf = src.suffix.lower()
-    if suf == ".txt": rels = [l.strip() for l in src.read_text().splitlines() if l.strip() and not l.startswith("#")]
-    elif suf in (".csv", ".tsv"):
-        with open(src, newline="", encoding="utf-8") as f:
-            rows = list(csv.DictReader(f, delimiter="\t" if suf == ".tsv" else ","))
-        if rows and "image" not in rows[0]: raise ValueError(f"{src}: no 'image' column (columns: {', '.join(rows[0])})")
-        rels = [r["image"] for r in rows]
-    elif suf in (".jsonl", ".ndjson"):
-        rels = []
-        for n, line in enumerate(src.read_text().splitlines(), 1):
-            if not line.strip(): continue
-            row = json.loads(line)
-            if "image" not in row: raise ValueError(f"{src}:{n}: no 'image' key")
-            rels.append(row["image"])
-    else: raise ValueError(f"{src}: a manifest must be .txt, .csv, .tsv or .jsonl")
-    rels = list(dict.fromkeys(rels))  # each image once
-    paths = [src.parent / r for r in rels]
-    missing = [str(p) for p in paths if not p.is_file()]
-    if missing: raise FileNotFoundError(f"{missing[0]}: listed in {src} but not found ({len(missing)} missing)")
-    return paths, rels
-
-def _threshold(arg: str, V: int) -> float | None:
-    "--threshold: auto (1/√V, method §5), none, or a number."
-    if arg == "auto": return threshold_for(V)
-    if arg == "none": return None
-    try: return float(arg)
-    except ValueError: raise ValueError(f"--threshold: got {arg!r}, expected auto, none or a number") from None
-
-def _load_model(checkpoint: str | Path):
-    "The trained model of `checkpoint` (imported here, so that the index itself needs no torch model code)."
-    from lexvla.train import load_trained
-    return load_trained(checkpoint, "cpu")
-
-def _model_words(model) -> list[str]:
-    return list(model.vocab.words)
-
-def _encode_images(model, paths: list[Path], batch_size: int):
-    "(n, V) dense image vectors of `paths`."
-    from lexvla.datasets import image_transform
-    from lexvla.evaluate import encode_images
-    return encode_images(model, [str(p) for p in paths], image_transform(model.data_config, train=False), batch_size,
-                         progress=True)
-
-def _encode_texts(model, texts: list[str]):
-    import torch
-    with torch.no_grad(): return model.encode_text(texts).float().cpu()
-
-def _read_words(path: str | Path) -> list[str]:
-    "A vocabulary file: a JSON list of words, or one word per line."
-    p = Path(path)
-    if not p.is_file(): raise FileNotFoundError(f"{p}: no words file")
-    text = p.read_text(encoding="utf-8")
-    if p.suffix.lower() == ".json":
-        w = json.loads(text)
-        if not isinstance(w, list): raise ValueError(f"{p}: expected a JSON list of words")
-        return [str(x) for x in w]
-    return text.splitlines()
-
-def build_command(a) -> InvertedIndex:
-    "`build`: from precomputed vectors, or from images embedded with a trained model."
-    t0 = time.perf_counter()
-    if a.vectors:
-        if not a.words: raise ValueError("--vectors needs --words (the vocabulary the vectors are over)")
-        words, sv = _read_words(a.words), SparseVectors.load(a.vectors)
-        settings = {"source": str(a.vectors)}
-        if a.threshold != "none" or a.topk:  # re-sparsify stored vectors only when asked
-            thr = _threshold(a.threshold, sv.dim)
-            sv = SparseVectors.from_dense(sv.to_dense(), threshold=thr, topk=a.topk, ids=sv.ids)
-            settings.update(threshold=thr, topk=a.topk)
-    else:
-        if not (a.images and a.checkpoint): raise ValueError("give --vectors FILE, or --images and --checkpoint")
-        paths, ids = list_images(a.images)
-        if not paths: raise ValueError(f"{a.images}: no images found")
-        model = _load_model(a.checkpoint)
-        words = _model_words(model)
-        thr = _threshold(a.threshold, len(words))
-        dense = _encode_images(model, paths, a.batch_size)
-        sv = SparseVectors.from_dense(dense, threshold=thr, topk=a.topk, ids=ids)
-        settings = {"source": str(a.images), "checkpoint": str(a.checkpoint), "threshold": thr, "topk": a.topk}
-    index = InvertedIndex.build(sv, words, dtype=a.dtype, meta={"sparsify": settings})
-    index.save(a.out)
-    print(json.dumps({"index": str(a.out), "items": len(index), "V": index.V, "postings": index.nnz,
-                      "mean_active": round(sv.mean_active(), 1), "MiB": round(index.nbytes / 2**20, 1),
-                      "seconds": round(time.perf_counter() - t0, 2)}))
-    return index
-
-def _print_hits(name: str, hits: list[Hit]):
-    print(f"query: {name}")
-    if not hits: print("  (no item shares a word with the query)")
-    for r, h in enumerate(hits, 1):
-        why = ", ".join(f"{w} {c:.3f}" for w, c in h.explanation)
-        print(f"  {r:>3}. {h.id}  {h.score:.4f}  [{why}]")
-
-def query_command(a) -> list[dict]:
-    "`query`: text through the model, or precomputed query vectors; print or save ranked, explained hits."
-    if a.query_vectors:
-        index = InvertedIndex.load(a.index)
-        qs = SparseVectors.load(a.query_vectors)
-        names = [str(i) for i in (qs.ids if qs.ids is not None else range(len(qs)))]
-    else:
-        if not (a.text and a.checkpoint): raise ValueError("give --text and --checkpoint, or --query-vectors FILE")
-        model = _load_model(a.checkpoint)
-        index = InvertedIndex.load(a.index, words=_model_words(model))
-        sp = index.meta.get("sparsify", {})
-        thr = _threshold(a.threshold, index.V) if a.threshold is not None else sp.get("threshold", threshold_for(index.V))
-        qs = SparseVectors.from_dense(_encode_texts(model, a.text), threshold=thr, topk=a.topk)
-        names = list(a.text)
-    results = index.search(qs, k=a.k, explain=a.explain)
-    out = [{"query": n, "hits": [h.to_dict() for h in hits]} for n, hits in zip(names, results)]
-    if a.json:
-        p = Path(a.json); p.parent.mkdir(parents=True, exist_ok=True)
-        tmp = p.with_name(p.name + ".tmp"); tmp.write_text(json.dumps(out, indent=2) + "\n"); tmp.replace(p)
-    if not a.json or a.print:
-        for n, hits in zip(names, results): _print_hits(n, hits)
-    return out
-
-def main(argv: list[str] | None = None) -> int:
-    "python -m lexvla.index build|query ..."
-    ap = argparse.ArgumentParser(prog="python -m lexvla.index", description="Build or query an explainable inverted index of lexical vectors.")
-    sub = ap.add_subparsers(dest="cmd", required=True)
-    b = sub.add_parser("build", help="index images (with a trained model) or precomputed sparse vectors")
-    b.add_argument("--out", required=True, help="index folder to write")
-    b.add_argument("--images", help="image folder, or manifest (.txt / .csv / .tsv / .jsonl with an 'image' column)")
-    b.add_argument("--checkpoint", help="trained model folder (models/<variant>/model)")
-    b.add_argument("--vectors", help="precomputed SparseVectors .npz (instead of --images/--checkpoint)")
-    b.add_argument("--words", help="with --vectors: the vocabulary (JSON list, or one word per line)")
-    b.add_argument("--threshold", default=None, help="keep weights above: auto (1/sqrt(V), method §5), none, or a number "
-                   "(default: auto for images, none for --vectors)")
-    b.add_argument("--topk", type=int, default=None, help="keep at most K words per item")
-    b.add_argument("--dtype", choices=["float32", "float16"], default="float32", help="posting weights")
-    b.add_argument("--batch-size", type=int, default=32, help="images per forward pass")
-    q = sub.add_parser("query", help="search an index with text (through the model) or with query vectors")
-    q.add_argument("--index", required=True, help="index folder")
-    q.add_argument("--text", action="append", help="a text query (repeat for several)")
-    q.add_argument("--checkpoint", help="trained model folder, for --text")
-    q.add_argument("--query-vectors", help="precomputed SparseVectors .npz of queries (instead of --text)")
-    q.add_argument("-k", type=int, default=10, help="hits per query")
-    q.add_argument("--explain", type=int, default=5, help="words shown per hit (0: none)")
-    q.add_argument("--threshold", default=None, help="query sparsification (default: the index's)")
-    q.add_argument("--topk", type=int, default=None, help="keep at most K query words")
-    q.add_argument("--json", help="write the results here as JSON")
-    q.add_argument("--print", action="store_true", help="print the results even with --json")
-    a = ap.parse_args(argv)
-    try:
-        if a.cmd == "build":
-            if a.threshold is None: a.threshold = "none" if a.vectors else "auto"
-            build_command(a)
-        else: query_command(a)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"index error: {e}", file=sys.stderr); return 2
-    return 0
-
-# %% ../notebooks/09_index.ipynb #3649ac69
-if __name__ == "__main__": sys.exit(main())
+InvertedIndex.load = classmethod(_load)

@@ -1,4 +1,5 @@
-"""LexVLA's training objective: symmetric InfoNCE plus a warmed-up sparsity penalty (overuse or FLOPs) on both modalities.
+"""LexVLA's training objective: symmetric InfoNCE plus a warmed-up sparsity penalty (overuse or FLOPs) on both
+modalities.
 
 Docs: https://github.com/lexvla/lexvla/losses.html.md"""
 
@@ -41,7 +42,7 @@ def overuse_penalty(s: torch.Tensor,          # (b, v) lexical vectors
                     detach_share: bool = False, # treat the share p̄_j / Σ_k p̄_k as a constant weight (no gradient)
                     share: Literal["sum", "mean"] = "sum", # p̄_j over Σ_k p̄_k, or over mean_k p̄_k (= V x sum)
                    ) -> torch.Tensor:
-    "Overuse penalty `Σ_j (p̄_j / Σ_k p̄_k) p̄_j²` (method §5 [choice]): FLOPs re-weighted by each word's share; 0 for an all-zero batch."
+    "Overuse penalty `Σ_j (p̄_j / Σ_k p̄_k) p̄_j²` (method §5 [choice]): FLOPs weighted by each word's share."
     if share not in ("sum", "mean"): raise ValueError(f"share: got {share!r}, expected 'sum' or 'mean'")
     p = word_activation(s)
     total = p.sum() if share == "sum" else p.mean()
@@ -65,10 +66,11 @@ def clip_contrastive(image_features: torch.Tensor, # (b, v) image vectors (L2-no
                     ) -> torch.Tensor:
     "Symmetric InfoNCE: the mean of image->text and text->image cross-entropy over `logit_scale * I Tᵀ` (method §5)."
     if image_features.ndim != 2 or image_features.shape != text_features.shape:
-        raise ValueError(f"image_features {tuple(image_features.shape)} and text_features {tuple(text_features.shape)}: "
-                         "expected two (batch, dim) tensors of the same shape")
+        raise ValueError(f"image_features {tuple(image_features.shape)} and text_features "
+                         f"{tuple(text_features.shape)}: expected two (batch, dim) tensors of the same shape")
     logit_scale = torch.as_tensor(logit_scale, dtype=image_features.dtype, device=image_features.device)
-    if logit_scale.numel() != 1: raise ValueError(f"logit_scale: got shape {tuple(logit_scale.shape)}, expected a scalar")
+    if logit_scale.numel() != 1:
+        raise ValueError(f"logit_scale: got shape {tuple(logit_scale.shape)}, expected a scalar")
     logits = logit_scale.reshape(()) * image_features @ text_features.T  # (b_img, b_txt)
     labels = torch.arange(logits.shape[0], device=logits.device)
     return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
@@ -87,7 +89,7 @@ class LexicalLoss(nn.Module):
                  lambda_img: float = 1e-3,  # final weight of the image regulariser
                  lambda_txt: float = 1e-3,  # final weight of the text regulariser
                  warmup_steps: int = 0,     # steps of the quadratic warm-up of both weights (0: none)
-                 detach_share: bool = False, # overuse only: no gradient through each word's share (see `overuse_penalty`)
+                 detach_share: bool = False, # overuse only: no gradient through the share (see `overuse_penalty`)
                  share: Literal["sum", "mean"] = "sum", # overuse only: the share's normaliser (see `overuse_penalty`)
                 ):
         super().__init__()
@@ -95,7 +97,8 @@ class LexicalLoss(nn.Module):
         for k, x in (("lambda_img", lambda_img), ("lambda_txt", lambda_txt)):
             if not x >= 0: raise ValueError(f"{k}: got {x}, expected a weight >= 0")
         if warmup_steps < 0: raise ValueError(f"warmup_steps: got {warmup_steps}, expected >= 0")
-        self.reg, self.lambda_img, self.lambda_txt, self.warmup_steps = reg, float(lambda_img), float(lambda_txt), int(warmup_steps)
+        self.reg, self.warmup_steps = reg, int(warmup_steps)
+        self.lambda_img, self.lambda_txt = float(lambda_img), float(lambda_txt)
         if share not in ("sum", "mean"): raise ValueError(f"share: got {share!r}, expected 'sum' or 'mean'")
         self.detach_share, self.share = bool(detach_share), share
 
@@ -117,7 +120,7 @@ class LexicalLoss(nn.Module):
                 image_weights: torch.Tensor | None = None, # (b, v) the image weights before L2 normalisation: when
                 text_weights: torch.Tensor | None = None,  # given, the regulariser acts on these (`train.reg_on`)
                ) -> dict[str, torch.Tensor]:
-        "Named parts: `contrastive_loss`, `image_reg_loss`, `text_reg_loss` (weighted), their sum `loss`, and `reg_weight`."
+        "Named parts: `contrastive_loss`, `image_reg_loss`, `text_reg_loss` (weighted), their sum `loss`, `reg_weight`."
         contrastive = clip_contrastive(image_features, text_features, logit_scale)
         w = 0.0 if self.reg == "none" else quadratic_warmup(step, self.warmup_steps, 1.0)
         on_img = image_features if image_weights is None else image_weights

@@ -1,4 +1,5 @@
-"""Zero-shot retrieval Recall@K and ranks (CLIP_benchmark protocol, open_clip names), the sparsity-recall sweep, and PatchDis mIoU.
+"""Zero-shot retrieval Recall@K and ranks (CLIP_benchmark protocol, open_clip names), the sparsity-recall sweep, and
+PatchDis mIoU.
 
 Docs: https://github.com/lexvla/lexvla/metrics.html.md"""
 
@@ -22,7 +23,7 @@ def _ranks(sim: np.ndarray,        # (i, t) similarity of every image and captio
            t2i: np.ndarray,        # (t,) image of each caption
            chunk_elems: int = 1 << 24, # similarity entries compared at once (bounds the scratch memory)
           ) -> tuple[np.ndarray, np.ndarray]:
-    "Pessimistic 1-based ranks: (image->text rank of the first caption hit per image, NaN without captions; text->image rank per caption)."
+    "Pessimistic 1-based ranks: (image->text, of each image's first caption hit or NaN; text->image, per caption)."
     n_img, n_txt = sim.shape
     cols = np.arange(n_txt)
     pos = sim[t2i, cols]                                   # (t,) each caption's score with its own image
@@ -85,7 +86,8 @@ def sparsity_sweep(img_vecs,                 # (n_img, V) dense image vectors (n
                   ) -> list[dict]:
     "Retrieval after sparsifying both modalities at each setting, with active words and (quadratic) sparsity."
     V = int(V or img_vecs.shape[-1])
-    settings = ([("threshold", threshold_for(V), None)] if threshold else []) + [(f"top{k}", None, int(k)) for k in topks]
+    settings = [("threshold", threshold_for(V), None)] if threshold else []
+    settings += [(f"top{k}", None, int(k)) for k in topks]
     rows = []
     for name, thr, k in settings:
         si = SparseVectors.from_dense(img_vecs, threshold=thr, topk=k)
@@ -103,7 +105,8 @@ def upsample_nearest(lab: np.ndarray,      # (h, w) patch labels
                      size: tuple[int, int] # (H, W) of the mask
                     ) -> np.ndarray:
     "Nearest-neighbour upsampling of a label map (floor(y·h/H), as torch's `interpolate(mode='nearest')`)."
-    h, w = lab.shape; H, W = size
+    h, w = lab.shape
+    H, W = size
     return lab[(np.arange(H) * h) // H][:, (np.arange(W) * w) // W]
 
 def patchdis_from_labels(preds,                 # per image: (H, W) predicted class index per pixel
@@ -121,7 +124,8 @@ def patchdis_from_labels(preds,                 # per image: (H, W) predicted cl
         keep = (g >= 0) & (g != ignore_index)
         p, g = p[keep].astype(np.int64), g[keep].astype(np.int64)
         for a, what in ((p, "prediction"), (g, "mask")):
-            if len(a) and (a.min() < 0 or a.max() >= c): raise ValueError(f"{what} holds class {int(a.min() if a.min() < 0 else a.max())} outside 0..{c - 1}")
+            if len(a) and (a.min() < 0 or a.max() >= c):
+                raise ValueError(f"{what} holds class {int(a.min() if a.min() < 0 else a.max())} outside 0..{c - 1}")
         tp = np.bincount(g[p == g], minlength=c)
         inter += tp
         union += np.bincount(p, minlength=c) + np.bincount(g, minlength=c) - tp
@@ -140,6 +144,7 @@ def patchdis(patch_vectors,            # (b, n, v) patch vectors, or a callable 
              ignore_index: int = -1,   # unlabelled pixels (negative values are always unlabelled)
              present_only: bool = True,# restrict each patch's label to the present classes (method §7)
              batch_size: int = 16,     # images scored at once
+             keep_labels: int = 0,     # also return the (h, w) patch labels of the first this many images
             ) -> dict:
     "PatchDis (method §7): label each patch with its best class among those present, upsample, mIoU over the dataset."
     cls = _as_numpy(class_vectors)
@@ -147,11 +152,12 @@ def patchdis(patch_vectors,            # (b, n, v) patch vectors, or a callable 
     names = list(class_names) if class_names is not None else [str(i) for i in range(c)]
     if len(names) != c: raise ValueError(f"{len(names)} class names for {c} class vectors")
     get = patch_vectors if callable(patch_vectors) else (lambda s, e: patch_vectors[s:e])
-    preds = []
+    preds, labels = [], []
     for s in range(0, b, batch_size):
         e = min(s + batch_size, b)
         pv = _as_numpy(get(s, e))
-        if pv.ndim != 3 or len(pv) != e - s: raise ValueError(f"patch vectors of images {s}..{e - 1}: got shape {pv.shape}, expected ({e - s}, n, v)")
+        if pv.ndim != 3 or len(pv) != e - s:
+            raise ValueError(f"patch vectors of images {s}..{e - 1}: got shape {pv.shape}, expected ({e - s}, n, v)")
         n = pv.shape[1]
         h, w = grid or (math.isqrt(n), math.isqrt(n))
         if h * w != n: raise ValueError(f"grid {(h, w)} does not hold {n} patches")
@@ -160,10 +166,14 @@ def patchdis(patch_vectors,            # (b, n, v) patch vectors, or a callable 
             g = np.asarray(masks[s + i])
             allowed = np.ones(c, bool)
             if present_only:
-                pres = present_classes[s + i] if present_classes is not None else np.unique(g[(g >= 0) & (g != ignore_index)])
-                allowed = np.zeros(c, bool); allowed[np.asarray(pres, dtype=np.int64)] = True
+                if present_classes is not None: pres = present_classes[s + i]
+                else: pres = np.unique(g[(g >= 0) & (g != ignore_index)])
+                allowed = np.zeros(c, bool)
+                allowed[np.asarray(pres, dtype=np.int64)] = True
             if 0 <= ignore_index < c: allowed[ignore_index] = False
-            if not allowed.any(): preds.append(np.full(g.shape, ignore_index)); continue   # nothing labelled
-            lab = np.where(allowed[None, :], scores[i], -np.inf).argmax(-1).reshape(h, w)
+            if not allowed.any(): lab = np.full((h, w), ignore_index)  # nothing labelled
+            else: lab = np.where(allowed[None, :], scores[i], -np.inf).argmax(-1).reshape(h, w)
             preds.append(upsample_nearest(lab, g.shape))
-    return patchdis_from_labels(preds, masks, names, ignore_index)
+            if s + i < keep_labels: labels.append(lab)
+    out = patchdis_from_labels(preds, masks, names, ignore_index)
+    return out | {"labels": labels} if keep_labels else out

@@ -1,4 +1,5 @@
-"""Lexical vectors in Milvus (sparse float vectors, inner product, sparse inverted index), embedded by default with milvus-lite; word-level explanations from the stored vectors; portable JSONL and integer-impact exports.
+"""Lexical vectors in Milvus (sparse float vectors, inner product, sparse inverted index), embedded by default with
+milvus-lite; word-level explanations from the stored vectors; portable JSONL and integer-impact exports.
 
 Docs: https://github.com/lexvla/lexvla/milvus.html.md"""
 
@@ -9,25 +10,25 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Iterable, Sequence
 
 import numpy as np
 import scipy.sparse as sps
+from pymilvus import DataType, MilvusClient
 from tqdm.auto import tqdm
 
-from .index import Hit, VocabularyMismatch, topk_agrees, words_fingerprint
-from .params import repo_root
+from .index import Hit, VocabularyMismatch, words_fingerprint
+from .runtime import repo_root, write_json
 from .sparse import SparseVectors, explain
 
 # %% auto #0
 __all__ = ['DEFAULT_COLLECTION', 'ID_FIELD', 'VECTOR_FIELD', 'RECORD_FORMAT', 'MAX_TOPK', 'IMPACT_SCALE', 'vocab_words',
-           'vocab_fingerprint', 'default_uri', 'is_embedded', 'connect', 'MilvusIndex', 'random_lexical', 'export_keys',
-           'quantize', 'export_jsonl', 'read_jsonl', 'run_search', 'main']
+           'vocab_fingerprint', 'default_uri', 'is_embedded', 'connect', 'random_lexical', 'MilvusIndex', 'export_keys',
+           'quantize', 'export_jsonl', 'read_jsonl']
 
 # %% ../notebooks/10_milvus.ipynb #6fd02ef3
 def vocab_words(vocab) -> list[str]:
@@ -60,8 +61,10 @@ def is_embedded(uri: str) -> bool:
     "Whether `uri` names a local milvus-lite file rather than a Milvus server."
     return not _SERVER_URI.match(str(uri))
 
+# %% ../notebooks/10_milvus.ipynb #d1501bdd
 def _import_lite():
-    # milvus-lite 2.5.1 imports pkg_resources, which warns on import; the warning says nothing about this project
+    # milvus-lite 2.5.1 imports pkg_resources, which warns on import; the warning says nothing about this project.
+    # Imported here rather than at the top: only an embedded URI needs it, and it is not installed on Windows.
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         import milvus_lite.server_manager  # noqa: F401
@@ -72,12 +75,12 @@ def connect(uri: str | None = None, # `.db` file (milvus-lite, default `default_
             timeout: float | None = None, # seconds per call (None: pymilvus's default)
            ):
     "A `pymilvus.MilvusClient` on `uri`: a local milvus-lite engine for a `.db` file, else the server at `uri`."
-    from pymilvus import MilvusClient
     uri = str(uri or default_uri())
     if is_embedded(uri):
         p = Path(uri).expanduser().resolve()
         if p.suffix != ".db":
-            raise ValueError(f"uri {uri!r}: a milvus-lite URI is a file path ending in .db; a server URI starts with http://")
+            raise ValueError(f"uri {uri!r}: a milvus-lite URI is a file path ending in .db; "
+                             "a server URI starts with http://")
         if not _LITE_NAME.match(p.name):
             raise ValueError(f"uri {uri!r}: milvus-lite needs a file name of at most 36 characters from [A-Za-z0-9._-]")
         p.parent.mkdir(parents=True, exist_ok=True)
@@ -90,25 +93,30 @@ def connect(uri: str | None = None, # `.db` file (milvus-lite, default `default_
         try:
             return MilvusClient(uri=uri, token=token, db_name=db_name, timeout=timeout)
         except Exception as e:  # pymilvus raises its own exception types; one line that names the URI is what helps
-            if time.monotonic() < deadline: time.sleep(0.5); continue
+            if time.monotonic() < deadline:
+                time.sleep(0.5)
+                continue
             what = "start milvus-lite on" if is_embedded(uri) else "connect to Milvus at"
             hint = " (is another process using this file?)" if is_embedded(uri) else ""
             raise ConnectionError(f"cannot {what} {uri}{hint}: {getattr(e, 'message', e)}") from None
 
 # %% ../notebooks/10_milvus.ipynb #391157f1
 def _as_query(q, dim: int) -> tuple[np.ndarray, np.ndarray]:
-    "A query as (sorted word indices int64, weights float32) without zeros: from (indices, data), a dict or a dense vector."
+    "A query as sorted (word indices int64, weights float32) without zeros: from (indices, data), a dict or dense."
     if isinstance(q, dict): idx, dat = list(q.keys()), list(q.values())
     elif isinstance(q, tuple) and len(q) == 2: idx, dat = q
     else:
         x = np.asarray(q.detach().cpu() if hasattr(q, "detach") else q, dtype=np.float32)
         if x.ndim != 1 or x.shape[0] != dim:
             raise ValueError(f"a dense query must be a vector of length V={dim}, got shape {tuple(x.shape)}")
-        idx = np.flatnonzero(x); dat = x[idx]
-    idx = np.asarray(idx, dtype=np.int64).reshape(-1); dat = np.asarray(dat, dtype=np.float32).reshape(-1)
+        idx = np.flatnonzero(x)
+        dat = x[idx]
+    idx = np.asarray(idx, dtype=np.int64).reshape(-1)
+    dat = np.asarray(dat, dtype=np.float32).reshape(-1)
     if idx.shape != dat.shape: raise ValueError(f"query indices {idx.shape} and weights {dat.shape} differ in length")
     if idx.size and (idx.min() < 0 or idx.max() >= dim):
-        raise ValueError(f"query word index {int(idx.max() if idx.max() >= dim else idx.min())} is outside the vocabulary (V={dim})")
+        bad = int(idx.max() if idx.max() >= dim else idx.min())
+        raise ValueError(f"query word index {bad} is outside the vocabulary (V={dim})")
     keep = dat != 0
     idx, dat = idx[keep], dat[keep]
     order = np.argsort(idx, kind="stable")
@@ -121,14 +129,50 @@ def _stored(v: dict) -> tuple[np.ndarray, np.ndarray]:
     order = np.argsort(idx, kind="stable")
     return idx[order], dat[order]
 
+# %% ../notebooks/10_milvus.ipynb #7e70cb8a
+def random_lexical(n: int,                  # items
+                   dim: int,                # vocabulary size V
+                   draws: tuple[int, int] = (450, 2300), # words drawn per item (repeats merge: ~300-1,100 active)
+                   zipf: float = 1.0,       # exponent of word use: P(word of rank r) ~ 1 / r**zipf
+                   seed: int = 0,
+                   ids: Sequence | None = None, # item ids (default "item-000000", ...)
+                   chunk: int = 10000,      # items generated at once (bounds the memory)
+                  ) -> SparseVectors:
+    "Random L2-normalised lexical vectors with Zipf-like word use, vectorised (100k items in seconds)."
+    rng = np.random.default_rng(seed)
+    perm = rng.permutation(dim)  # frequent words are spread over the vocabulary, not its first indices
+    counts, indices, data = [], [], []
+    for s in range(0, n, chunk):
+        b = min(chunk, n - s)
+        m = rng.integers(draws[0], draws[1] + 1, size=b)
+        rows = np.repeat(np.arange(b, dtype=np.int64), m)
+        u = rng.random(m.sum())
+        # inverse CDF of the continuous power law on [1, dim + 1), floored: a Zipf-like rank in 1..dim
+        if zipf == 1: x = np.exp(u * np.log(dim + 1.0))
+        else: x = (u * ((dim + 1.0) ** (1 - zipf) - 1) + 1) ** (1 / (1 - zipf))
+        words = perm[np.clip(x.astype(np.int64) - 1, 0, dim - 1)]
+        key = np.sort(rows * dim + words)  # by (row, word); a sort and a mask beat np.unique by far here
+        key = key[np.r_[True, key[1:] != key[:-1]]]  # duplicates merged
+        r = key // dim
+        w = rng.lognormal(0.0, 1.0, size=key.size)
+        w /= np.sqrt(np.bincount(r, weights=w * w, minlength=b))[r]
+        counts.append(np.bincount(r, minlength=b))
+        indices.append((key % dim).astype(np.int32))
+        data.append(w.astype(np.float32))
+    indptr = np.zeros(n + 1, dtype=np.int64)
+    if n: indptr[1:] = np.cumsum(np.concatenate(counts))
+    cat = lambda xs, dt: np.concatenate(xs) if xs else np.zeros(0, dt)
+    ids = [f"item-{i:06d}" for i in range(n)] if ids is None else list(ids)
+    return SparseVectors(indptr=indptr, indices=cat(indices, np.int32), data=cat(data, np.float32), dim=dim, ids=ids)
+
 # %% ../notebooks/10_milvus.ipynb #157886cd
 class MilvusIndex:
     "Lexical vectors in one Milvus collection: sparse inverted index, inner product, word-level explanations."
     def __init__(self,
-                 vocab,                               # the model's vocabulary: `model.vocab` or its list of words
-                 uri: str | None = None,               # `.db` file (milvus-lite, default results/search/lexvla.db) or server URI
+                 vocab,                                # the model's vocabulary: `model.vocab` or its list of words
+                 uri: str | None = None,               # `.db` file (milvus-lite, default `default_uri()`) or server
                  collection: str = DEFAULT_COLLECTION, # collection name (letters, digits, underscores)
-                 token: str = "",                      # server credentials `user:password` or API key; unused by milvus-lite
+                 token: str = "",                      # server `user:password` or API key; unused by milvus-lite
                  db_name: str = "",                    # Milvus database on a server ("" is the default one)
                  fingerprint: str | None = None,       # vocabulary fingerprint (default: from `vocab`)
                  create: bool = True,                  # create the collection when absent (else raise)
@@ -151,7 +195,6 @@ class MilvusIndex:
         self.client.load_collection(collection)
 
     def _create(self):
-        from pymilvus import DataType
         record = {"format": RECORD_FORMAT, "vocab_fingerprint": self.fingerprint, "V": self.V}
         schema = self.client.create_schema(auto_id=False, enable_dynamic_field=False, description=json.dumps(record))
         schema.add_field(ID_FIELD, DataType.VARCHAR, is_primary=True, max_length=self.id_max_length)
@@ -161,145 +204,8 @@ class MilvusIndex:
                         params={"drop_ratio_build": 0.0})  # keep every posting: the top-k stays exact
         self.client.create_collection(self.collection, schema=schema, index_params=index, timeout=self.timeout)
 
-    def _describe(self) -> dict: return self.client.describe_collection(self.collection)
-
-    def _id_max_length(self) -> int:
-        f = next(f for f in self._describe()["fields"] if f["name"] == ID_FIELD)
-        return int(f.get("params", {}).get("max_length", 0))
-
-    @property
-    def record(self) -> dict:
-        "The vocabulary record stored in the collection's description (format, vocab_fingerprint, V)."
-        desc = self._describe()
-        try: rec = json.loads(desc.get("description") or "")
-        except json.JSONDecodeError: rec = None
-        if not isinstance(rec, dict) or rec.get("format") != RECORD_FORMAT:
-            raise ValueError(f"collection {self.collection!r} at {self.uri} was not created by lexvla.milvus "
-                             f"(its description holds no vocabulary record); use another collection name")
-        return rec
-
-    def check_vocabulary(self):
-        "Raise `VocabularyMismatch` unless the collection was built with this vocabulary."
-        rec = self.record
-        if rec.get("vocab_fingerprint") != self.fingerprint or int(rec.get("V", -1)) != self.V:
-            raise VocabularyMismatch(
-                f"collection {self.collection!r} at {self.uri} holds vectors over vocabulary "
-                f"{str(rec.get('vocab_fingerprint'))[:12]} (V={rec.get('V')}), but this model's vocabulary is "
-                f"{self.fingerprint[:12]} (V={self.V}): its scores would be meaningless. Query with the model that "
-                f"built the collection, or ingest this model's vectors into a new collection.")
-
-    def count(self) -> int:
-        "Number of stored items (an exact count; upserted ids count once)."
-        r = self.client.query(self.collection, filter="", output_fields=["count(*)"], timeout=self.timeout)
-        return int(r[0]["count(*)"])
-
-    def __len__(self): return self.count()
-    def __repr__(self): return f"MilvusIndex({self.collection!r} at {self.uri}, V={self.V}, vocab={self.fingerprint[:12]})"
-
-    def existing(self, ids: Sequence[str]) -> set[str]:
-        "The subset of `ids` already stored."
-        if not len(ids): return set()
-        rows = self.client.get(self.collection, ids=list(ids), output_fields=[ID_FIELD], timeout=self.timeout)
-        return {r[ID_FIELD] for r in rows}
-
-    def ingest(self,
-               sv: SparseVectors,          # the items' lexical vectors, with their stable ids (`sv.ids`)
-               batch_size: int = 1000,     # items per upsert call
-               skip_existing: bool = True, # send only ids not stored yet (resume); False upserts everything
-               progress: bool = True,      # a tqdm progress bar
-              ) -> dict[str, int]:
-        "Upsert `sv` into the collection in batches; returns counts of items `written` and `skipped`."
-        if sv.dim != self.V:
-            raise VocabularyMismatch(f"vectors have V={sv.dim} words, collection {self.collection!r} has V={self.V}")
-        if sv.ids is None: raise ValueError("ingest needs stable item ids: SparseVectors.ids is None")
-        ids = [str(i) for i in sv.ids]
-        if len(set(ids)) != len(ids):
-            dup = next(i for i in ids if ids.count(i) > 1)
-            raise ValueError(f"item id {dup!r} occurs more than once in the vectors to ingest")
-        long = next((i for i in ids if len(i.encode()) > self.id_max_length), None)
-        if long is not None: raise ValueError(f"item id {long[:40]!r}... is longer than {self.id_max_length} bytes")
-        written = skipped = 0
-        with tqdm(total=len(ids), desc=f"ingest {self.collection}", unit="item", disable=not progress) as bar:
-            for s in range(0, len(ids), batch_size):
-                batch = range(s, min(s + batch_size, len(ids)))
-                have = self.existing([ids[i] for i in batch]) if skip_existing else set()
-                rows = []
-                for i in batch:
-                    if ids[i] in have: continue
-                    idx, dat = sv.row(i)
-                    keep = np.asarray(dat) != 0  # explicit zeros score nothing; Milvus stores what it is given
-                    idx, dat = np.asarray(idx, np.int32)[keep], np.asarray(dat, np.float32)[keep]
-                    # a one-row scipy CSR: pymilvus packs it ~10x faster than the same vector as a dict
-                    vec = sps.csr_matrix((dat, idx, np.array([0, idx.size])), shape=(1, self.V))
-                    rows.append({ID_FIELD: ids[i], VECTOR_FIELD: vec})
-                if rows: self.client.upsert(self.collection, rows, timeout=self.timeout)
-                written += len(rows); skipped += len(batch) - len(rows)
-                bar.update(len(batch))
-        self.client.flush(self.collection, timeout=self.timeout)  # seal and persist what was written
-        return {"written": written, "skipped": skipped}
-
-    def _search(self, queries: list, k: int, explain_top: int | None) -> list[list[Hit]]:
-        out: list[list[Hit]] = [[] for _ in queries]
-        todo = [i for i, (idx, _) in enumerate(queries) if idx.size]  # an empty query shares no word with anything
-        fields = [VECTOR_FIELD] if explain_top != 0 else []
-        params = {"metric_type": "IP", "params": {"drop_ratio_search": 0.0}}
-        for s in range(0, len(todo), 64):
-            chunk = todo[s:s + 64]
-            data = [dict(zip(queries[i][0].tolist(), queries[i][1].tolist())) for i in chunk]
-            res = self.client.search(self.collection, data=data, anns_field=VECTOR_FIELD, limit=k,
-                                     search_params=params, output_fields=fields, timeout=self.timeout)
-            for i, hits in zip(chunk, res):
-                q_idx, q_dat = queries[i]
-                for h in hits:
-                    why = []
-                    if explain_top != 0:
-                        d_idx, d_dat = _stored(h["entity"][VECTOR_FIELD])
-                        why = explain(q_idx, q_dat, d_idx, d_dat, self.words, top=explain_top)
-                    out[i].append(Hit(id=str(h["id"]), score=float(h["distance"]), explanation=why))
-        return out
-
-    def search(self,
-               query,             # one query: (indices, weights), {index: weight}, or a dense V-vector; or a SparseVectors / 2-D array of queries
-               k: int = 10,       # hits per query (at most 16384)
-               explain: int | None = 5, # words per hit's explanation (None: all shared words; 0: none, nothing fetched)
-              ):
-        "Top-`k` items by inner product: a list of `Hit` for one query, a list of such lists for a batch."
-        if not 1 <= k <= MAX_TOPK: raise ValueError(f"k={k}: Milvus returns between 1 and {MAX_TOPK} hits")
-        if isinstance(query, SparseVectors):
-            if query.dim != self.V:
-                raise VocabularyMismatch(f"queries have V={query.dim} words, collection {self.collection!r} has V={self.V}")
-            return self._search([_as_query(query.row(i), self.V) for i in range(len(query))], k, explain)
-        x = query.detach().cpu().numpy() if hasattr(query, "detach") else query
-        if isinstance(x, np.ndarray) and x.ndim == 2:
-            return self._search([_as_query(r, self.V) for r in x], k, explain)
-        return self._search([_as_query(query, self.V)], k, explain)[0]
-
-    def fetch(self, ids: Sequence[str]) -> SparseVectors:
-        "The stored vectors of `ids` (KeyError naming the first id that is not stored)."
-        ids = [str(i) for i in ids]
-        got = {}
-        for s in range(0, len(ids), 1000):
-            for r in self.client.get(self.collection, ids=ids[s:s + 1000], output_fields=[VECTOR_FIELD], timeout=self.timeout):
-                got[r[ID_FIELD]] = _stored(r[VECTOR_FIELD])
-        missing = next((i for i in ids if i not in got), None)
-        if missing is not None: raise KeyError(f"item {missing!r} is not in collection {self.collection!r}")
-        return _to_sparse([got[i] for i in ids], self.V, ids)
-
-    def to_sparse(self, batch_size: int = 1000) -> SparseVectors:
-        "Every stored item's vector (ids in the engine's order): for an export from the engine."
-        got = {}
-        quiet = logging.getLogger("pymilvus.client.iterator.query_iterator")
-        level = quiet.level
-        quiet.setLevel(logging.ERROR)  # milvus-lite gives no MVCC timestamp; the iterator warns and uses its own
-        it = self.client.query_iterator(self.collection, batch_size=batch_size, filter="",
-                                        output_fields=[ID_FIELD, VECTOR_FIELD], timeout=self.timeout)
-        try:
-            while rows := it.next():
-                for r in rows: got[r[ID_FIELD]] = _stored(r[VECTOR_FIELD])
-        finally:
-            it.close(); quiet.setLevel(level)
-        ids = list(got)
-        return _to_sparse([got[i] for i in ids], self.V, ids)
+    def __repr__(self):
+        return f"MilvusIndex({self.collection!r} at {self.uri}, V={self.V}, vocab={self.fingerprint[:12]})"
 
     def drop(self):
         "Delete the collection and everything in it."
@@ -309,6 +215,134 @@ class MilvusIndex:
     def __enter__(self): return self
     def __exit__(self, *exc): self.close()
 
+# %% ../notebooks/10_milvus.ipynb #8c5c541d
+def _describe(self) -> dict: return self.client.describe_collection(self.collection)
+
+def _id_max_length(self) -> int:
+    f = next(f for f in self._describe()["fields"] if f["name"] == ID_FIELD)
+    return int(f.get("params", {}).get("max_length", 0))
+
+def _record(self) -> dict:
+    "The vocabulary record stored in the collection's description (format, vocab_fingerprint, V)."
+    desc = self._describe()
+    try: rec = json.loads(desc.get("description") or "")
+    except json.JSONDecodeError: rec = None
+    if not isinstance(rec, dict) or rec.get("format") != RECORD_FORMAT:
+        raise ValueError(f"collection {self.collection!r} at {self.uri} was not created by lexvla.milvus "
+                         f"(its description holds no vocabulary record); use another collection name")
+    return rec
+
+def _check_vocabulary(self):
+    "Raise `VocabularyMismatch` unless the collection was built with this vocabulary."
+    rec = self.record
+    if rec.get("vocab_fingerprint") != self.fingerprint or int(rec.get("V", -1)) != self.V:
+        raise VocabularyMismatch(
+            f"collection {self.collection!r} at {self.uri} holds vectors over vocabulary "
+            f"{str(rec.get('vocab_fingerprint'))[:12]} (V={rec.get('V')}), but this model's vocabulary is "
+            f"{self.fingerprint[:12]} (V={self.V}): its scores would be meaningless. Query with the model that "
+            f"built the collection, or ingest this model's vectors into a new collection.")
+
+MilvusIndex._describe = _describe
+MilvusIndex._id_max_length = _id_max_length
+MilvusIndex.record = property(_record)
+MilvusIndex.check_vocabulary = _check_vocabulary
+
+# %% ../notebooks/10_milvus.ipynb #d9f1c8b3
+def _count(self) -> int:
+    "Number of stored items (an exact count; upserted ids count once)."
+    r = self.client.query(self.collection, filter="", output_fields=["count(*)"], timeout=self.timeout)
+    return int(r[0]["count(*)"])
+
+def _existing(self, ids: Sequence[str]) -> set[str]:
+    "The subset of `ids` already stored."
+    if not len(ids): return set()
+    rows = self.client.get(self.collection, ids=list(ids), output_fields=[ID_FIELD], timeout=self.timeout)
+    return {r[ID_FIELD] for r in rows}
+
+def _ingest(self,
+            sv: SparseVectors,          # the items' lexical vectors, with their stable ids (`sv.ids`)
+            batch_size: int = 1000,     # items per upsert call
+            skip_existing: bool = True, # send only ids not stored yet (resume); False upserts everything
+            progress: bool = True,      # a tqdm progress bar
+           ) -> dict[str, int]:
+    "Upsert `sv` into the collection in batches; returns counts of items `written` and `skipped`."
+    if sv.dim != self.V:
+        raise VocabularyMismatch(f"vectors have V={sv.dim} words, collection {self.collection!r} has V={self.V}")
+    if sv.ids is None: raise ValueError("ingest needs stable item ids: SparseVectors.ids is None")
+    ids = [str(i) for i in sv.ids]
+    if len(set(ids)) != len(ids):
+        dup = next(i for i in ids if ids.count(i) > 1)
+        raise ValueError(f"item id {dup!r} occurs more than once in the vectors to ingest")
+    long = next((i for i in ids if len(i.encode()) > self.id_max_length), None)
+    if long is not None: raise ValueError(f"item id {long[:40]!r}... is longer than {self.id_max_length} bytes")
+    written = skipped = 0
+    with tqdm(total=len(ids), desc=f"ingest {self.collection}", unit="item", disable=not progress) as bar:
+        for s in range(0, len(ids), batch_size):
+            batch = range(s, min(s + batch_size, len(ids)))
+            have = self.existing([ids[i] for i in batch]) if skip_existing else set()
+            rows = []
+            for i in batch:
+                if ids[i] in have: continue
+                idx, dat = sv.row(i)
+                keep = np.asarray(dat) != 0  # explicit zeros score nothing; Milvus stores what it is given
+                idx, dat = np.asarray(idx, np.int32)[keep], np.asarray(dat, np.float32)[keep]
+                # a one-row scipy CSR: pymilvus packs it ~10x faster than the same vector as a dict
+                vec = sps.csr_matrix((dat, idx, np.array([0, idx.size])), shape=(1, self.V))
+                rows.append({ID_FIELD: ids[i], VECTOR_FIELD: vec})
+            if rows: self.client.upsert(self.collection, rows, timeout=self.timeout)
+            written += len(rows)
+            skipped += len(batch) - len(rows)
+            bar.update(len(batch))
+    self.client.flush(self.collection, timeout=self.timeout)  # seal and persist what was written
+    return {"written": written, "skipped": skipped}
+
+MilvusIndex.count = _count
+MilvusIndex.__len__ = _count
+MilvusIndex.existing = _existing
+MilvusIndex.ingest = _ingest
+
+# %% ../notebooks/10_milvus.ipynb #78a898d8
+def _batch_search(self, queries: list, k: int, explain_top: int | None) -> list[list[Hit]]:
+    out: list[list[Hit]] = [[] for _ in queries]
+    todo = [i for i, (idx, _) in enumerate(queries) if idx.size]  # an empty query shares no word with anything
+    fields = [VECTOR_FIELD] if explain_top != 0 else []
+    params = {"metric_type": "IP", "params": {"drop_ratio_search": 0.0}}
+    for s in range(0, len(todo), 64):
+        chunk = todo[s:s + 64]
+        data = [dict(zip(queries[i][0].tolist(), queries[i][1].tolist())) for i in chunk]
+        res = self.client.search(self.collection, data=data, anns_field=VECTOR_FIELD, limit=k,
+                                 search_params=params, output_fields=fields, timeout=self.timeout)
+        for i, hits in zip(chunk, res):
+            q_idx, q_dat = queries[i]
+            for h in hits:
+                why = []
+                if explain_top != 0:
+                    d_idx, d_dat = _stored(h["entity"][VECTOR_FIELD])
+                    why = explain(q_idx, q_dat, d_idx, d_dat, self.words, top=explain_top)
+                out[i].append(Hit(id=str(h["id"]), score=float(h["distance"]), explanation=why))
+    return out
+
+def _search(self,
+            query,             # one query ((indices, weights), dict or dense V-vector) or a batch (SparseVectors, 2-D)
+            k: int = 10,       # hits per query (at most 16384)
+            explain: int | None = 5, # words per hit's explanation (None: all shared words; 0: none, nothing fetched)
+           ):
+    "Top-`k` items by inner product: a list of `Hit` for one query, a list of such lists for a batch."
+    if not 1 <= k <= MAX_TOPK: raise ValueError(f"k={k}: Milvus returns between 1 and {MAX_TOPK} hits")
+    if isinstance(query, SparseVectors):
+        if query.dim != self.V:
+            raise VocabularyMismatch(f"queries have V={query.dim} words, "
+                                     f"collection {self.collection!r} has V={self.V}")
+        return self._search([_as_query(query.row(i), self.V) for i in range(len(query))], k, explain)
+    x = query.detach().cpu().numpy() if hasattr(query, "detach") else query
+    if isinstance(x, np.ndarray) and x.ndim == 2:
+        return self._search([_as_query(r, self.V) for r in x], k, explain)
+    return self._search([_as_query(query, self.V)], k, explain)[0]
+
+MilvusIndex._search = _batch_search
+MilvusIndex.search = _search
+
+# %% ../notebooks/10_milvus.ipynb #fdcd4797
 def _to_sparse(rows: list, dim: int, ids: list) -> SparseVectors:
     "SparseVectors from a list of (indices, weights) rows."
     indptr = np.zeros(len(rows) + 1, dtype=np.int64)
@@ -317,38 +351,37 @@ def _to_sparse(rows: list, dim: int, ids: list) -> SparseVectors:
     return SparseVectors(indptr=indptr, indices=cat([r[0] for r in rows], np.int32),
                          data=cat([r[1] for r in rows], np.float32), dim=dim, ids=list(ids))
 
-# %% ../notebooks/10_milvus.ipynb #7e70cb8a
-def random_lexical(n: int,                  # items
-                   dim: int,                # vocabulary size V
-                   draws: tuple[int, int] = (450, 2300), # words drawn per item; repeats merge, leaving ~300-1,100 active
-                   zipf: float = 1.0,       # exponent of word use: P(word of rank r) ~ 1 / r**zipf
-                   seed: int = 0,
-                   ids: Sequence | None = None, # item ids (default "item-000000", ...)
-                   chunk: int = 10000,      # items generated at once (bounds the memory)
-                  ) -> SparseVectors:
-    "Random L2-normalised lexical vectors with Zipf-like word use, vectorised (100k items in seconds)."
-    rng = np.random.default_rng(seed)
-    perm = rng.permutation(dim)  # frequent words are spread over the vocabulary, not its first indices
-    counts, indices, data = [], [], []
-    for s in range(0, n, chunk):
-        b = min(chunk, n - s)
-        m = rng.integers(draws[0], draws[1] + 1, size=b)
-        rows = np.repeat(np.arange(b, dtype=np.int64), m)
-        u = rng.random(m.sum())
-        # inverse CDF of the continuous power law on [1, dim + 1), floored: a Zipf-like rank in 1..dim
-        x = np.exp(u * np.log(dim + 1.0)) if zipf == 1 else (u * ((dim + 1.0) ** (1 - zipf) - 1) + 1) ** (1 / (1 - zipf))
-        words = perm[np.clip(x.astype(np.int64) - 1, 0, dim - 1)]
-        key = np.sort(rows * dim + words)  # by (row, word); a sort and a mask beat np.unique by far here
-        key = key[np.r_[True, key[1:] != key[:-1]]]  # duplicates merged
-        r = key // dim
-        w = rng.lognormal(0.0, 1.0, size=key.size)
-        w /= np.sqrt(np.bincount(r, weights=w * w, minlength=b))[r]
-        counts.append(np.bincount(r, minlength=b)); indices.append((key % dim).astype(np.int32)); data.append(w.astype(np.float32))
-    indptr = np.zeros(n + 1, dtype=np.int64)
-    if n: indptr[1:] = np.cumsum(np.concatenate(counts))
-    cat = lambda xs, dt: np.concatenate(xs) if xs else np.zeros(0, dt)
-    ids = [f"item-{i:06d}" for i in range(n)] if ids is None else list(ids)
-    return SparseVectors(indptr=indptr, indices=cat(indices, np.int32), data=cat(data, np.float32), dim=dim, ids=ids)
+def _fetch(self, ids: Sequence[str]) -> SparseVectors:
+    "The stored vectors of `ids` (KeyError naming the first id that is not stored)."
+    ids = [str(i) for i in ids]
+    got = {}
+    for s in range(0, len(ids), 1000):
+        rows = self.client.get(self.collection, ids=ids[s:s + 1000], output_fields=[VECTOR_FIELD],
+                               timeout=self.timeout)
+        for r in rows: got[r[ID_FIELD]] = _stored(r[VECTOR_FIELD])
+    missing = next((i for i in ids if i not in got), None)
+    if missing is not None: raise KeyError(f"item {missing!r} is not in collection {self.collection!r}")
+    return _to_sparse([got[i] for i in ids], self.V, ids)
+
+def _all_sparse(self, batch_size: int = 1000) -> SparseVectors:
+    "Every stored item's vector (ids in the engine's order): for an export from the engine."
+    got = {}
+    quiet = logging.getLogger("pymilvus.client.iterator.query_iterator")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)  # milvus-lite gives no MVCC timestamp; the iterator warns and uses its own
+    it = self.client.query_iterator(self.collection, batch_size=batch_size, filter="",
+                                    output_fields=[ID_FIELD, VECTOR_FIELD], timeout=self.timeout)
+    try:
+        while rows := it.next():
+            for r in rows: got[r[ID_FIELD]] = _stored(r[VECTOR_FIELD])
+    finally:
+        it.close()
+        quiet.setLevel(level)
+    ids = list(got)
+    return _to_sparse([got[i] for i in ids], self.V, ids)
+
+MilvusIndex.fetch = _fetch
+MilvusIndex.to_sparse = _all_sparse
 
 # %% ../notebooks/10_milvus.ipynb #55175eba
 IMPACT_SCALE = 1000  # integer impact = floor(weight * IMPACT_SCALE + 0.5); see the table above for why not 100
@@ -369,11 +402,13 @@ def quantize(data,                     # float weights (non-negative)
     if w.size and w.min() < 0: raise ValueError(f"impacts need non-negative weights, got {w.min():.4g}")
     return np.floor(w * scale + 0.5).astype(np.int32)
 
+# %% ../notebooks/10_milvus.ipynb #02d7a2aa
 def _atomic_lines(path: Path, lines: Iterable[str]):
+    "Write `lines` to `path` one by one through a temporary file and a rename (the streaming `atomic_write`)."
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w", encoding="utf-8") as f:
         for line in lines: f.write(line + "\n")
-    os.replace(tmp, path)
+    tmp.replace(path)
 
 def export_jsonl(sv: SparseVectors,               # vectors to export (ids default to row numbers)
                  vocab,                           # the model's vocabulary (a Vocabulary or its words)
@@ -386,7 +421,8 @@ def export_jsonl(sv: SparseVectors,               # vectors to export (ids defau
     words = vocab_words(vocab)
     if sv.dim != len(words): raise VocabularyMismatch(f"vectors have V={sv.dim} words, the vocabulary has {len(words)}")
     keys = export_keys(words)
-    out = Path(out_dir); out.mkdir(parents=True, exist_ok=True)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
     ids = [str(i) for i in sv.ids] if sv.ids is not None else [str(i) for i in range(len(sv))]
     def rows():
         for i in tqdm(range(len(sv)), desc="export", unit="item", disable=not progress):
@@ -406,9 +442,10 @@ def export_jsonl(sv: SparseVectors,               # vectors to export (ids defau
     _atomic_lines(paths["impact"], impacts())
     meta = {"format": RECORD_FORMAT, "vocab_fingerprint": vocab_fingerprint(vocab, fingerprint), "V": len(words),
             "impact_scale": scale, "impact_rule": "floor(weight * impact_scale + 0.5), zeros left out", "words": words}
-    _atomic_lines(paths["vocab"], [json.dumps(meta, ensure_ascii=False)])
+    write_json(paths["vocab"], meta, indent=None, ensure_ascii=False)
     return paths
 
+# %% ../notebooks/10_milvus.ipynb #e3235a2f
 def read_jsonl(path: str | Path,           # vectors.jsonl or impact.jsonl
                vocab,                      # the vocabulary it was exported with
                scale: float | None = None, # divide weights by this (the impact scale) to get weights back
@@ -425,89 +462,6 @@ def read_jsonl(path: str | Path,           # vectors.jsonl or impact.jsonl
             dat = np.array(list(rec["vector"].values()), dtype=np.float64)
             if scale: dat = dat / scale
             order = np.argsort(idx)
-            ids.append(rec["id"]); rows.append((idx[order], dat[order].astype(np.float32)))
+            ids.append(rec["id"])
+            rows.append((idx[order], dat[order].astype(np.float32)))
     return _to_sparse(rows, len(words), ids)
-
-# %% ../notebooks/10_milvus.ipynb #11853b87
-def run_search(params,                       # LoadedParams (search section)
-               evaluate_dir: str | Path,     # the evaluate stage's output (results/evaluate)
-               out_dir: str | Path,          # results/search
-               progress: bool = True,
-              ) -> dict:
-    "Ingest a variant's test-image vectors, query with its test captions, check against brute force; write the summary."
-    from lexvla.evaluate import load_vectors
-    sp = params.search
-    npz = Path(evaluate_dir) / sp.variant / "vectors.npz"
-    if not npz.is_file(): raise FileNotFoundError(f"{npz}: no vectors of variant {sp.variant!r} (run `dvc repro evaluate@{sp.variant}`)")
-    d = load_vectors(npz)
-    if not bool(d["lexical"]): raise ValueError(f"search.variant: {sp.variant!r} is the dense baseline; it has no words to index")
-    words = [str(w) for w in d["words"]]
-    ids = [str(p) for p in d["images"]]
-    docs = SparseVectors.from_scipy(d["image"], ids=ids, topk=sp.topk or None)
-    out = Path(out_dir); out.mkdir(parents=True, exist_ok=True)
-    uri = sp.uri if "://" in sp.uri else str(repo_root() / sp.uri)
-    # the ids are stable, so a killed ingest resumes; vectors of another model or another topk start over
-    import hashlib
-    what = hashlib.sha256(npz.read_bytes() + f"topk={sp.topk}".encode()).hexdigest()
-    marker = out / "ingest.json"
-    same = marker.is_file() and json.loads(marker.read_text()).get("vectors") == what
-    if not same:  # (also when the old collection has another vocabulary, which opening it would refuse)
-        client = connect(uri)
-        if client.has_collection(sp.collection): client.drop_collection(sp.collection)
-        client.close()
-    marker.write_text(json.dumps({"vectors": what, "collection": sp.collection, "uri": sp.uri}) + "\n")
-    t0 = time.perf_counter()
-    with MilvusIndex(words, uri=uri, collection=sp.collection) as idx:
-        counts = idx.ingest(docs, progress=progress)
-        t_ingest = time.perf_counter() - t0
-        n_q = len(d["captions"]) if sp.n_queries == 0 else min(sp.n_queries, len(d["captions"]))
-        queries = SparseVectors.from_scipy(d["text"][:n_q], topk=sp.topk or None)
-        t1 = time.perf_counter()
-        hits = idx.search(queries, k=sp.k, explain=sp.explain)
-        t_query = (time.perf_counter() - t1) / max(n_q, 1)
-        stored = idx.count()
-    # brute force over the same sparse vectors, in float64; each answer must have the right ids (ties at the k-th
-    # score in any order) with their own scores
-    exact = (queries.to_scipy().astype(np.float64) @ docs.to_scipy().astype(np.float64).T).toarray()
-    agree = sum(topk_agrees(hs, exact[i], ids, sp.k) for i, hs in enumerate(hits))
-    r1 = sum(bool(hs) and hs[0].id == ids[int(d["txt2img"][i])] for i, hs in enumerate(hits))
-    examples = [{"query": str(d["captions"][i]), "hits": [{"id": h.id, "score": h.score, "why": h.explanation} for h in hits[i][:3]]}
-                for i in range(min(5, n_q))]
-    paths = export_jsonl(docs, words, out / "export", scale=sp.impact_scale, progress=progress)
-    summary = {"variant": sp.variant, "uri": sp.uri, "embedded": is_embedded(uri), "collection": sp.collection,
-               "items": len(docs), "stored": stored,
-               "mean_active_words": docs.mean_active(), "queries": n_q, "k": sp.k,
-               "topk_equals_brute_force": agree / max(n_q, 1), "text_to_image_R@1": r1 / max(n_q, 1),
-               "exports": {k: str(p.relative_to(out)) for k, p in paths.items()},
-               "examples": examples}
-    tmp = out / "summary.json.tmp"
-    tmp.write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n"); tmp.replace(out / "summary.json")
-    from lexvla.params import record_run, repo_relative, save_resolved
-    save_resolved(params, out, extra={"vectors": repo_relative(npz)})
-    # times and counts of this run (the second run of a stage ingests nothing) stay out of the DVC output
-    timing = {"stage": "search", "ingest": counts, "ingest_s": round(t_ingest, 3), "query_ms": round(t_query * 1000, 2)}
-    record_run("search", timing, results=out.parent)
-    return {**summary, **timing}
-
-def main(argv: list[str] | None = None) -> int:
-    "python -m lexvla.milvus --params params.yaml [--evaluate results/evaluate] [--out results/search]"
-    import argparse, sys
-    from lexvla.params import ParamsError, load_params
-    ap = argparse.ArgumentParser(prog="python -m lexvla.milvus", description="Index a variant's lexical vectors in Milvus and check the search.")
-    ap.add_argument("--params", default="params.yaml")
-    ap.add_argument("--evaluate", default=None, help="evaluate stage output (default results/evaluate)")
-    ap.add_argument("--out", default=None, help="output folder (default results/search)")
-    a = ap.parse_args(argv)
-    try:
-        params = load_params(a.params, only=["search"])
-        root = repo_root()
-        s = run_search(params, a.evaluate or root / "results" / "evaluate", a.out or root / "results" / "search")
-    except (ParamsError, FileNotFoundError, ValueError, ConnectionError) as e:
-        print(f"search error: {e}", file=sys.stderr); return 2
-    print(json.dumps({k: s[k] for k in ("items", "stored", "queries", "topk_equals_brute_force", "text_to_image_R@1", "query_ms")}))
-    return 0
-
-
-# %% ../notebooks/10_milvus.ipynb #a06450bf
-if __name__ == "__main__": import sys; sys.exit(main())
-

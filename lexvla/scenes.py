@@ -1,4 +1,5 @@
-"""A procedural, seeded, bit-reproducible scene generator: images of coloured shapes, five captions each, and per-pixel semantic and instance masks.
+"""A procedural, seeded, bit-reproducible scene generator: images of coloured shapes, five captions each, and
+per-pixel semantic and instance masks.
 
 Docs: https://github.com/lexvla/lexvla/scenes.html.md"""
 
@@ -79,7 +80,7 @@ def _heart() -> np.ndarray:
     return pts / np.abs(pts).max()
 
 _POLYGONS = {
-    "square": _regular(4, math.pi / 4) ,
+    "square": _regular(4, math.pi / 4),
     "triangle": _regular(3) * 1.1 + np.array([0, 0.2]),
     "star": _star(),
     "cross": np.array([[-1, -.32], [-.32, -.32], [-.32, -1], [.32, -1], [.32, -.32], [1, -.32],
@@ -103,7 +104,9 @@ def shape_coverage(shape: str,  # one of SHAPES
     X, Y, R = cx * ss, cy * ss, r * ss
     box = lambda rr, dx=0.0, dy=0.0: [X + dx - rr, Y + dy - rr, X + dx + rr, Y + dy + rr]
     if shape == "circle": d.ellipse(box(R), fill=255)
-    elif shape == "ring": d.ellipse(box(R), fill=255); d.ellipse(box(R * 0.55), fill=0)
+    elif shape == "ring":
+        d.ellipse(box(R), fill=255)
+        d.ellipse(box(R * 0.55), fill=0)
     elif shape == "moon":
         d.ellipse(box(R), fill=255)
         d.ellipse(box(R * 0.85, 0.55 * R * math.cos(angle), 0.55 * R * math.sin(angle)), fill=0)
@@ -204,7 +207,8 @@ def make_scene(rng: np.random.Generator,  # from `scene_rng`
         base = np.array(COLOURS[colour][0], np.float64)
         rgb = tuple(int(v) for v in np.clip(base + rng.integers(-12, 13, 3), 0, 255))
         objs.append(SceneObject(shape, colour, sz, float(cx), float(cy), float(r), angle, rgb))
-        covs.append(cov); inst = trial.astype(np.uint8)
+        covs.append(cov)
+        inst = trial.astype(np.uint8)
         a = cov.astype(np.float32)[..., None] / 255.0
         img = img * (1 - a) + np.array(rgb, np.float32) * a
     for k, o in enumerate(objs, 1):
@@ -280,7 +284,10 @@ def make_captions(scene: Scene, rng: np.random.Generator, n: int = 5) -> list[st
         elif kind == "where":
             o = objs[int(rng.integers(len(objs)))]
             cap = f"{_phrase(o, rng)} {_region(o, size)}"
-        else: cap = f"{_inventory(objs, rng)} on {_article(w := str(rng.choice(BACKGROUNDS[scene.background])))} {w} background"
+        else:
+            inv = _inventory(objs, rng)  # draws from rng before the background word does
+            w = str(rng.choice(BACKGROUNDS[scene.background]))
+            cap = f"{inv} on {_article(w)} {w} background"
         if kind != "count": cap = str(rng.choice(OPENERS)) + cap
         if cap not in out: out.append(str(cap))
         if len(out) == n: return out

@@ -1,4 +1,5 @@
-"""Sparse lexical vectors (CSR over the vocabulary, with item ids), word-level explanations of a score, and sparsity statistics.
+"""Sparse lexical vectors (CSR over the vocabulary, with item ids), word-level explanations of a score, and sparsity
+statistics.
 
 Docs: https://github.com/lexvla/lexvla/sparse.html.md"""
 
@@ -16,7 +17,7 @@ import numpy as np
 import scipy.sparse as sps
 
 # %% auto #0
-__all__ = ['SparseVectors', 'explain', 'threshold_for', 'sparsity_stats']
+__all__ = ['SparseVectors', 'explain', 'threshold_for', 'sparsity_stats', 'save_vectors', 'load_vectors']
 
 # %% ../notebooks/07_sparse.ipynb #7775d49b
 def _as_numpy(x) -> np.ndarray:
@@ -56,13 +57,16 @@ class SparseVectors:
             raise ValueError(f"indptr ends at {p[-1]} but there are {len(ix)} indices and {len(self.data)} weights")
         if np.any(np.diff(p) < 0): raise ValueError("indptr must be non-decreasing")
         if len(ix) and (ix.min() < 0 or ix.max() >= self.dim):
-            raise ValueError(f"word index {int(ix.max() if ix.max() >= self.dim else ix.min())} is outside the vocabulary (V={self.dim})")
-        starts = np.zeros(len(ix), dtype=bool); starts[p[:-1][p[:-1] < len(ix)]] = True
+            outside = int(ix.max() if ix.max() >= self.dim else ix.min())
+            raise ValueError(f"word index {outside} is outside the vocabulary (V={self.dim})")
+        starts = np.zeros(len(ix), dtype=bool)
+        starts[p[:-1][p[:-1] < len(ix)]] = True
         for s in range(1, len(ix), chunk):  # strictly increasing within each row, in O(chunk) memory
             e = min(s + chunk, len(ix))
             bad = (ix[s:e] <= ix[s - 1:e - 1]) & ~starts[s:e]
             if bad.any():
-                j = s + int(np.argmax(bad)); r = int(np.searchsorted(p, j, side="right") - 1)
+                j = s + int(np.argmax(bad))
+                r = int(np.searchsorted(p, j, side="right") - 1)
                 raise ValueError(f"row {r}: word indices must be strictly increasing (got {ix[j - 1]} then {ix[j]})")
         if not np.all(np.isfinite(self.data)): raise ValueError("weights must be finite")
         return self
@@ -107,8 +111,11 @@ def _from_dense(cls, x,                     # (n, v) dense vectors: numpy array 
         b = _as_numpy(x[s:s + chunk])
         keep = _keep_mask(b, threshold, topk)
         r, c = np.nonzero(keep)  # row-major: words ascending within each row
-        counts.append(keep.sum(1)); indices.append(c.astype(np.int32)); data.append(b[r, c])
-    indptr = np.zeros(n + 1, np.int64); np.cumsum(np.concatenate(counts), out=indptr[1:])
+        counts.append(keep.sum(1))
+        indices.append(c.astype(np.int32))
+        data.append(b[r, c])
+    indptr = np.zeros(n + 1, np.int64)
+    np.cumsum(np.concatenate(counts), out=indptr[1:])
     return cls(indptr, np.concatenate(indices), np.concatenate(data), v, ids, check=False)
 
 SparseVectors.from_dense = classmethod(_from_dense)
@@ -121,7 +128,9 @@ def _from_scipy(cls, m,        # any scipy sparse matrix or array of shape (n, V
                ):
     "CSR from a scipy sparse matrix (duplicates summed, words sorted, explicit zeros dropped), optionally cut to top-k."
     m = sps.csr_matrix(m, copy=True)
-    m.sum_duplicates(); m.eliminate_zeros(); m.sort_indices()
+    m.sum_duplicates()
+    m.eliminate_zeros()
+    m.sort_indices()
     if topk is not None and m.shape[0]:  # same ties as from_dense: lower word index first
         sv = cls.concat([cls.from_dense(m[s:s + chunk].toarray(), topk=topk) for s in range(0, m.shape[0], chunk)])
         return cls(sv.indptr, sv.indices, sv.data, sv.dim, ids, check=False)
@@ -150,11 +159,14 @@ def _concat(cls, parts: Sequence["SparseVectors"]) -> "SparseVectors":
 
 def _save(self, path) -> Path:
     "Write an .npz (no pickles; ids as a unicode or int64 array); atomically."
-    path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     kind = "none" if self.ids is None else ("int" if all(isinstance(i, int) for i in self.ids) else "str")
     if kind == "none": ids = np.zeros(0, np.int64)
     elif kind == "int": ids = np.asarray(self.ids, dtype=np.int64)
     else: ids = np.asarray([str(i) for i in self.ids], dtype=np.str_)
+    # not runtime.atomic_write: np.savez streams the archive to a file instead of holding it all in memory; the
+    # temporary name ends in .npz, or np.savez would append it
     tmp = path.with_name(path.name + ".tmp.npz")
     np.savez(tmp, indptr=self.indptr, indices=self.indices, data=self.data, dim=np.int64(self.dim), ids=ids,
              ids_kind=np.str_(kind), format=np.str_("lexvla.sparse/1"))
@@ -206,3 +218,29 @@ def sparsity_stats(x,             # SparseVectors, or (n, V) dense vectors (nump
         k, V = (float((a != 0).sum(-1).mean()) if len(a) else 0.0), V or a.shape[-1]
     s = 1.0 - k / V
     return {"mean_active": float(k), "sparsity": s, "quadratic_sparsity": s * s}
+
+# %% ../notebooks/07_sparse.ipynb #13196d49
+def save_vectors(path: str | Path,              # the .npz to write (atomically)
+                 arrays: dict[str, np.ndarray],  # plain arrays (no dots in their names)
+                 collections: dict[str, SparseVectors], # named collections of vectors
+                ) -> Path:
+    "Write `arrays` and the CSR parts of every collection to one compressed `.npz` (no pickles)."
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    out = dict(arrays)
+    for name, sv in collections.items():
+        out |= {f"{name}.indptr": sv.indptr, f"{name}.indices": sv.indices, f"{name}.values": sv.data,
+                f"{name}.shape": np.array((len(sv), sv.dim), dtype=np.int64)}
+    tmp = path.with_name(path.name + ".tmp.npz")  # as in `SparseVectors.save`: np.savez streams to the file
+    np.savez_compressed(tmp, **out)
+    tmp.replace(path)
+    return path
+
+def load_vectors(path: str | Path) -> dict:
+    "Read `save_vectors`' file: each collection as a scipy CSR matrix, the rest as arrays (no pickles)."
+    with np.load(path, allow_pickle=False) as z: d = {k: z[k] for k in z.files}
+    out = {k: v for k, v in d.items() if "." not in k}
+    for name in {k.split(".")[0] for k in d if "." in k}:
+        out[name] = sps.csr_matrix((d[f"{name}.values"], d[f"{name}.indices"], d[f"{name}.indptr"]),
+                                   shape=tuple(d[f"{name}.shape"]))
+    return out

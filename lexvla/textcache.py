@@ -7,66 +7,19 @@ Docs: https://github.com/lexvla/lexvla/textcache.html.md"""
 # %% ../notebooks/11_textcache.ipynb #008cb04a
 from __future__ import annotations
 
-import hashlib
-import json
-import shutil
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from .caches import TextPrefixCache, cache_meta, check_cache
+from .datasets import load_karpathy, prepared_paths, read_categories, train_dataset
+from .model import create_model_from_params
+from .params import LoadedParams, load_params, save_resolved
+from .runtime import replace_dir, resolve_path, run_cli, stage_parser, temp_dir
+
 # %% auto #0
-__all__ = ['TextPrefixCache', 'build_text_cache', 'cache_captions', 'cache_meta', 'check_cache', 'main']
-
-# %% ../notebooks/11_textcache.ipynb #61ae39be
-class TextPrefixCache:
-    "Per-caption hidden states after the frozen prefix of the text tower (ragged, looked up by caption text)."
-    def __init__(self,
-                 hidden: torch.Tensor,  # (sum of tokens, d): every caption's tokens, concatenated
-                 offsets: torch.Tensor, # (captions + 1,): caption i is hidden[offsets[i]:offsets[i+1]]
-                 captions: list[str],   # the captions, in order
-                 meta: dict | None = None, # what built it (model fingerprint, prefix layers)
-                ):
-        self.hidden, self.offsets, self.captions, self.meta = hidden, offsets.long(), list(captions), dict(meta or {})
-        self.index = {c: i for i, c in enumerate(self.captions)}
-        if len(self.offsets) != len(self.captions) + 1: raise ValueError("offsets must have one more entry than captions")
-
-    def __len__(self): return len(self.captions)
-    def __contains__(self, caption): return caption in self.index
-
-    def lookup(self, captions: list[str], # captions to fetch (each must be in the cache)
-               dtype: torch.dtype | None = None,
-              ) -> tuple[torch.Tensor, torch.Tensor]:
-        "Left-padded `(hidden (b,t,d), attention_mask (b,t))` for `captions`, as the text tower's prefix returns them."
-        missing = [c for c in captions if c not in self.index]
-        if missing: raise KeyError(f"{len(missing)} caption(s) not in the text cache, e.g. {missing[0]!r}; rebuild it (dvc repro textcache)")
-        spans = [(int(self.offsets[self.index[c]]), int(self.offsets[self.index[c] + 1])) for c in captions]
-        t = max(e - s for s, e in spans)
-        d = self.hidden.shape[1]
-        out = self.hidden.new_zeros((len(captions), t, d), dtype=dtype or self.hidden.dtype)
-        mask = torch.zeros((len(captions), t), dtype=torch.long)
-        for i, (s, e) in enumerate(spans):
-            out[i, t - (e - s):] = self.hidden[s:e]
-            mask[i, t - (e - s):] = 1
-        return out, mask
-
-    def save(self, path: str | Path):
-        "Write `path/prefix.safetensors` and `path/captions.json` (atomically: temp names, then rename)."
-        path = Path(path); path.mkdir(parents=True, exist_ok=True)
-        save_file({"hidden": self.hidden.contiguous(), "offsets": self.offsets}, str(path / "prefix.safetensors.tmp"))
-        (path / "captions.json.tmp").write_text(json.dumps({"captions": self.captions, "meta": self.meta}))
-        (path / "prefix.safetensors.tmp").replace(path / "prefix.safetensors")
-        (path / "captions.json.tmp").replace(path / "captions.json")
-
-    @classmethod
-    def load(cls, path: str | Path) -> "TextPrefixCache":
-        path = Path(path)
-        for f in ("prefix.safetensors", "captions.json"):
-            if not (path / f).is_file(): raise FileNotFoundError(f"{path / f}: text cache file missing (run `dvc repro textcache`)")
-        t = load_file(str(path / "prefix.safetensors"))
-        j = json.loads((path / "captions.json").read_text())
-        return cls(t["hidden"], t["offsets"], j["captions"], j.get("meta"))
+__all__ = ['build_text_cache', 'cache_captions', 'build', 'main']
 
 # %% ../notebooks/11_textcache.ipynb #a0d26976
 @torch.no_grad()
@@ -95,63 +48,46 @@ def build_text_cache(model,                 # a LexVLA model with `tokenize` and
 def cache_captions(params,                      # LoadedParams (base, prepare, train, evaluate)
                    data_dir: str | Path,        # the `prepare` output
                   ) -> list[str]:
-    "Every caption the pipeline runs through the text tower: training (the first `train.captions_per_image` of each image), the evaluation split, and the PatchDis class prompts."
-    from lexvla.datasets import load_karpathy, prepared_paths, read_categories, train_dataset
+    "Every caption the text tower sees: the training captions, the evaluated split's, the PatchDis class prompts."
     p = prepared_paths(data_dir)
-    caps = train_dataset(p["shards"], None, seed=params.base.seed, captions_per_image=params.train.captions_per_image).all_captions()
+    cpi = params.train.captions_per_image  # the first this many of each training image
+    caps = train_dataset(p["shards"], None, seed=params.base.seed, captions_per_image=cpi).all_captions()
     ep = params.evaluate
     caps += load_karpathy(p["karpathy_json"], p["image_root"], split=ep.split, check_files=False).captions
     if ep.patchdis and p["categories"] is not None:
         caps += [ep.patchdis_prompt.replace("{name}", c["name"]) for c in read_categories(p["categories"])]
     return list(dict.fromkeys(caps))
 
-def cache_meta(model) -> dict:
-    "What a cache's states depend on: the LM, the prompt, the prefix depth (checked before a cache is used)."
-    return {"prefix_layers": model.text_prefix_layers, "prompt": model.config.prompt, "width": model.width,
-            "lm": {k: v for k, v in vars(model.config.lm).items() if k != "dtype"}}
-
-def check_cache(cache: TextPrefixCache, model) -> None:
-    "Refuse a cache built for another LM, prompt or LoRA depth: its states would be silently wrong."
-    want = cache_meta(model)
-    bad = [k for k, v in want.items() if k in cache.meta and cache.meta[k] != v]
-    if bad: raise ValueError(f"text cache was built for another {', '.join(bad)} "
-                             f"({bad[0]}: cache {cache.meta[bad[0]]!r}, model {want[bad[0]]!r}); rebuild it (dvc repro textcache)")
+def build(params: LoadedParams,           # the loaded params file
+          data_dir: str | Path | None = None, # default data/prepared
+          out: str | Path | None = None,      # default data/textcache
+          progress: bool = True,
+         ) -> str:
+    "The `textcache` stage: cache every caption's frozen prefix (or write an empty cache when training needs none)."
+    out = resolve_path(out, "data/textcache")
+    torch.manual_seed(params.base.seed)
+    if params.train.text_cache:
+        model = create_model_from_params(params, variant="lexvla").eval()
+        caps = cache_captions(params, resolve_path(data_dir, "data/prepared"))
+        cache = build_text_cache(model, caps, batch_size=params.textcache.batch_size, progress=progress)
+        cache.meta.update(cache_meta(model))
+    else:  # training does not use it (e.g. LoRA on every block: no frozen prefix): an empty cache
+        cache = TextPrefixCache(torch.zeros(0, 1), torch.zeros(1, dtype=torch.long), [],
+                                {"disabled": "train.text_cache is false"})
+    tmp = temp_dir(out)
+    cache.save(tmp)
+    # no wall-clock time here: later stages depend on this folder, and a re-run must hash the same
+    save_resolved(params, tmp, extra={"captions": len(cache), "tokens": int(cache.hidden.shape[0])})
+    replace_dir(tmp, out)
+    return f"text cache: {len(cache)} captions, {cache.hidden.shape[0]} tokens x {cache.hidden.shape[1]} -> {out}"
 
 def main(argv: list[str] | None = None) -> int:
     "python -m lexvla.textcache --params params.yaml [--data DIR] [--out DIR]"
-    import argparse, sys
-    from lexvla.params import ParamsError, load_params, repo_root, save_resolved
-    ap = argparse.ArgumentParser(prog="python -m lexvla.textcache", description="Cache the frozen LM prefix of every caption.")
-    ap.add_argument("--params", default="params.yaml", help="params file")
-    ap.add_argument("--data", default=None, help="prepared data folder (default data/prepared)")
-    ap.add_argument("--out", default=None, help="cache folder (default data/textcache)")
-    a = ap.parse_args(argv)
-    try:
-        from lexvla.model import create_model_from_params
-        params = load_params(a.params)
-        root = repo_root()
-        out = Path(a.out or root / "data" / "textcache")
-        torch.manual_seed(params.base.seed)
-        if params.train.text_cache:
-            model = create_model_from_params(params, variant="lexvla").eval()
-            caps = cache_captions(params, Path(a.data or root / "data" / "prepared"))
-            cache = build_text_cache(model, caps, batch_size=params.evaluate.batch_size)
-            cache.meta.update(cache_meta(model))
-        else:  # training does not use it (e.g. LoRA on every block: no frozen prefix): an empty cache
-            cache = TextPrefixCache(torch.zeros(0, 1), torch.zeros(1, dtype=torch.long), [], {"disabled": "train.text_cache is false"})
-        tmp = out.with_name(out.name + ".tmp")
-        if tmp.exists(): shutil.rmtree(tmp)
-        cache.save(tmp)
-        # no wall-clock time here: later stages depend on this folder, and a re-run must hash the same
-        save_resolved(params, tmp, extra={"captions": len(cache), "tokens": int(cache.hidden.shape[0])})
-        if out.exists(): shutil.rmtree(out)
-        tmp.rename(out)  # a killed run leaves only the .tmp folder, never a half-written cache
-    except (ParamsError, FileNotFoundError, ValueError) as e:
-        print(f"textcache error: {e}", file=sys.stderr); return 2
-    print(f"text cache: {len(cache)} captions, {cache.hidden.shape[0]} tokens x {cache.hidden.shape[1]} -> {out}")
-    return 0
+    ap = stage_parser("textcache", "Cache the frozen LM prefix of every caption.",
+                      data="prepared data folder (default data/prepared)", out="cache folder (default data/textcache)")
+    return run_cli(ap, lambda a: build(load_params(a.params), a.data, a.out), argv)
 
 
 # %% ../notebooks/11_textcache.ipynb #7793c85c
-if __name__ == "__main__": import sys; sys.exit(main())
+if __name__ == "__main__": raise SystemExit(main())
 

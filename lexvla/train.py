@@ -1,4 +1,5 @@
-"""The `train` stage: fine-tune one LexVLA variant from `params.yaml`, on a CPU, one GPU or many; resumable, observable, bit-reproducible.
+"""The `train` stage: fine-tune one LexVLA variant from `params.yaml`, on a CPU, one GPU or many; resumable,
+observable, bit-reproducible.
 
 Docs: https://github.com/lexvla/lexvla/train.html.md"""
 
@@ -7,52 +8,38 @@ Docs: https://github.com/lexvla/lexvla/train.html.md"""
 # %% ../notebooks/12_train.ipynb #ca196747
 from __future__ import annotations
 
-import argparse
 import errno
 import hashlib
+import importlib.util
 import json
 import math
 import os
-import platform
-import random
 import shutil
 import signal
-import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
 
-from .params import (LoadedParams, ParamsError, TrainParams, VariantSpec, load_params, record_run, repo_relative,
-                           repo_root, save_resolved, write_json)
-
 import numpy as np
 import torch
+from accelerate import Accelerator
+from dvclive import Live
 from tqdm.auto import tqdm
+from transformers import get_cosine_schedule_with_warmup
+
+from .caches import ImageTokenCache, TextPrefixCache, check_cache, check_image_cache
+from .datasets import collate_pairs, image_transform, train_dataset
+from .losses import create_loss
+from .model import create_model_from_params, save_trained, trainable_state
+from .params import LoadedParams, ParamsError, TrainParams, VariantSpec, load_params, record_run, save_resolved
+from .runtime import (environment_record, repo_relative, repo_root, resolve_device, resolve_path, rng_state,
+                            run_cli, seed_everything, set_rng_state, stage_parser, write_json)
+from .sparse import threshold_for
 
 # %% auto #0
-__all__ = ['TRAINING_CODE', 'seed_everything', 'rng_state', 'set_rng_state', 'CheckpointError', 'fault_point', 'Checkpointer',
-           'NonFiniteLoss', 'run_fingerprint', 'resolve_device', 'environment_record', 'param_groups',
-           'trainable_state', 'regularised', 'train', 'save_trained', 'load_trained', 'main']
-
-# %% ../notebooks/12_train.ipynb #b81b6815
-def seed_everything(seed: int, deterministic: bool = True):
-    "Seed python, numpy and torch (all devices); optionally force deterministic torch kernels."
-    random.seed(seed); np.random.seed(seed); torch.manual_seed(seed)
-    if deterministic:
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.use_deterministic_algorithms(True, warn_only=True)
-        torch.backends.cudnn.benchmark = False
-
-def rng_state() -> dict:
-    "Every RNG state a training step draws from."
-    s = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available(): s["cuda"] = torch.cuda.get_rng_state_all()
-    return s
-
-def set_rng_state(s: dict):
-    random.setstate(s["python"]); np.random.set_state(s["numpy"]); torch.set_rng_state(s["torch"])
-    if "cuda" in s and torch.cuda.is_available(): torch.cuda.set_rng_state_all(s["cuda"])
+__all__ = ['TRAINING_CODE', 'CheckpointError', 'fault_point', 'Checkpointer', 'NonFiniteLoss', 'run_fingerprint', 'regularised',
+           'param_groups', 'make_optimizer', 'resume', 'train_step', 'scalars', 'log_step', 'train', 'main']
 
 # %% ../notebooks/12_train.ipynb #7a1bb3be
 class CheckpointError(RuntimeError):
@@ -169,7 +156,8 @@ class NonFiniteLoss(RuntimeError):
     "The loss became NaN or infinite; training stopped and the last good checkpoint was kept."
 
 # the modules a training run executes: a checkpoint written by other code is not resumed
-TRAINING_CODE = ("params", "datasets", "vocab", "model", "maxpool", "losses", "textcache", "imagecache", "train")
+TRAINING_CODE = ("runtime", "params", "datasets", "vocab", "text", "vision", "model", "maxpool", "losses", "caches",
+                 "sparse", "train")
 
 def run_fingerprint(params: LoadedParams, variant: str, data_dir: Path,
                     code_dir: Path | None = None, # the package whose TRAINING_CODE is hashed (default: this one)
@@ -177,43 +165,11 @@ def run_fingerprint(params: LoadedParams, variant: str, data_dir: Path,
     "sha256 of everything that determines the trained weights: the params sections, the variant, the data and the code."
     d = params.to_dict()
     rec = {"variant": variant, "params": {k: d[k] for k in sorted(d) if k in ("base", "prepare", "model", "train")}}
-    pkg = Path(code_dir) if code_dir is not None else \
-        Path(__file__).resolve().parent if "__file__" in globals() else repo_root() / "lexvla"
+    pkg = Path(code_dir) if code_dir is not None else Path(importlib.util.find_spec("lexvla").origin).parent
     rec["code"] = {m: hashlib.sha256((pkg / f"{m}.py").read_bytes()).hexdigest() for m in TRAINING_CODE}
     report = Path(data_dir) / "report.json"
     rec["data"] = hashlib.sha256(report.read_bytes()).hexdigest() if report.is_file() else str(data_dir)
     return hashlib.sha256(json.dumps(rec, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-def resolve_device(device: str) -> str:
-    "`auto` -> cuda when available, else cpu; `cuda` without a GPU is an error that says so."
-    if device == "auto": return "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ParamsError("base.device: got \"cuda\", but no CUDA device is visible (use auto or cpu)")
-    return device
-
-def environment_record(device: str) -> dict:
-    "What the stage ran with: device, package versions, platform."
-    import importlib.metadata as md
-    pk = {}
-    for name in ("torch", "transformers", "timm", "peft", "accelerate", "numpy", "lexvla"):
-        try: pk[name] = md.version(name)
-        except md.PackageNotFoundError: pk[name] = None
-    return {"device": device, "gpu": torch.cuda.get_device_name(0) if device == "cuda" else None,
-            "threads": torch.get_num_threads(), "python": platform.python_version(), "platform": platform.platform(),
-            "packages": pk}
-
-def param_groups(model, weight_decay: float) -> list[dict]:
-    "AdamW groups: decay on matrices, none on norms, biases and the temperature."
-    decay, no_decay = [], []
-    for n, p in model.named_parameters():
-        if not p.requires_grad: continue
-        (no_decay if p.ndim < 2 or "norm" in n or "logit_scale" in n else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-def trainable_state(model) -> dict[str, torch.Tensor]:
-    "The weights training changes (what a checkpoint and the final model store)."
-    model = getattr(model, "module", model)
-    return {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
 
 # %% ../notebooks/12_train.ipynb #197fa751
 class _Epochs(torch.utils.data.Dataset):
@@ -236,8 +192,94 @@ def regularised(out: dict, # a LexVLA forward's output
 
 def _lexical_active(x: torch.Tensor) -> float:
     "Mean words above the inference threshold 1/sqrt(V) (method §5)."
-    return float((x.detach() > x.shape[-1] ** -0.5).sum(-1).float().mean())
+    return float((x.detach() > threshold_for(x.shape[-1])).sum(-1).float().mean())
 
+# %% ../notebooks/12_train.ipynb #6076b20e
+def param_groups(model, weight_decay: float) -> list[dict]:
+    "AdamW groups: decay on matrices, none on norms, biases and the temperature."
+    decay, no_decay = [], []
+    for n, p in model.named_parameters():
+        if not p.requires_grad: continue
+        (no_decay if p.ndim < 2 or "norm" in n or "logit_scale" in n else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+def make_optimizer(model, tp: TrainParams):
+    "`(AdamW, cosine-with-warm-up scheduler)` over `model`'s trainable parameters, as `train` params say."
+    opt = torch.optim.AdamW(param_groups(model, tp.weight_decay), lr=tp.lr, betas=(0.9, 0.98), eps=1e-6)
+    return opt, get_cosine_schedule_with_warmup(opt, tp.warmup_steps, tp.steps)
+
+# %% ../notebooks/12_train.ipynb #b2a8428c
+def resume(ck: Checkpointer, # this run's checkpoints
+           raw,              # the unwrapped model
+           opt, sched,       # its optimiser and scheduler
+           steps: int,       # train.steps: a checkpoint at this step is a finished run
+           say=print,        # where the one-line notices go
+          ) -> tuple[int, int, int, str | None]:
+    "`(step, epoch, batch_in_epoch, resumed_from)` after loading the newest checkpoint; zeros and None without one."
+    last = ck.latest()
+    if last is not None and json.loads((last / "state.json").read_text()).get("step", 0) >= steps:
+        say(f"{last} is the end of a finished run; training again so that every output is rebuilt")
+        last = None
+    if last is None: return 0, 0, 0, None
+    tensors, objects, info = ck.load(last)
+    missing = set(trainable_state(raw)) - set(tensors)
+    if missing: raise CheckpointError(f"{last}: checkpoint lacks weights {sorted(missing)[:3]}")
+    raw.load_state_dict(tensors, strict=False)
+    opt.load_state_dict(objects["optimizer"])
+    sched.load_state_dict(objects["scheduler"])
+    set_rng_state(objects["rng"])
+    say(f"resuming from {last} (step {info['step']})")
+    return info["step"], info["epoch"], info["batch_in_epoch"], str(last)
+
+# %% ../notebooks/12_train.ipynb #74579888
+def train_step(model, batch: dict, # a collated micro-batch: pixels, captions, keys
+               loss_fn, step: int, acc: Accelerator, opt, sched, tp: TrainParams,
+               cache: TextPrefixCache | None = None,  # the frozen LM prefix of the captions (exact)
+               icache: ImageTokenCache | None = None, # the frozen ViT's tokens of the images (exact)
+               loss_hook=None,                        # test hook: called with (step, parts) before backward
+               where: str = "",                       # named in a non-finite loss's message
+              ) -> tuple[dict, dict]:
+    "One micro-batch forward, loss and backward (and the optimiser step when the window closes): `(out, parts)`."
+    with acc.accumulate(model):
+        image = ({"image_tokens": icache.lookup(batch["keys"]).to(acc.device)} if icache is not None
+                 else {"pixels": batch["pixels"].to(acc.device)})
+        if cache is not None:
+            h, m = cache.lookup(batch["captions"])
+            out = model(**image, text_prefix=(h.to(acc.device), m.to(acc.device)))
+        else:
+            out = model(**image, captions=batch["captions"])
+        parts = loss_fn(out["image_features"], out["text_features"], out["logit_scale"], step,
+                        **regularised(out, tp.reg_on))
+        if loss_hook is not None: loss_hook(step, parts)
+        if not torch.isfinite(parts["loss"]):
+            shown = ", ".join(f"{k}={float(v.detach()):.4g}" for k, v in parts.items()
+                              if torch.is_tensor(v) and v.numel() == 1)
+            raise NonFiniteLoss(f"{where}non-finite loss at step {step} ({shown}); stopped")
+        acc.backward(parts["loss"])
+        fault_point(f"step-{step + 1}-backward")  # mid-step: gradients computed, weights not yet updated
+        if acc.sync_gradients and tp.grad_clip > 0: acc.clip_grad_norm_(model.parameters(), tp.grad_clip)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+    return out, parts
+
+# %% ../notebooks/12_train.ipynb #5fdb26f0
+def scalars(parts: dict) -> dict[str, float]:
+    "The one-number entries of a loss's parts, as floats."
+    return {k: float(v.detach()) for k, v in parts.items() if torch.is_tensor(v) and v.numel() == 1}
+
+def log_step(live: Live, parts: dict, out: dict, lr: float, raw) -> dict[str, float]:
+    "Record one step's scalars in dvclive (`train/<name>`) and advance its step; returns what was logged."
+    rec = scalars(parts)
+    rec.update(lr=lr, temperature=float(1 / raw.logit_scale.detach().exp()))
+    if raw.lexical:
+        rec["image_active_words"] = _lexical_active(out["image_features"])
+        rec["text_active_words"] = _lexical_active(out["text_features"])
+    for k, v in rec.items(): live.log_metric(f"train/{k}", v)
+    live.next_step()
+    return rec
+
+# %% ../notebooks/12_train.ipynb #7daaa14e
 def train(params: LoadedParams,           # the loaded params file
           variant: str,                   # a key of train.variants
           data_dir: str | Path | None = None,   # prepared data (default data/prepared)
@@ -249,22 +291,13 @@ def train(params: LoadedParams,           # the loaded params file
           image_cache_dir: str | Path | None = None,  # frozen-ViT token cache (default data/imagecache)
          ) -> dict:
     "Train one variant; resume from its last checkpoint when one exists. Returns the run summary."
-    from accelerate import Accelerator
-    from transformers import get_cosine_schedule_with_warmup
-    from lexvla.datasets import collate_pairs, image_transform, train_dataset
-    from lexvla.losses import create_loss
-    from lexvla.model import create_model_from_params
-    from lexvla.textcache import TextPrefixCache, check_cache
-    from lexvla.imagecache import ImageTokenCache, check_image_cache
-
     base, tp = params.base, params.train
     if variant not in tp.variants:
         raise ParamsError(f"train.variants: no variant {variant!r} (have: {', '.join(tp.variants)})")
     spec = tp.variants[variant]
-    root = repo_root()
-    data_dir = Path(data_dir or root / "data" / "prepared")
-    out_dir = Path(out_dir or root / "models" / variant)
-    results_dir = Path(results_dir or root / "results" / "train" / variant)
+    data_dir = resolve_path(data_dir, "data/prepared")
+    out_dir = resolve_path(out_dir, f"models/{variant}")
+    results_dir = resolve_path(results_dir, f"results/train/{variant}")
     shards = sorted((data_dir / "train").glob("*.tar"))
     if not shards: raise FileNotFoundError(f"{data_dir / 'train'}: no training shards (*.tar); run `dvc repro prepare`")
 
@@ -284,55 +317,39 @@ def train(params: LoadedParams,           # the loaded params file
     loss_fn = create_loss(spec.reg, lambda_img=lam_img, lambda_txt=lam_txt, warmup_steps=tp.reg_warmup_steps,
                           **({"share": tp.overuse_share} if spec.reg == "overuse" else {}))
     use_cache = tp.text_cache and spec.model != "bow"
-    cache = TextPrefixCache.load(cache_dir or root / "data" / "textcache") if use_cache else None
+    cache = TextPrefixCache.load(resolve_path(cache_dir, "data/textcache")) if use_cache else None
     if cache is not None: check_cache(cache, model)
     # a frozen ViT sees one fixed view of each image (no augmentation), so its tokens are cached (imagecache)
     frozen = model.config.vision.frozen
     icache = None
     if tp.image_cache and frozen:
-        icache = ImageTokenCache.load(image_cache_dir or root / "data" / "imagecache", "train")
+        icache = ImageTokenCache.load(resolve_path(image_cache_dir, "data/imagecache"), "train")
         check_image_cache(icache, model)
 
     micro = tp.batch_size // tp.grad_accum // acc.num_processes
     ds = train_dataset(shards, image_transform(model.data_config, train=not frozen), seed=base.seed,
                        captions_per_image=tp.captions_per_image)
-    g = torch.Generator(); g.manual_seed(base.seed)
-    dl = torch.utils.data.DataLoader(_Epochs(ds), batch_size=micro, num_workers=tp.num_workers, collate_fn=collate_pairs,
-                                     drop_last=True, shuffle=False, generator=g,
+    g = torch.Generator()
+    g.manual_seed(base.seed)
+    dl = torch.utils.data.DataLoader(_Epochs(ds), batch_size=micro, num_workers=tp.num_workers,
+                                     collate_fn=collate_pairs, drop_last=True, shuffle=False, generator=g,
                                      persistent_workers=False)
     batches_per_epoch = len(dl) // acc.num_processes if acc.num_processes > 1 else len(dl)
     if batches_per_epoch < tp.grad_accum:
         raise ParamsError(f"train.batch_size: {tp.batch_size} is larger than the training set ({len(ds)} images)")
 
-    opt = torch.optim.AdamW(param_groups(model, tp.weight_decay), lr=tp.lr, betas=(0.9, 0.98), eps=1e-6)
-    sched = get_cosine_schedule_with_warmup(opt, tp.warmup_steps, tp.steps)
+    opt, sched = make_optimizer(model, tp)
     model, opt, dl, sched = acc.prepare(model, opt, dl, sched)
     raw = acc.unwrap_model(model)
+    step, epoch, batch_in_epoch, resumed_from = resume(ck, raw, opt, sched, tp.steps,
+                                                       say=lambda s: acc.print(f"{variant}: {s}"))
 
-    step, epoch, batch_in_epoch, resumed_from = 0, 0, 0, None
-    last = ck.latest()
-    if last is not None and json.loads((last / "state.json").read_text()).get("step", 0) >= tp.steps:
-        # a finished run: DVC runs the stage again only after removing its outputs (metrics, plots), so train
-        # again (bit-identical on a CPU) rather than "resume" into an empty run
-        acc.print(f"{variant}: {last} is the end of a finished run; training again so that every output is rebuilt")
-        last = None
-    if last is not None:
-        tensors, objects, info = ck.load(last)
-        missing = set(trainable_state(raw)) - set(tensors)
-        if missing: raise CheckpointError(f"{last}: checkpoint lacks weights {sorted(missing)[:3]}")
-        raw.load_state_dict(tensors, strict=False)
-        opt.load_state_dict(objects["optimizer"]); sched.load_state_dict(objects["scheduler"])
-        set_rng_state(objects["rng"])
-        step, epoch, batch_in_epoch, resumed_from = info["step"], info["epoch"], info["batch_in_epoch"], str(last)
-        acc.print(f"resuming {variant} from {last} (step {step})")
-
-    from dvclive import Live
     live = Live(dir=str(results_dir / "live"), resume=resumed_from is not None, dvcyaml=False, save_dvc_exp=False,
                 report=None)
     if resumed_from is None:
         live.log_params({"variant": variant, "model": spec.model, "reg": spec.reg, "seed": base.seed})
-    V = getattr(raw, "vocab", None)
-    bar = tqdm(total=tp.steps, initial=step, desc=f"train {variant}", unit="step", disable=not (progress and acc.is_main_process))
+    bar = tqdm(total=tp.steps, initial=step, desc=f"train {variant}", unit="step",
+               disable=not (progress and acc.is_main_process))
     t0, seen, t_start, images_total = time.perf_counter(), 0, time.perf_counter(), 0
     parts = {}
     model.train()
@@ -341,44 +358,23 @@ def train(params: LoadedParams,           # the loaded params file
         ds.set_epoch(epoch, skip=batch_in_epoch * micro * acc.num_processes)
         for batch in dl:
             batch_in_epoch += 1
-            with acc.accumulate(model):
-                pixels = batch["pixels"].to(acc.device)
-                image = {"image_tokens": icache.lookup(batch["keys"]).to(acc.device)} if icache is not None else \
-                    {"pixels": pixels}
-                if cache is not None:
-                    h, m = cache.lookup(batch["captions"])
-                    out = model(**image, text_prefix=(h.to(acc.device), m.to(acc.device)))
-                else:
-                    out = model(**image, captions=batch["captions"])
-                parts = loss_fn(out["image_features"], out["text_features"], out["logit_scale"], step,
-                                **regularised(out, tp.reg_on))
-                if loss_hook is not None: loss_hook(step, parts)
-                if not torch.isfinite(parts["loss"]):
-                    shown = ", ".join(f"{k}={float(v.detach()):.4g}" for k, v in parts.items()
-                                      if torch.is_tensor(v) and v.numel() == 1)
-                    raise NonFiniteLoss(f"{variant}: non-finite loss at step {step} ({shown}); stopped. "
-                                        f"Last good checkpoint: {ck.latest() or 'none'}")
-                acc.backward(parts["loss"])
-                fault_point(f"step-{step + 1}-backward")  # mid-step: gradients computed, weights not yet updated
-                if acc.sync_gradients and tp.grad_clip > 0: acc.clip_grad_norm_(model.parameters(), tp.grad_clip)
-                opt.step(); sched.step(); opt.zero_grad(set_to_none=True)
-            seen += pixels.shape[0] * acc.num_processes
-            images_total += pixels.shape[0] * acc.num_processes
+            try:
+                out, parts = train_step(model, batch, loss_fn, step, acc, opt, sched, tp, cache, icache, loss_hook,
+                                        where=f"{variant}: ")
+            except NonFiniteLoss as e:
+                raise NonFiniteLoss(f"{e}. Last good checkpoint: {ck.latest() or 'none'}") from None
+            seen += batch["pixels"].shape[0] * acc.num_processes
+            images_total += batch["pixels"].shape[0] * acc.num_processes
             if not acc.sync_gradients: continue
             step += 1
             with torch.no_grad():  # CLIP's clamp: 1/T at most 100
                 raw.logit_scale.clamp_(0, math.log(100))
-            bar.update(1); bar.set_postfix(loss=f"{float(parts['loss'].detach()):.3f}")
+            bar.update(1)
+            bar.set_postfix(loss=f"{float(parts['loss'].detach()):.3f}")
             if step % tp.log_every == 0 or step == tp.steps:
-                dt = time.perf_counter() - t0
-                rec = {k: float(v.detach()) for k, v in parts.items() if torch.is_tensor(v) and v.numel() == 1}
-                rec.update(lr=sched.get_last_lr()[0], temperature=float(1 / raw.logit_scale.detach().exp()))
-                bar.set_postfix(loss=f"{rec['loss']:.3f}", img_s=f"{seen / max(dt, 1e-9):.1f}")
-                if spec.model != "dense":
-                    rec["image_active_words"] = _lexical_active(out["image_features"])
-                    rec["text_active_words"] = _lexical_active(out["text_features"])
-                for k, v in rec.items(): live.log_metric(f"train/{k}", v)
-                live.next_step(); t0, seen = time.perf_counter(), 0
+                rec = log_step(live, parts, out, sched.get_last_lr()[0], raw)
+                bar.set_postfix(loss=f"{rec['loss']:.3f}", img_s=f"{seen / max(time.perf_counter() - t0, 1e-9):.1f}")
+                t0, seen = time.perf_counter(), 0
             if step % tp.checkpoint_every == 0 or step == tp.steps:
                 acc.wait_for_everyone()
                 if acc.is_main_process:
@@ -391,72 +387,35 @@ def train(params: LoadedParams,           # the loaded params file
     bar.close()
     live.end()
     # what the params determine (a DVC output), apart from what differs run to run (results/runs/, untracked)
-    summary = {"variant": variant, "model": spec.model, "reg": spec.reg, "steps": step,
-               "final_loss": {k: float(v.detach()) for k, v in parts.items() if torch.is_tensor(v) and v.numel() == 1}}
+    summary = {"variant": variant, "model": spec.model, "reg": spec.reg, "steps": step, "final_loss": scalars(parts)}
     facts = {"stage": f"train@{variant}", "resumed_from": resumed_from and repo_relative(resumed_from),
              "wall_s_this_run": round(time.perf_counter() - t_start, 2),
              "images_per_s": round(images_total / max(time.perf_counter() - t_start, 1e-9), 2),
              "environment": environment_record(device)}
     if acc.is_main_process:
-        save_trained(raw, params, variant, out_dir / "model")
+        save_trained(raw, out_dir / "model")
+        save_resolved(params, out_dir / "model", extra={"variant": variant, "model_variant": spec.model})
         write_json(results_dir / "summary.json", summary)
         save_resolved(params, results_dir, extra={"variant": variant})
         record_run(f"train-{variant}", facts, results=results_dir.parent.parent)
     return {**summary, **facts}
 
-# %% ../notebooks/12_train.ipynb #a534f9ae
-def save_trained(model, params: LoadedParams, variant: str, folder: str | Path) -> Path:
-    "Write `weights.safetensors` + `params.resolved.json` (atomically) for `load_trained`."
-    from safetensors.torch import save_file
-    folder = Path(folder); folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / "weights.safetensors.tmp"
-    save_file({k: v.cpu().contiguous() for k, v in trainable_state(model).items()}, str(tmp),
-              metadata={"variant": variant})
-    tmp.replace(folder / "weights.safetensors")
-    save_resolved(params, folder, extra={"variant": variant, "model_variant": params.train.variants[variant].model})
-    return folder
-
-def load_trained(folder: str | Path, # a `models/<variant>/model` folder
-                 device: str = "cpu",
-                ):
-    "Rebuild a trained model from `save_trained`'s folder, in eval mode."
-    from safetensors.torch import load_file
-    from lexvla.model import create_model_from_params
-    from lexvla.params import params_from_dict
-    folder = Path(folder)
-    rec_path = folder / "params.resolved.json"
-    if not rec_path.is_file(): raise FileNotFoundError(f"{rec_path}: not a trained model folder (run `dvc repro train`)")
-    rec = json.loads(rec_path.read_text())
-    params = params_from_dict(rec["params"], source=str(rec_path))
-    model = create_model_from_params(params, variant=rec["model_variant"])
-    weights = load_file(str(folder / "weights.safetensors"))
-    missing, unexpected = model.load_state_dict(weights, strict=False)
-    if unexpected: raise CheckpointError(f"{folder}: weights this model does not have: {unexpected[:3]}")
-    lost = set(trainable_state(model)) - set(weights)
-    if lost: raise CheckpointError(f"{folder}: trained weights missing: {sorted(lost)[:3]}")
-    return model.to(device).eval()
-
 # %% ../notebooks/12_train.ipynb #3b3b49b8
+def _run(a) -> dict:
+    params = load_params(a.params)
+    if a.variant not in params.train.variants:
+        raise ParamsError(f"train.variants: no variant {a.variant!r} (have: {', '.join(params.train.variants)})")
+    return train(params, a.variant, a.data, a.cache, a.out, a.results, image_cache_dir=a.image_cache)
+
 def main(argv: list[str] | None = None) -> int:
     "python -m lexvla.train --params params.yaml --variant NAME"
-    ap = argparse.ArgumentParser(prog="python -m lexvla.train", description="Train one LexVLA variant (resumable).")
-    ap.add_argument("--params", default="params.yaml", help="params file")
+    ap = stage_parser("train", "Train one LexVLA variant (resumable).", data="prepared data folder (default data/prepared)",
+                      cache="text cache folder (default data/textcache)",
+                      image_cache="frozen-ViT token cache folder (default data/imagecache)",
+                      out="model folder (default models/<variant>)",
+                      results="metrics folder (default results/train/<variant>)")
     ap.add_argument("--variant", required=True, help="a key of train.variants")
-    ap.add_argument("--data", default=None, help="prepared data folder (default data/prepared)")
-    ap.add_argument("--cache", default=None, help="text cache folder (default data/textcache)")
-    ap.add_argument("--image-cache", default=None, help="frozen-ViT token cache folder (default data/imagecache)")
-    ap.add_argument("--out", default=None, help="model folder (default models/<variant>)")
-    ap.add_argument("--results", default=None, help="metrics folder (default results/train/<variant>)")
-    a = ap.parse_args(argv)
-    try:
-        params = load_params(a.params)
-        if a.variant not in params.train.variants:
-            raise ParamsError(f"train.variants: no variant {a.variant!r} (have: {', '.join(params.train.variants)})")
-        s = train(params, a.variant, a.data, a.cache, a.out, a.results, image_cache_dir=a.image_cache)
-    except (ParamsError, CheckpointError, NonFiniteLoss, FileNotFoundError) as e:
-        print(f"train error: {e}", file=sys.stderr); return 2
-    print(json.dumps(s))
-    return 0
+    return run_cli(ap, _run, argv, errors=(CheckpointError, NonFiniteLoss))
 
 # %% ../notebooks/12_train.ipynb #96637778
-if __name__ == "__main__": sys.exit(main())
+if __name__ == "__main__": raise SystemExit(main())

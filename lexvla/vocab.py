@@ -69,7 +69,8 @@ class Vocabulary:
     @property
     def size(self) -> int: return len(self.words)
     def __len__(self): return self.size
-    def __repr__(self): return f"Vocabulary(V={self.size}, filter={self.filter!r}, fingerprint={self.fingerprint()[:12]})"
+    def __repr__(self):
+        return f"Vocabulary(V={self.size}, filter={self.filter!r}, fingerprint={self.fingerprint()[:12]})"
     def __contains__(self, word): return word in self._index
 
     def word(self, i: int) -> str:
@@ -79,7 +80,8 @@ class Vocabulary:
     def index(self, word: str) -> int:
         "Index of `word` in a lexical vector (its word-start piece when several pieces spell it); KeyError if absent."
         try: return self._index[word]
-        except KeyError: raise KeyError(f"{word!r} is not in the vocabulary (V={self.size}, filter {self.filter!r})") from None
+        except KeyError:
+            raise KeyError(f"{word!r} is not in the vocabulary (V={self.size}, filter {self.filter!r})") from None
 
     def indices(self, word: str) -> list[int]:
         "Every index whose piece spells `word` (more than one only under `alpha2`)."
@@ -124,5 +126,8 @@ def build_vocabulary(tokenizer,                        # a transformers tokenize
         ok = keep_piece(text, starts_word, filter, min_len)
         if not ok and text in allow:  # the allow-list waives the text rule, not the word-start rule
             ok = filter == "alpha2" or starts_word
-        if ok: ids.append(i); words.append(text); starts.append(starts_word)
+        if ok:
+            ids.append(i)
+            words.append(text)
+            starts.append(starts_word)
     return Vocabulary(ids, words, starts, filter=filter)

@@ -62,7 +62,8 @@ def test_milvus_benchmark_both_engines_are_exact(tmp_path):
 def test_data_benchmark_loads_every_sample_once(tmp_path):
     "On a toy dataset it builds itself: each loader yields each training image at most once per epoch, none lost."
     p = yaml.safe_load((ROOT / "params.yaml").read_text())
-    p["prepare"].update(image_size=32, n_train=48, n_val=8, n_test=8, shard_size=24, workers=1)
+    p["prepare"].update(n_train=48, n_val=8, n_test=8, shard_size=24, workers=1)
+    p["model"] = {"preset": "tiny"}  # 32 px scenes
     p["train"].update(batch_size=8, num_workers=1)
     (tmp_path / "pyproject.toml").write_text("# test root\n")
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(p, sort_keys=False))

@@ -117,8 +117,8 @@ def test_incomplete_mapping_is_refused(onnx_path, tmp_path):
 def test_project_loader_matches_onnx_at_224(converted, oracle):
     """The project's own path (create_vision from model.vision params, DINOv2's un-antialiased resampling of the 37x37
     grid) gives the ONNX backbone's output at 224 px; timm's antialiased default would not."""
-    from lexvla.model import create_vision
     from lexvla.params import VisionParams
+    from lexvla.vision import create_vision
     x, _, ln = oracle
     vp = VisionParams(timm_name=VISION_TIMM, pretrained=True, checkpoint=str(converted / "model.safetensors"),
                       frozen=True, img_size=224, patch_size=None, width=None, depth=None, heads=None)

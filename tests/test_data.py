@@ -16,10 +16,11 @@ from conftest import ROOT, run
 from lexvla import scenes as S
 from lexvla.datasets import (DataConfigError, collate_pairs, encode_jpeg, image_transform, index_shards,
                              load_karpathy, load_masks, png_bytes, prepared_paths, read_manifest, train_dataset,
-                             write_categories, write_shards, backbone_data_config, karpathy_entry, write_json,
+                             write_categories, write_shards, backbone_data_config, karpathy_entry,
                              streaming_dataset, sample_key)
 from lexvla.params import ParamsError, load_params
 from lexvla.prepare import prepare
+from lexvla.runtime import write_json
 
 SYN_SHAPE = {w: s for s in S.SHAPES for w in (s, S.PLURALS[s], *S.SHAPE_SYNONYMS.get(s, ()))}
 SYN_COLOUR = {w: c for c, (_, syn) in S.COLOURS.items() for w in syn}
@@ -35,7 +36,8 @@ def scenes(n=150, seed=3, split="val"):
 
 def tiny_params(d: Path, **over):
     y = yaml.safe_load((ROOT / "params.yaml").read_text())
-    y["prepare"].update(n_train=24, n_val=4, n_test=5, shard_size=10, workers=0, image_size=64)  # small scenes
+    y["prepare"].update(n_train=24, n_val=4, n_test=5, shard_size=10, workers=0)
+    y["model"] = {"preset": "embedded", "vision": {"img_size": 64}}  # small scenes (the data tests build no model)
     y["prepare"].update(over)
     (d / "params.yaml").write_text(yaml.safe_dump(y))
     return d / "params.yaml"
@@ -218,7 +220,7 @@ def test_masks_round_trip(prepared):
 def test_coco_stuff_masks(tmp_path):
     cats = [{"id": 1, "name": "person", "supercategory": "person"}, {"id": 5, "name": "airplane", "supercategory": "vehicle"},
             {"id": 92, "name": "banner", "supercategory": "textile"}]
-    write_json({"categories": cats}, tmp_path / "stuff.json")
+    write_json(tmp_path / "stuff.json", {"categories": cats})
     a = np.full((6, 6), 255, np.uint8); a[:2] = 0; a[2:4] = 4; a[4, :3] = 91  # stored as id - 1, 255 unlabeled
     Image.fromarray(a).save(tmp_path / "000000000139.png")
     mk = load_masks(tmp_path, tmp_path / "stuff.json", [139], id_offset=1)
@@ -262,7 +264,7 @@ def test_karpathy_kind_and_webdataset_kind(tmp_path):
     caps = _real_fixture(tmp_path)
     ents = [karpathy_entry(i, f"im{i}.png", ["train", "restval", "val", "test"][i % 4], [caps[i], caps[i] + " again"], 2 * i)
             for i in range(12)]
-    write_json({"images": ents, "dataset": "flickr30k"}, tmp_path / "dataset_flickr30k.json")
+    write_json(tmp_path / "dataset_flickr30k.json", {"images": ents, "dataset": "flickr30k"})
     p = tiny_params(tmp_path, kind="karpathy", source=str(tmp_path / "dataset_flickr30k.json"),
                     image_root=str(tmp_path / "imgs"), n_train=0, n_val=0, n_test=0)
     rep = prepare(load_params(p), tmp_path / "kp", progress=False)
@@ -353,9 +355,7 @@ def test_killed_prepare_leaves_old_output(tmp_path, monkeypatch):
     p = load_params(tiny_params(tmp_path))
     P.prepare(p, tmp_path / "out", progress=False)
     before = digest(tmp_path / "out")
-    real = P.write_shards if hasattr(P, "write_shards") else None
-
     def boom(*a, **k): raise KeyboardInterrupt
-    monkeypatch.setattr("lexvla.datasets.write_categories", boom)
+    monkeypatch.setattr(P, "write_categories", boom)  # prepare's own name: it imports it at the top
     with pytest.raises(KeyboardInterrupt): P.prepare(p, tmp_path / "out", progress=False)
     assert digest(tmp_path / "out") == before and [x.name for x in tmp_path.iterdir() if x.name.startswith(".")] == []

@@ -10,7 +10,8 @@ import pytest
 import yaml
 
 from conftest import ROOT, run
-from lexvla.evaluate import chance_levels, load_vectors, main, summarize, _csr
+from lexvla.evaluate import chance_levels, main
+from lexvla.report import summarize
 from lexvla.params import ParamsError, params_from_dict
 
 
@@ -73,14 +74,17 @@ def test_evaluate_params_are_checked(change, msg):
         params_from_dict(_params(**change))
 
 
-def test_csr_round_trip():
+def test_report_vectors_round_trip(tmp_path):
+    "What the reports read back is what was above the threshold, exactly, with the plain arrays beside it."
+    from lexvla.sparse import SparseVectors, load_vectors, save_vectors
     rng = np.random.default_rng(0)
     x = rng.random((5, 30)).astype(np.float32)
-    m = _csr(x, 0.7)
-    import scipy.sparse as sp
-    back = sp.csr_matrix((m["values"], m["indices"], m["indptr"]), shape=tuple(m["shape"])).toarray()
-    np.testing.assert_array_equal(back, x * (x > 0.7))
-    assert np.array_equal(m["indptr"][1:] - m["indptr"][:-1], (x > 0.7).sum(1))
+    f = save_vectors(tmp_path / "v.npz", {"captions": np.array(["a", "b"])},
+                     {"image": SparseVectors.from_dense(x, threshold=0.7)})
+    back = load_vectors(f)
+    np.testing.assert_array_equal(back["image"].toarray(), x * (x > 0.7))
+    assert np.array_equal(back["image"].indptr[1:] - back["image"].indptr[:-1], (x > 0.7).sum(1))
+    assert list(back["captions"]) == ["a", "b"] and not list(tmp_path.glob("*.tmp*"))
 
 
 def _fake_result(variant, model, r1, lexical=True):
@@ -131,9 +135,9 @@ def test_cli_errors_name_the_problem(tmp_path, capsys):
     assert main(["--params", str(bad), "--variant", "lexvla"]) == 2
     assert "evaluate.topks" in capsys.readouterr().err
     assert main(["--params", "params.yaml", "--variant", "lexvla", "--model", str(tmp_path / "none")]) == 2
-    assert "not a trained model folder" in capsys.readouterr().err
+    assert "run `dvc repro train`" in capsys.readouterr().err
     with pytest.raises(SystemExit):
-        main(["--summary", str(tmp_path)])
+        main(["--summary", str(tmp_path)])  # the summary is the report stage's
 
 
 def test_cli_runs_as_module():

@@ -1,4 +1,5 @@
-"""lexvla.index: exact top-k against brute force (ties included), explanations, files, vocabulary checks, the CLI."""
+"""lexvla.index: exact top-k against brute force (ties included), explanations, files, vocabulary checks; and its
+command line, `python -m lexvla.search index build|query` (lexvla.search)."""
 import json
 import math
 
@@ -6,8 +7,9 @@ import numpy as np
 import pytest
 import scipy.sparse as sps
 
-import lexvla.index as lx
-from lexvla.index import InvertedIndex, VocabularyMismatch, list_images, main, words_fingerprint
+import lexvla.search as ls
+from lexvla.index import InvertedIndex, VocabularyMismatch, words_fingerprint
+from lexvla.search import list_images, main
 from lexvla.sparse import SparseVectors
 
 
@@ -111,21 +113,21 @@ def test_cli_with_precomputed_vectors(tmp_path, capsys):
     docs, qs = tied_sparse(60, V, 0.3, 9), tied_sparse(3, V, 0.2, 10)
     docs.save(tmp_path / "items.npz"); qs.save(tmp_path / "q.npz")
     (tmp_path / "words.txt").write_text("\n".join(words))
-    assert main(["build", "--vectors", str(tmp_path / "items.npz"), "--words", str(tmp_path / "words.txt"),
+    assert main(["index", "build", "--vectors", str(tmp_path / "items.npz"), "--words", str(tmp_path / "words.txt"),
                  "--out", str(tmp_path / "ix"), "--dtype", "float32"]) == 0
     assert json.loads(capsys.readouterr().out)["items"] == 60
-    assert main(["query", "--index", str(tmp_path / "ix"), "--query-vectors", str(tmp_path / "q.npz"), "-k", "3",
-                 "--explain", "2", "--json", str(tmp_path / "out" / "h.json"), "--print"]) == 0
+    assert main(["index", "query", "--index", str(tmp_path / "ix"), "--query-vectors", str(tmp_path / "q.npz"),
+                 "-k", "3", "--explain", "2", "--json", str(tmp_path / "out" / "h.json"), "--print"]) == 0
     printed = capsys.readouterr().out
     got = json.loads((tmp_path / "out" / "h.json").read_text())
     ref = InvertedIndex.build(docs, words).search(qs, k=3, explain=2)
     assert [[h["id"] for h in g["hits"]] for g in got] == [[h.id for h in hits] for hits in ref]
     assert got[0]["hits"][0]["explanation"][0]["word"] in printed and "query: item0" in printed
     # re-sparsified at build time: top-2 words per item
-    assert main(["build", "--vectors", str(tmp_path / "items.npz"), "--words", str(tmp_path / "words.txt"),
+    assert main(["index", "build", "--vectors", str(tmp_path / "items.npz"), "--words", str(tmp_path / "words.txt"),
                  "--out", str(tmp_path / "ix2"), "--topk", "2"]) == 0
     assert InvertedIndex.load(tmp_path / "ix2").nnz <= 2 * 60
-    assert main(["build", "--vectors", str(tmp_path / "items.npz"), "--out", str(tmp_path / "ix3")]) == 2
+    assert main(["index", "build", "--vectors", str(tmp_path / "items.npz"), "--out", str(tmp_path / "ix3")]) == 2
     assert "--vectors needs --words" in capsys.readouterr().err
 
 
@@ -140,22 +142,22 @@ def test_cli_model_path(tmp_path, monkeypatch, capsys):
     folder = tmp_path / "imgs"; (folder / "sub").mkdir(parents=True)
     for name in ("a.png", "sub/b.jpg", "c.txt"): (folder / name).write_bytes(b"x")
     vecs = {"a.png": [0.9, 0.0, 0.5, 0.0], "b.jpg": [0.0, 0.8, 0.0, 0.6]}
-    monkeypatch.setattr(lx, "_load_model", lambda ckpt: FakeModel(words))
-    monkeypatch.setattr(lx, "_encode_images", lambda m, paths, bs: torch.tensor([vecs[p.name] for p in paths]))
-    monkeypatch.setattr(lx, "_encode_texts", lambda m, texts: torch.tensor(
+    monkeypatch.setattr(ls, "_load_model", lambda ckpt: FakeModel(words))
+    monkeypatch.setattr(ls, "_encode_images", lambda m, paths, bs: torch.tensor([vecs[p.name] for p in paths]))
+    monkeypatch.setattr(ls, "_encode_texts", lambda m, texts: torch.tensor(
         [[1.0 if w in t.split() else 0.0 for w in words] for t in texts]))
-    assert main(["build", "--images", str(folder), "--checkpoint", "ckpt", "--out", str(tmp_path / "ix")]) == 0
+    assert main(["index", "build", "--images", str(folder), "--checkpoint", "ckpt", "--out", str(tmp_path / "ix")]) == 0
     idx = InvertedIndex.load(tmp_path / "ix")
     assert idx.ids == ["a.png", "sub/b.jpg"] and idx.meta["sparsify"]["threshold"] == 0.5  # 1/sqrt(4)
     capsys.readouterr()
-    assert main(["query", "--index", str(tmp_path / "ix"), "--checkpoint", "ckpt", "--text", "a red ring",
+    assert main(["index", "query", "--index", str(tmp_path / "ix"), "--checkpoint", "ckpt", "--text", "a red ring",
                  "--text", "green square", "--json", str(tmp_path / "h.json")]) == 0
     got = json.loads((tmp_path / "h.json").read_text())
     assert got[0]["query"] == "a red ring" and [h["id"] for h in got[0]["hits"]] == ["a.png"]
     assert [e["word"] for e in got[0]["hits"][0]["explanation"]] == ["red"]  # ring 0.5 is not above 0.5
     assert [h["id"] for h in got[1]["hits"]] == ["sub/b.jpg"]
-    monkeypatch.setattr(lx, "_load_model", lambda ckpt: FakeModel(["other"] * 4))
-    assert main(["query", "--index", str(tmp_path / "ix"), "--checkpoint", "ckpt", "--text", "red"]) == 2
+    monkeypatch.setattr(ls, "_load_model", lambda ckpt: FakeModel(["other"] * 4))
+    assert main(["index", "query", "--index", str(tmp_path / "ix"), "--checkpoint", "ckpt", "--text", "red"]) == 2
     assert "built over vocabulary" in capsys.readouterr().err
 
 

@@ -225,3 +225,43 @@ def test_exports_round_trip(lite, tmp_path):
     assert by_id == {json.loads(l)["id"]: l for l in paths["vectors"].read_text().splitlines()}
     with pytest.raises(KeyError, match="not in the vocabulary"):
         read_jsonl(paths["vectors"], WORDS[:10])
+
+
+def fake_variant(folder, n=30, lexical=True):
+    "An evaluated variant's vectors file (the layout of `lexvla.evaluate.save_vectors`), caption i of image i."
+    folder.mkdir(parents=True, exist_ok=True)
+    arrays = {"lexical": np.array(lexical), "words": np.array(WORDS),
+              "images": np.array([f"images/{i:03d}.jpg" for i in range(n)]),
+              "captions": np.array([f"caption {i}" for i in range(n)]), "txt2img": np.arange(n)}
+    for name, sv in (("image", random_lexical(n, V, draws=(20, 120), seed=11)),
+                     ("text", random_lexical(n, V, draws=(5, 30), seed=12))):
+        arrays.update({f"{name}.indptr": sv.indptr, f"{name}.indices": sv.indices, f"{name}.values": sv.data,
+                       f"{name}.shape": np.array([n, V])})
+    np.savez(folder / "vectors.npz", **arrays)
+
+
+def test_search_stage(lite, tmp_path, capsys):
+    "The DVC stage through its command line (lexvla.search): exact top-k, idempotent, one-line user errors."
+    import yaml
+    from lexvla.search import main
+    fake_variant(tmp_path / "evaluate" / "lexvla")
+    fake_variant(tmp_path / "evaluate" / "dense", lexical=False)
+    search = {"variant": "lexvla", "uri": str(lite / "stage.db"), "collection": "stage", "topk": 16, "k": 5,
+              "n_queries": 20, "explain": 3, "impact_scale": 1000}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"search": search}))
+    args = ["--params", str(tmp_path / "params.yaml"), "--evaluate", str(tmp_path / "evaluate"),
+            "--out", str(tmp_path / "search")]
+    assert main(args) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["items"] == printed["stored"] == 30 and printed["queries"] == 20
+    assert printed["topk_equals_brute_force"] == 1.0
+    summary = (tmp_path / "search" / "summary.json").read_text()
+    assert json.loads(summary)["exports"] == {"vectors": "export/vectors.jsonl", "impact": "export/impact.jsonl",
+                                              "vocab": "export/vocab.json"}
+    assert main(args) == 0  # again: nothing ingested, the same summary
+    assert json.loads((tmp_path / "runs" / "search.json").read_text())["ingest"] == {"written": 0, "skipped": 30}
+    assert (tmp_path / "search" / "summary.json").read_text() == summary
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"search": {**search, "variant": "dense"}}))
+    capsys.readouterr()
+    assert main(args) == 2
+    assert capsys.readouterr().err.splitlines()[-1].startswith("lexvla.search error: search.variant: 'dense'")

@@ -1,16 +1,20 @@
-"""The model (issue 4): vocabulary filter, towers, lexical heads, variants, registry, save/load; tiny preset (fast)."""
+"""The model (issue 4): vocabulary filter, towers, lexical heads, variants, presets, save/load; tiny preset (fast)."""
 import dataclasses
+import json
 import math
+import shutil
 
 import pytest
+import safetensors.torch
 import torch
 import torch.nn.functional as F
 from tokenizers import Tokenizer, models
 from transformers import PreTrainedTokenizerFast
 
-from lexvla.model import (LexVLA, bow_targets, create_model, create_model_from_params, describe_model, from_pretrained,
-                          list_models, model_config, positions_from_mask, sparsify, tiny_lm, tiny_tokenizer)
-from lexvla.params import ModelParams, ParamsError, from_dict, load_params
+from lexvla.model import LexVLA, bow_targets, create_model, create_model_from_params, load_trained, save_trained
+from lexvla.params import ParamsError, describe_model, list_models, load_params, model_config
+from lexvla.sparse import SparseVectors, threshold_for
+from lexvla.text import positions_from_mask, tiny_lm, tiny_tokenizer
 from lexvla.vocab import FILTERS, Vocabulary, build_vocabulary
 
 CAPS = ["a red ring above a green square", "two blue stars", "one small yellow circle left of a big purple cross"]
@@ -108,18 +112,18 @@ def test_image_vector_is_maxpool_of_patch_scores(tiny):
         torch.testing.assert_close(literal.encode_image(x), ref)
 
 
-def test_sparsify_against_plain_version():
-    x = F.normalize(torch.rand(4, 50, generator=torch.Generator().manual_seed(1)), dim=-1)
-    t = 50 ** -0.5
-    torch.testing.assert_close(sparsify(x, "auto"), torch.where(x > t, x, 0.0))
-    k = sparsify(x, topk=5)
-    assert ((k != 0).sum(-1) == 5).all()
-    for i in range(4):
-        assert set(k[i].nonzero().flatten().tolist()) == set(x[i].argsort(descending=True)[:5].tolist())
-    both = sparsify(x, "auto", topk=5, renormalize=True)
-    torch.testing.assert_close(both, F.normalize(torch.where((x > t) & (k != 0), x, 0.0), dim=-1))
-    with pytest.raises(ValueError, match="topk=0"):
-        sparsify(x, topk=0)
+def test_model_vectors_sparsify_against_plain_version(tiny):
+    "The model's vectors through lexvla.sparse (method §5): the 1/sqrt(V) threshold and the top k, as plain torch."
+    with torch.no_grad():
+        x = tiny.encode_image(pixels())
+    V = tiny.vocab.size
+    assert threshold_for(V) == 1 / math.sqrt(V)
+    at = torch.from_numpy(SparseVectors.from_dense(x, threshold=threshold_for(V)).to_dense())
+    torch.testing.assert_close(at, torch.where(x > V ** -0.5, x, 0.0), rtol=0, atol=0)
+    top = torch.from_numpy(SparseVectors.from_dense(x, topk=5).to_dense())
+    assert ((top != 0).sum(-1) == 5).all()
+    for i in range(len(x)):
+        assert set(top[i].nonzero().flatten().tolist()) == set(x[i].argsort(descending=True)[:5].tolist())
 
 
 # ---------------------------------------------------------------- text tower (method §3)
@@ -219,7 +223,7 @@ def test_unfrozen_vision_is_trained():
 
 # ---------------------------------------------------------------- variants
 
-@pytest.mark.parametrize("variant", ["lexvla", "flops", "none", "bow", "dense"])
+@pytest.mark.parametrize("variant", ["lexvla", "bow", "dense"])
 def test_each_variant_forward_backward(variant):
     m = create_model("tiny", variant=variant).train()
     assert m.variant == variant
@@ -264,17 +268,26 @@ def test_gradient_checkpointing_gives_same_gradients():
         torch.testing.assert_close(grads[0][n], grads[1][n])
 
 
-# ---------------------------------------------------------------- registry, params, presets
+def test_variant_is_a_model_argument():
+    "lexvla | bow | dense; the regulariser ablations (flops, none) are train variants of the lexvla model."
+    for v in ("sparse", "flops", "none"):
+        with pytest.raises(ValueError, match=f"variant: got '{v}', expected one of lexvla, bow, dense"):
+            LexVLA(model_config("tiny"), variant=v)
+    with pytest.raises(ValueError, match="variant: got 'flops'"):
+        create_model("tiny", variant="flops")
+    with pytest.raises(ParamsError, match="model.variant: unknown key"):  # not a key of the model config
+        model_config("tiny", variant="bow")
 
-def test_registry():
+
+# ---------------------------------------------------------------- presets, params
+
+def test_presets_build_and_refuse_bad_values():
     assert {"tiny", "embedded", "paper"} <= set(list_models()) and list_models("pa*") == ["paper"]
     assert "frozen pretrained dinov2" in " ".join(describe_model("embedded").lower().split())
-    with pytest.raises(ValueError, match="unknown model 'tiney'.*tiny"):
+    with pytest.raises(ParamsError, match='model.preset: got "tiney", expected one of .*tiny'):
         create_model("tiney")
     with pytest.raises(ParamsError, match="model.vision.widht: unknown key"):
         model_config("tiny", vision={"widht": 8})
-    with pytest.raises(ParamsError, match="model.variant"):
-        model_config("tiny", variant="sparse")
     with pytest.raises(ParamsError, match="model.lora.layers: 9 is out of range"):
         create_model("tiny", lora={"layers": [9]})
     with pytest.raises(ParamsError, match="model.lora.target_modules: 'qkv'"):
@@ -286,16 +299,19 @@ def test_registry():
 def test_presets_are_valid_params_and_params_yaml_is_embedded():
     for name in list_models():
         assert model_config(name).preset == name
-    p = load_params()
-    assert p.model == model_config("embedded"), "params.yaml's model section drifted from the embedded preset"
+    assert load_params().model == model_config("embedded"), "params.yaml's model is the embedded preset, unchanged"
 
 
-def test_create_model_from_params_overrides_variant():
+def test_create_model_from_params_variant_and_seed():
     mp = model_config("tiny")
     m = create_model_from_params(mp, variant="dense", seed=3)
     assert m.variant == "dense" and m.seed == 3
+    d = create_model_from_params(mp)
+    assert d.variant == "lexvla" and d.seed == 0
+    same = create_model("tiny")
+    assert all(torch.equal(a, b) for a, b in zip(d.state_dict().values(), same.state_dict().values()))
     bad = dataclasses.replace(mp, preset="nope")
-    with pytest.raises(ValueError, match="unknown model 'nope'"):
+    with pytest.raises(ParamsError, match='model.preset: got "nope"'):
         create_model_from_params(bad)
 
 
@@ -335,22 +351,52 @@ def test_paper_lm_missing_is_a_clear_error(tmp_path):
 
 # ---------------------------------------------------------------- save / load, explanations
 
-def test_save_load_gives_identical_vectors(tmp_path):
-    m = create_model("tiny", seed=5, vision={"frozen": False})
+@pytest.mark.parametrize("variant", ["lexvla", "dense"])
+def test_save_load_gives_identical_vectors(tmp_path, variant):
+    m = create_model("tiny", seed=5, variant=variant, vision={"frozen": False})
     with torch.no_grad():
         for p in m.parameters():
             if p.requires_grad: p.add_(0.01 * torch.randn_like(p))
     m.eval()
     with torch.no_grad(): a = m(pixels(), CAPS)
-    m.save_pretrained(tmp_path)
-    m2 = from_pretrained(tmp_path)
+    assert save_trained(m, tmp_path) == tmp_path
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.json", "weights.safetensors"]  # no pickles
+    rec = json.loads((tmp_path / "model.json").read_text())
+    assert (rec["variant"], rec["seed"], rec["vocab_fingerprint"]) == (variant, 5, m.vocab.fingerprint())
+    assert rec["model"]["vision"]["frozen"] is False and rec["model"]["preset"] == "tiny"
+    with safetensors.torch.safe_open(str(tmp_path / "weights.safetensors"), "pt") as f:
+        assert f.metadata() == {"variant": variant}
+        assert set(f.keys()) == {n for n, p in m.named_parameters() if p.requires_grad}
+    m2 = load_trained(tmp_path)
+    assert m2.variant == variant and m2.seed == 5 and not m2.training
     with torch.no_grad(): b = m2(pixels(), CAPS)
     for k in ("image_features", "text_features"):
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
-    assert not any(".pt" in p.name or ".bin" in p.name for p in tmp_path.iterdir())
-    (tmp_path / "model.safetensors").unlink()
-    with pytest.raises(FileNotFoundError, match="model.safetensors"):
-        from_pretrained(tmp_path)
+
+
+def test_load_trained_refuses_broken_folders(tmp_path):
+    "Missing files, weights the model lacks or lacks of it, another vocabulary: errors that name the folder."
+    ok = save_trained(create_model("tiny"), tmp_path / "ok")
+    weights = safetensors.torch.load_file(str(ok / "weights.safetensors"))
+
+    def broken(name, weights=None, model_json=None, drop=None):
+        d = tmp_path / name
+        shutil.copytree(ok, d)
+        if weights is not None: safetensors.torch.save_file(weights, str(d / "weights.safetensors"))
+        if model_json is not None: (d / "model.json").write_text(json.dumps(model_json))
+        if drop is not None: (d / drop).unlink()
+        return d
+
+    with pytest.raises(ValueError, match=r"extra: weights this model does not have: \['nope'\]"):
+        load_trained(broken("extra", weights={**weights, "nope": torch.zeros(1)}))
+    with pytest.raises(ValueError, match=r"lost: trained weights missing: \['visual_codebook'\]"):
+        load_trained(broken("lost", weights={k: v for k, v in weights.items() if k != "visual_codebook"}))
+    rec = json.loads((ok / "model.json").read_text())
+    with pytest.raises(ValueError, match="vocab: the tokenizer now gives another vocabulary"):
+        load_trained(broken("vocab", model_json={**rec, "vocab_fingerprint": "0" * 64}))
+    for f in ("model.json", "weights.safetensors"):
+        with pytest.raises(FileNotFoundError, match=rf"{f}: missing.*run `dvc repro train`"):
+            load_trained(broken(f"no-{f}", drop=f))
 
 
 def test_explain_sums_to_the_score(tiny):

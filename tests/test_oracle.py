@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 
 from lexvla import oracle as O
-from lexvla.datasets import karpathy_entry, write_json
+from lexvla.datasets import karpathy_entry
 from lexvla.metrics import retrieval_metrics
+from lexvla.runtime import write_json
 from lexvla.scenes import COLOURS, SHAPES, make_scene, scene_rng
 
 
@@ -179,13 +180,13 @@ def test_scene_oracle(tmp_path):
     metas = [s.meta() for s in scenes(25, 112)]
     (tmp_path / "karpathy" / "images").mkdir(parents=True)
     entries = [karpathy_entry(i, f"test_{i:06d}.jpg", "test", m["captions"], 5 * i) for i, m in enumerate(metas)]
-    write_json({"images": entries, "dataset": "embedded"}, tmp_path / "karpathy" / "dataset_embedded.json")
+    write_json(tmp_path / "karpathy" / "dataset_embedded.json", {"images": entries, "dataset": "embedded"})
     assert O.scene_oracle(tmp_path, "test") is None  # real data: no scene file, no oracle
-    write_json({"size": 112, "scenes": metas}, tmp_path / "scenes" / "test.json")
+    write_json(tmp_path / "scenes" / "test.json", {"size": 112, "scenes": metas})
     r = O.scene_oracle(tmp_path, "test")
     assert r["own_caption_fit_rate"] == 1.0 and r["n_images"] == 25 and r["n_captions"] == 125 and r["size"] == 112
     assert list(r["ceiling"]) == [f"{d}_R@{k}" for d in ("image_to_text", "text_to_image") for k in (1, 5, 10)]
     assert r["mean_fitting_images_per_caption"] >= 1 and 0 < r["unique_caption_fraction"] <= 1
     assert all(r["ceiling_fit_only"][k] <= r["ceiling"][k] + 1e-12 for k in r["ceiling"])
-    write_json({"size": 112, "scenes": metas[::-1]}, tmp_path / "scenes" / "test.json")
+    write_json(tmp_path / "scenes" / "test.json", {"size": 112, "scenes": metas[::-1]})
     with pytest.raises(ValueError, match="differ"): O.scene_oracle(tmp_path, "test")

@@ -23,16 +23,16 @@ from lexvla.params import params_from_dict
 
 
 def tiny_params(steps: int = 6, variants=("lexvla", "dense")) -> dict:
-    "params.yaml with the tiny preset, a 32 px dataset of 48 training images, and a few steps."
-    from lexvla.model import model_config
+    "params.yaml with the tiny preset, a dataset of 48 training images (at the preset's 32 px), and a few steps."
     p = yaml.safe_load((ROOT / "params.yaml").read_text())
     p["base"].update(device="cpu")
-    p["prepare"].update(image_size=32, n_train=48, n_val=8, n_test=8, shard_size=24, workers=1)
-    p["model"] = dataclasses.asdict(model_config("tiny"))
+    p["prepare"].update(n_train=48, n_val=8, n_test=8, shard_size=24, workers=1)
+    p["model"] = {"preset": "tiny"}
     tr = p["train"]
     tr.update(variants={k: tr["variants"][k] for k in variants}, steps=steps, batch_size=8, warmup_steps=2,
               reg_warmup_steps=3, checkpoint_every=2, log_every=1, num_workers=0)
     p["evaluate"].update(batch_size=8, topks=[4, 16], report_images=2)
+    p["textcache"].update(batch_size=8)
     p["report"].update(n_examples=2, n_hits=2, words_per_cloud=10, n_overused=5, topk=16)
     return p
 
@@ -124,7 +124,7 @@ def test_killed_runs_resume_to_the_same_weights(tiny_root, tmp_path, vision, mon
     p = tiny_params(steps=8, variants=("lexvla",))
     p["train"].update(checkpoint_every=2, num_workers=1)
     if vision == "trainable":  # the ViT trains, so training images are augmented (seeded per sample and epoch)
-        p["model"]["vision"]["frozen"] = False
+        p["model"]["vision"] = {"frozen": False}  # merged over the tiny preset
         p["train"]["image_cache"] = False
     other = json.loads(json.dumps(p))
     other["train"].update(steps=12, lr=p["train"]["lr"] * 2)
@@ -167,7 +167,8 @@ def test_fingerprint_follows_params_data_and_code(tiny_root, tmp_path):
     assert fp(p) == base  # stable
     q = json.loads(json.dumps(p)); q["train"]["lr"] *= 2
     assert fp(q) != base
-    q = json.loads(json.dumps(p)); q["model"]["lora"]["rank"] += 1
+    q = json.loads(json.dumps(p))
+    q["model"]["lora"] = {"rank": 5}  # the tiny preset's is 4
     assert fp(q) != base
     assert fp(p) != run_fingerprint(params_from_dict(p, source="t"), "dense", data)
     other = tmp_path / "prepared"
@@ -236,8 +237,9 @@ def test_disk_full_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
 def test_image_cache_equals_the_live_vision_tower(tiny_root):
     "The imagecache stage's tokens give the live ViT's image and patch vectors, for training and evaluation images."
     from lexvla.datasets import image_transform, prepared_paths, train_dataset
-    from lexvla.evaluate import encode_images, load_split
-    from lexvla.imagecache import ImageTokenCache, check_image_cache
+    from lexvla.caches import ImageTokenCache, check_image_cache
+    from lexvla.encode import encode_images
+    from lexvla.evaluate import load_split
     from lexvla.model import create_model_from_params
     params = params_from_dict(tiny_params(), source="test")
     model = create_model_from_params(params, variant="lexvla").eval()
