@@ -618,7 +618,7 @@ def load_masks(mask_dir: str | Path,        # folder of {id}.png semantic masks
     lut = np.full(256, -1, np.int16)
     for j, cid in enumerate(cat_ids):
         if 0 <= cid - id_offset < 256: lut[cid - id_offset] = j
-    masks, names = [], []
+    masks = []
     ids = [f"{i:012d}" if isinstance(i, (int, np.integer)) else str(i) for i in ids]
     for i in ids:
         p = mask_dir / f"{i}.png"

@@ -37,7 +37,9 @@ def build_image_cache(model,                          # a LexVLA model with a fr
     bar = tqdm(total=total, desc=desc, unit="img", disable=not progress)
     def flush():
         chunks.append(model.vision_tokens(torch.stack([b for _, b in batch])).float().cpu())
-        keys.extend(k for k, _ in batch); bar.update(len(batch)); batch.clear()
+        keys.extend(k for k, _ in batch)
+        bar.update(len(batch))
+        batch.clear()
     for key, px in images:
         batch.append((key, px))
         if len(batch) == batch_size: flush()

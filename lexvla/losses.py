@@ -8,7 +8,6 @@ Docs: https://github.com/lexvla/lexvla/losses.html.md"""
 # %% ../notebooks/05_losses.ipynb #875d79c2
 from __future__ import annotations
 
-import math
 from typing import Callable, Literal
 
 import torch

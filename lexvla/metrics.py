@@ -9,7 +9,7 @@ Docs: https://github.com/lexvla/lexvla/metrics.html.md"""
 from __future__ import annotations
 
 import math
-from typing import Callable, Sequence
+from typing import Sequence
 
 import numpy as np
 

@@ -8,11 +8,9 @@ Docs: https://github.com/lexvla/lexvla/prepare.html.md"""
 # %% ../notebooks/03_prepare.ipynb #6aa20a1b
 from __future__ import annotations
 
-import argparse
 import multiprocessing as mp
 import os
 import shutil
-import sys
 import time
 from pathlib import Path
 
@@ -25,7 +23,7 @@ from .datasets import (
     karpathy_entry, karpathy_image_path, panoptic_png, panoptic_segments, png_bytes, read_categories, read_karpathy,
     read_manifest, sample_captions, sample_key, write_categories, write_shards)
 from .params import LoadedParams, ParamsError, load_params, save_resolved
-from .runtime import repo_root, resolve_path, write_json
+from .runtime import repo_root, resolve_path, run_cli, stage_parser, write_json
 from .scenes import CATEGORIES, make_scene, scene_rng
 
 # %% auto #0
@@ -280,25 +278,18 @@ def prepare(params: LoadedParams,                  # the loaded params (base, pr
     return report
 
 # %% ../notebooks/03_prepare.ipynb #3314cd3a
+def _run(a) -> str:
+    params = load_params(a.params)  # strict check before any work
+    t0 = time.perf_counter()
+    report = prepare(params, a.out, progress=not a.no_progress)
+    return (f"prepared {report['counts']} in {time.perf_counter() - t0:.1f} s; skipped {report['skipped_total']}"
+            + (f" {report['skipped']}" if report["skipped_total"] else ""))
+
 def main(argv: list[str] | None = None) -> int:
     "python -m lexvla.prepare --params params.yaml [--out DIR]"
-    ap = argparse.ArgumentParser(prog="python -m lexvla.prepare", description=prepare.__doc__)
-    ap.add_argument("--params", default="params.yaml")
-    ap.add_argument("--out", default=None, help="output folder (default data/prepared)")
-    ap.add_argument("--no-progress", action="store_true")
-    a = ap.parse_args(argv)
-    try: params = load_params(a.params)  # strict check before any work
-    except ParamsError as e:
-        print(f"prepare: {e}", file=sys.stderr)
-        return 2
-    t0 = time.perf_counter()
-    try: report = prepare(params, a.out, progress=not a.no_progress)
-    except (ParamsError, DataConfigError) as e:
-        print(f"prepare: {e}", file=sys.stderr)
-        return 2
-    print(f"prepared {report['counts']} in {time.perf_counter() - t0:.1f} s; skipped {report['skipped_total']}"
-          + (f" {report['skipped']}" if report["skipped_total"] else ""))
-    return 0
+    ap = stage_parser("prepare", prepare.__doc__, out="output folder (default data/prepared)")
+    ap.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return run_cli(ap, _run, argv)
 
 # %% ../notebooks/03_prepare.ipynb #15267b9e
-if __name__ == "__main__": sys.exit(main())
+if __name__ == "__main__": raise SystemExit(main())

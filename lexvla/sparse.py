@@ -8,7 +8,6 @@ Docs: https://github.com/lexvla/lexvla/sparse.html.md"""
 # %% ../notebooks/07_sparse.ipynb #b9a46296
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Sequence

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .caches import TextPrefixCache, cache_meta, check_cache
+from .caches import TextPrefixCache, cache_meta
 from .datasets import load_karpathy, prepared_paths, read_categories, train_dataset
 from .model import create_model_from_params
 from .params import LoadedParams, load_params, save_resolved
@@ -38,7 +38,9 @@ def build_text_cache(model,                 # a LexVLA model with `tokenize` and
         hidden, mask = model.text_prefix(model.tokenize(batch))
         for i in range(len(batch)):
             keep = mask[i].bool()
-            chunks.append(hidden[i, keep].float().cpu()); lengths.append(int(keep.sum())); ordered.append(batch[i])
+            chunks.append(hidden[i, keep].float().cpu())
+            lengths.append(int(keep.sum()))
+            ordered.append(batch[i])
     offsets = torch.zeros(len(ordered) + 1, dtype=torch.long)
     offsets[1:] = torch.tensor(lengths).cumsum(0)
     hidden = torch.cat(chunks) if chunks else torch.zeros(0, 1)

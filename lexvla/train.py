@@ -17,11 +17,8 @@ import os
 import shutil
 import signal
 import time
-from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Literal
 
-import numpy as np
 import torch
 from accelerate import Accelerator
 from dvclive import Live
@@ -32,9 +29,9 @@ from .caches import ImageTokenCache, TextPrefixCache, check_cache, check_image_c
 from .datasets import collate_pairs, image_transform, train_dataset
 from .losses import create_loss
 from .model import create_model_from_params, save_trained, trainable_state
-from .params import LoadedParams, ParamsError, TrainParams, VariantSpec, load_params, record_run, save_resolved
-from .runtime import (environment_record, repo_relative, repo_root, resolve_device, resolve_path, rng_state,
-                            run_cli, seed_everything, set_rng_state, stage_parser, write_json)
+from .params import LoadedParams, ParamsError, TrainParams, load_params, record_run, save_resolved
+from .runtime import (environment_record, repo_relative, resolve_device, resolve_path, rng_state, run_cli,
+                            seed_everything, set_rng_state, stage_parser, write_json)
 from .sparse import threshold_for
 
 # %% auto #0
