@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from dvclive import Live
+from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
@@ -91,7 +92,6 @@ class Checkpointer:
 
     def save(self, step: int, tensors: dict[str, torch.Tensor], objects: dict, info: dict) -> Path:
         "Write one checkpoint: `tensors` as safetensors, `objects` (optimiser, RNG) with torch.save, `info` as JSON."
-        from safetensors.torch import save_file
         name = f"step-{step:08d}"
         tmp, final = self.folder / f".{name}.tmp", self.folder / name
         try:
@@ -141,7 +141,6 @@ class Checkpointer:
 
     def load(self, path: Path) -> tuple[dict, dict, dict]:
         "(tensors, objects, info) of a checkpoint folder."
-        from safetensors.torch import load_file
         try:
             return (load_file(str(path / "weights.safetensors")), torch.load(path / "objects.pt", weights_only=False),
                     json.loads((path / "state.json").read_text()))

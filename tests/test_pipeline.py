@@ -216,14 +216,14 @@ def test_unwritable_output_is_a_clear_error(tiny_root, tmp_path, capsys, monkeyp
 
 
 def test_disk_full_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
-    import safetensors.torch
+    import lexvla.train as T
     from lexvla.train import CheckpointError, Checkpointer
     ck = Checkpointer(tmp_path / "ck", "fp")
     ck.check_writable()
     ck.save(2, {"w": torch.ones(3)}, {"opt": 1}, {"epoch": 0})
 
     def full(*a, **k): raise OSError(errno.ENOSPC, "No space left on device")
-    monkeypatch.setattr(safetensors.torch, "save_file", full)
+    monkeypatch.setattr(T, "save_file", full)  # the checkpoint's weights write
     with pytest.raises(CheckpointError, match="disk full") as e:
         ck.save(4, {"w": torch.zeros(3)}, {"opt": 2}, {"epoch": 0})
     assert "step-00000002" in str(e.value)
