@@ -88,8 +88,9 @@ def evaluate(params: LoadedParams,        # the loaded params file
     cache_dir = resolve_path(cache_dir, "data/textcache")
     out_dir = resolve_path(out_dir, "results/evaluate")
     image_cache_dir = resolve_path(image_cache_dir, "data/imagecache")
-    if not (data_dir / "karpathy").exists():
-        raise FileNotFoundError(f"{data_dir / 'karpathy'}: no prepared Karpathy split (run `dvc repro prepare`)")
+    for f, why in ((model_dir / "model.json", "not a trained model folder (run `dvc repro train`)"),
+                   (data_dir / "karpathy", "no prepared Karpathy split (run `dvc repro prepare`)")):
+        if not f.exists(): raise FileNotFoundError(f"{f}: {why}")
     device = resolve_device(params.base.device)
     seed_everything(params.base.seed, params.base.deterministic)
     t0 = time.perf_counter()
