@@ -1,5 +1,4 @@
-"""Reading the two exact caches, the frozen LM prefix of each caption and the frozen ViT's tokens of each image, and
-the checks that refuse a cache built for another model.
+"""Reading the exact text and image caches, and refusing one built for another model.
 
 Docs: https://github.com/lexvla/lexvla/caches.html.md"""
 

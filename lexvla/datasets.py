@@ -1,5 +1,4 @@
-"""One on-disk format for every dataset (webdataset shards, Karpathy JSON, COCO-style masks), readers for real
-data, and loaders that survive bad input and count it.
+"""One on-disk format for every dataset, readers for real data, loaders that survive bad input.
 
 Docs: https://github.com/lexvla/lexvla/datasets.html.md"""
 

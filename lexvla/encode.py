@@ -1,5 +1,4 @@
-"""A trained model's vectors of images, patches, captions and class names, in batches, from the exact caches when
-they hold the inputs and from the live towers when they do not.
+"""A model's vectors of images, patches and captions, from the caches or the live towers.
 
 Docs: https://github.com/lexvla/lexvla/encode.html.md"""
 

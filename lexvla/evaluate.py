@@ -1,5 +1,4 @@
-"""The `evaluate` stage: zero-shot retrieval at the dense lexical vectors and along the sparsity sweep, PatchDis
-mIoU, chance levels, and the vectors the reports draw.
+"""The `evaluate` stage: zero-shot retrieval, the sparsity sweep, PatchDis and chance levels.
 
 Docs: https://github.com/lexvla/lexvla/evaluate.html.md"""
 
@@ -260,7 +259,8 @@ def _run(a) -> dict:
 def main(argv: list[str] | None = None) -> int:
     "python -m lexvla.evaluate --params params.yaml --variant NAME"
     ap = stage_parser("evaluate", "Evaluate one trained variant (retrieval, sparsity sweep, PatchDis).",
-                      model="trained model folder (default models/<variant>/model)", data="prepared data folder (default data/prepared)",
+                      model="trained model folder (default models/<variant>/model)",
+                      data="prepared data folder (default data/prepared)",
                       cache="text cache folder (default data/textcache)",
                       image_cache="frozen-ViT token cache folder (default data/imagecache)",
                       out="output folder (default results/evaluate)")

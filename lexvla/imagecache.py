@@ -1,4 +1,4 @@
-"""The frozen ViT's patch tokens, computed once per image: the paper's frozen vision tower made cheap on a CPU.
+"""The `imagecache` stage: the frozen ViT's patch tokens, run once per image (exact).
 
 Docs: https://github.com/lexvla/lexvla/imagecache.html.md"""
 

@@ -1,5 +1,4 @@
-"""An exact, explainable in-process inverted index over sparse lexical vectors: numpy posting lists, top-k identical
-to brute force, every hit explained word by word; saved without pickles.
+"""An exact, explained in-process inverted index over sparse lexical vectors.
 
 Docs: https://github.com/lexvla/lexvla/index.html.md"""
 

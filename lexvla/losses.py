@@ -1,5 +1,4 @@
-"""LexVLA's training objective: symmetric InfoNCE plus a warmed-up sparsity penalty (overuse or FLOPs) on both
-modalities.
+"""LexVLA's objective: symmetric InfoNCE plus a warmed-up overuse or FLOPs penalty.
 
 Docs: https://github.com/lexvla/lexvla/losses.html.md"""
 

@@ -1,4 +1,4 @@
-"""Memory-lean patch -> vocabulary max-pool: `max_n (H Zᵀ)` without materialising batch x patches x V (method §4).
+"""Memory-lean patch -> vocabulary max-pool: `max_n (H Zᵀ)` without batch x patches x V (method §4).
 
 Hand-written module (not generated from a notebook): it is dense autograd machinery (a custom
 `torch.autograd.Function` with chunked forward and backward passes and a compiled CUDA path), which the
@@ -76,7 +76,7 @@ _COMPILED = {}
 
 
 def _chunk_max_compiled():
-    "`_chunk_max_eager` through torch.compile: on CUDA, Inductor emits the max / first-arg-max reduction as a Triton kernel."
+    "`_chunk_max_eager` through torch.compile: on CUDA, Inductor emits the max / first arg-max as a Triton kernel."
     if "fn" not in _COMPILED:
         _COMPILED["fn"] = torch.compile(_chunk_max_eager, dynamic=True)
     return _COMPILED["fn"]
@@ -208,7 +208,7 @@ def lexical_maxpool(h: torch.Tensor,                  # (b, n, d) patch features
                     chunk_size: int | None = None,    # vocabulary words per chunk (default: from `CHUNK_ELEMENTS`)
                     backend: Backend = "auto",        # "compile" (torch.compile; auto on CUDA) or "eager"
                    ) -> tuple[torch.Tensor, torch.Tensor]:
-    "Memory-lean `max over patches of h @ codebookᵀ`: (values (b, v), argmax (b, v) long), gradients as the naive version."
+    "Memory-lean `max over patches of h @ codebookᵀ`: (values (b, v), argmax (b, v) long), the naive gradients."
     if h.ndim != 3: raise ValueError(f"h: got shape {tuple(h.shape)}, expected (batch, patches, width)")
     if codebook.ndim != 2: raise ValueError(f"codebook: got shape {tuple(codebook.shape)}, expected (vocab, width)")
     if h.shape[-1] != codebook.shape[-1]:
@@ -219,8 +219,10 @@ def lexical_maxpool(h: torch.Tensor,                  # (b, n, d) patch features
     dev = h.device.type
     # Same dtype rules as the naive einsum: autocast's dtype when autocast is on, else the promoted type.
     # The casts happen outside the Function, so autograd returns gradients in each input's own dtype.
-    dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else torch.promote_types(h.dtype, codebook.dtype)
-    if not dtype.is_floating_point: raise ValueError(f"h and codebook must be floating point, got {h.dtype} and {codebook.dtype}")
+    if torch.is_autocast_enabled(dev): dtype = torch.get_autocast_dtype(dev)
+    else: dtype = torch.promote_types(h.dtype, codebook.dtype)
+    if not dtype.is_floating_point:
+        raise ValueError(f"h and codebook must be floating point, got {h.dtype} and {codebook.dtype}")
     h, codebook = h.to(dtype).contiguous(), codebook.to(dtype).contiguous()
     with torch.autocast(dev, enabled=False):
         return LexicalMaxPool.apply(h, codebook, chunk_size, backend)

@@ -1,5 +1,4 @@
-"""Zero-shot retrieval Recall@K and ranks (CLIP_benchmark protocol, open_clip names), the sparsity-recall sweep, and
-PatchDis mIoU.
+"""Zero-shot retrieval Recall@K (CLIP_benchmark protocol), the sparsity sweep, PatchDis mIoU.
 
 Docs: https://github.com/lexvla/lexvla/metrics.html.md"""
 

@@ -1,5 +1,4 @@
-"""Lexical vectors in Milvus (sparse float vectors, inner product, sparse inverted index), embedded by default with
-milvus-lite; word-level explanations from the stored vectors; portable JSONL and integer-impact exports.
+"""Lexical vectors in Milvus (milvus-lite by default), explained queries, JSONL exports.
 
 Docs: https://github.com/lexvla/lexvla/milvus.html.md"""
 

@@ -1,5 +1,4 @@
-"""LexVLA: a frozen ViT and a LoRA-tuned causal LM aligned in one lexical space, from a CPU-sized default to paper
-scale.
+"""LexVLA: a frozen ViT and a LoRA-tuned causal LM aligned in one lexical space.
 
 Docs: https://github.com/lexvla/lexvla/model.html.md"""
 

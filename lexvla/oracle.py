@@ -1,4 +1,4 @@
-"""The retrieval the embedded scenes' captions allow at all: which images each caption fits, and the expected Recall@K.
+"""The retrieval ceiling of the embedded captions: an oracle that reads the scenes' content.
 
 Docs: https://github.com/lexvla/lexvla/oracle.html.md"""
 

@@ -1,4 +1,4 @@
-"""Typed, strict loading of `params.yaml`: an unknown, missing or mistyped key stops the run with one line that names it.
+"""Strict, typed loading of `params.yaml`, the model presets and the profiles.
 
 Docs: https://github.com/lexvla/lexvla/params.html.md"""
 

@@ -1,5 +1,4 @@
-"""The `prepare` stage: build the embedded dataset, or bring real data (img2dataset shards, Karpathy splits, a
-manifest) into the one on-disk format.
+"""The `prepare` stage: the embedded dataset, or real data brought into the one on-disk format.
 
 Docs: https://github.com/lexvla/lexvla/prepare.html.md"""
 

@@ -1,5 +1,4 @@
-"""The `report` stage: every evaluated variant side by side, the inputs the analysis notebooks share, and executed
-notebooks that hash the same on every run.
+"""The `report` stage: the variants side by side, and the analysis notebooks' inputs.
 
 Docs: https://github.com/lexvla/lexvla/report.html.md"""
 

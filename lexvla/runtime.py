@@ -1,5 +1,4 @@
-"""What every stage shares and no stage owns: the repository's paths, atomic writes, seeds, the device, the record of
-the environment, and one command-line pattern.
+"""What every stage shares: repository paths, atomic writes, seeds, the device, one CLI pattern.
 
 Docs: https://github.com/lexvla/lexvla/runtime.html.md"""
 

@@ -1,5 +1,4 @@
-"""A procedural, seeded, bit-reproducible scene generator: images of coloured shapes, five captions each, and
-per-pixel semantic and instance masks.
+"""A seeded procedural scene generator: coloured shapes, five captions each, semantic masks.
 
 Docs: https://github.com/lexvla/lexvla/scenes.html.md"""
 

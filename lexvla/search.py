@@ -1,5 +1,4 @@
-"""The DVC `search` stage: a variant's test-image vectors in Milvus, every top-k checked against brute force, portable
-exports; and the command line of the in-process inverted index (`index build`, `index query`).
+"""The `search` stage (Milvus, checked against brute force) and the inverted index's CLI.
 
 Docs: https://github.com/lexvla/lexvla/search.html.md"""
 
@@ -17,10 +16,9 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from .datasets import image_transform
-from .encode import encode_images
+from .encode import encode_images, encode_texts
 from .index import Hit, InvertedIndex, topk_agrees
 from .milvus import MilvusIndex, connect, export_jsonl, is_embedded
 from .model import load_trained
@@ -169,7 +167,7 @@ def _encode_images(model, paths: list[Path], batch_size: int):
                          progress=True)
 
 def _encode_texts(model, texts: list[str]):
-    with torch.no_grad(): return model.encode_text(texts).float().cpu()
+    return encode_texts(model, texts)
 
 # %% ../notebooks/14_search.ipynb #40046829
 def build_command(a: argparse.Namespace) -> dict:

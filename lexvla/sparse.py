@@ -1,5 +1,4 @@
-"""Sparse lexical vectors (CSR over the vocabulary, with item ids), word-level explanations of a score, and sparsity
-statistics.
+"""Sparse lexical vectors (CSR with item ids), their files, explanations, sparsity statistics.
 
 Docs: https://github.com/lexvla/lexvla/sparse.html.md"""
 

@@ -1,4 +1,4 @@
-"""The text tower: a tiny local tokenizer and LM, loading the LM that params name, its decoder in two slices, LoRA.
+"""The text tower: a causal LM (tiny, GGUF or transformers), its frozen prefix and LoRA.
 
 Docs: https://github.com/lexvla/lexvla/text.html.md"""
 

@@ -1,4 +1,4 @@
-"""The frozen lower layers of the LM, computed once per caption: an exact shortcut that makes CPU training affordable.
+"""The `textcache` stage: the frozen lower LM layers, run once per caption (exact).
 
 Docs: https://github.com/lexvla/lexvla/textcache.html.md"""
 

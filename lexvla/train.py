@@ -1,5 +1,4 @@
-"""The `train` stage: fine-tune one LexVLA variant from `params.yaml`, on a CPU, one GPU or many; resumable,
-observable, bit-reproducible.
+"""The `train` stage: one LexVLA variant, on a CPU, one GPU or many; resumable, bit-reproducible.
 
 Docs: https://github.com/lexvla/lexvla/train.html.md"""
 
@@ -405,7 +404,8 @@ def _run(a) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     "python -m lexvla.train --params params.yaml --variant NAME"
-    ap = stage_parser("train", "Train one LexVLA variant (resumable).", data="prepared data folder (default data/prepared)",
+    ap = stage_parser("train", "Train one LexVLA variant (resumable).",
+                      data="prepared data folder (default data/prepared)",
                       cache="text cache folder (default data/textcache)",
                       image_cache="frozen-ViT token cache folder (default data/imagecache)",
                       out="model folder (default models/<variant>)",

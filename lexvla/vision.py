@@ -1,4 +1,4 @@
-"""The vision tower: a timm ViT built from params (local DINOv2 weights resampled as DINOv2 does) and the adapter.
+"""The vision tower: a timm ViT (DINOv2 weights from a local file) and the trainable adapter.
 
 Docs: https://github.com/lexvla/lexvla/vision.html.md"""
 

@@ -1,4 +1,4 @@
-"""The lexical vocabulary: which of a tokenizer's pieces count as words (method §2), as a function of any tokenizer.
+"""The word vocabulary: which of the LM's tokens count as words (method §2).
 
 Docs: https://github.com/lexvla/lexvla/vocab.html.md"""
 
