@@ -545,11 +545,8 @@ def params_from_dict(d: dict,                    # section name -> mapping, as r
     for name in wanted:
         if name not in SECTIONS: raise ParamsError(f"{name}: no such params section (known: {', '.join(SECTIONS)})")
         if name not in d: raise ParamsError(f"{path}: {name}: missing section")
-        if name == "model":
-            try: model_dict(d[name])
-            except ParamsError as e: raise ParamsError(f"{path}: {e}") from None
-        sec = model_dict(d[name]) if name == "model" and isinstance(d[name], dict) else d[name]
-        try: out[name] = from_dict(SECTIONS[name], sec, name)
+        try:  # the model section is a preset and the keys it changes: resolved first, then checked like the rest
+            out[name] = from_dict(SECTIONS[name], model_dict(d[name]) if name == "model" else d[name], name)
         except ParamsError as e: raise ParamsError(f"{path}: {e}") from None
     return LoadedParams(path=path, sections=out)
 
