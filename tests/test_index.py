@@ -34,12 +34,12 @@ def brute(sv, qi, qw, k):
     return [(r, -s) for s, r in sorted(scored)[:k]]
 
 
-@pytest.mark.parametrize("seed,k,chunk", [(0, 1, 7), (1, 5, 1 << 24), (2, 10, 50), (3, 500, 13)])
-def test_exact_topk_equals_brute_force(seed, k, chunk):
+@pytest.mark.parametrize("seed,k,shard", [(0, 1, 8), (1, 5, 1 << 16), (2, 10, 64), (3, 500, 1)])
+def test_exact_topk_equals_brute_force(seed, k, shard):
     V = 60
     docs = tied_sparse(300, V, 0.15, seed)
     qs = tied_sparse(12, V, 0.1, seed + 100)
-    idx = InvertedIndex.build(docs, [f"w{i}" for i in range(V)], chunk_nnz=chunk)
+    idx = InvertedIndex.build(docs, [f"w{i}" for i in range(V)], shard=shard)
     d64 = docs.to_scipy().astype(np.float64)
     for i, hits in enumerate(idx.search(qs, k=k, explain=None)):
         ref = brute(docs, *qs.row(i), k)
@@ -60,7 +60,7 @@ def test_float16_is_exact_for_rounded_vectors():
     for i, hits in enumerate(idx.search(qs, k=7, explain=0)):
         assert [(h.row, h.score) for h in hits] == brute(rounded, *qs.row(i), 7)
         assert all(h.explanation == [] for h in hits)
-    assert idx.weights.dtype == np.float16 and idx.nbytes == (V + 1) * 8 + docs.nnz * 6
+    assert idx.dtype == "float16" and idx.nbytes < InvertedIndex.build(docs, [str(i) for i in range(V)]).nbytes
 
 
 def test_query_forms_agree():
@@ -96,7 +96,8 @@ def test_save_load_and_vocabulary_checks(tmp_path):
     assert sorted(f.name for f in p.iterdir()) == ["ids.json", "index.json", "postings.npz", "words.json"]
     back = InvertedIndex.load(p, words=words)
     assert back.meta["sparsify"] == {"threshold": 0.1} and back.ids == docs.ids
-    for f in ("word_ptr", "docs", "weights"): np.testing.assert_array_equal(getattr(back, f), getattr(idx, f))
+    for f in ("shard_ptr", "offsets", "weights", "dense_of", "dense"):
+        np.testing.assert_array_equal(getattr(back, f), getattr(idx, f))
     with np.load(p / "postings.npz", allow_pickle=False) as z: assert all(z[k].dtype != object for k in z.files)
     info = json.loads((p / "index.json").read_text())
     assert info["vocab_fingerprint"] == words_fingerprint(words) and info["n"] == 40
@@ -178,14 +179,17 @@ def test_list_images_manifests(tmp_path):
 
 
 def test_build_matches_scipy_csc_on_larger_data():
-    "The chunked counting sort gives exactly scipy's CSC (postings in ascending item order)."
-    m = sps.random(3000, 500, density=0.05, format="csr", random_state=11, dtype=np.float32)
+    "The sharded postings, sparse and dense, hold exactly scipy's CSC (postings in ascending item order)."
+    m = sps.random(3000, 497, density=0.05, format="csr", random_state=11, dtype=np.float32)
+    m = sps.hstack([np.full((3000, 3), 0.5, np.float32), m], format="csr")  # three words in every item: dense
     sv = SparseVectors.from_scipy(m)
-    idx = InvertedIndex.build(sv, [str(i) for i in range(500)], chunk_nnz=4096)
+    idx = InvertedIndex.build(sv, [str(i) for i in range(500)], shard=256)
+    assert (idx.dense_of >= 0).sum() >= 3 * 12 and len(idx.offsets) > 0
     csc = sv.to_scipy().tocsc()
-    np.testing.assert_array_equal(idx.word_ptr, csc.indptr)
-    np.testing.assert_array_equal(idx.docs, csc.indices)
-    np.testing.assert_array_equal(idx.weights, csc.data)
+    word_ptr, rows, weights = idx.to_csc()
+    np.testing.assert_array_equal(word_ptr, csc.indptr)
+    np.testing.assert_array_equal(rows, csc.indices)
+    np.testing.assert_array_equal(weights, csc.data)
     assert idx.ids is None and idx.search(({3: 1.0}), k=1)[0].id == idx.search(({3: 1.0}), k=1)[0].row
 
 
@@ -202,3 +206,75 @@ def test_signed_weights_keep_items_that_share_a_word():
         hits = idx.search((qi, qw), k=200, explain=None)
         assert [(h.row, h.score) for h in hits] == brute(docs, qi, qw, 200)
         assert any(h.score <= 0 for h in hits)
+
+
+def adversarial(n=6000, V=400, seed=21):
+    "Zipf word use with a word in every item, a word in one item, few weight levels (ties) and duplicated items."
+    rng = np.random.default_rng(seed)
+    p = 1.0 / np.arange(1, V + 1)
+    rows = []
+    for _ in range(n):
+        m = int(rng.integers(1, 60))
+        w = np.unique(np.concatenate([[0], rng.choice(V - 1, size=m, p=p[:-1] / p[:-1].sum())]))
+        rows.append((w, rng.integers(1, 5, size=len(w)) / 4))  # 4 weight levels: many exactly tied scores
+    for i in range(0, n, 7): rows[i + 1 if i + 1 < n else i] = rows[i]  # exact copies: same score, other row
+    rows[n // 2] = (np.array([V - 1]), np.array([1.0]))                # the last word: in one item only
+    indptr = np.cumsum([0] + [len(w) for w, _ in rows])
+    return SparseVectors(indptr, np.concatenate([w for w, _ in rows]), np.concatenate([x for _, x in rows]), V,
+                         ids=[f"d{i}" for i in range(n)])
+
+
+def reference_top(csr64, qi, qw, k):
+    "Brute force: scipy's float64 product; hits are the items sharing a word, ranked by (score desc, row asc)."
+    q = np.zeros(csr64.shape[1])
+    q[qi] = np.asarray(qw, np.float32)
+    s = csr64 @ q
+    shares = np.flatnonzero(np.diff(csr64[:, np.asarray(qi)].tocsr().indptr) > 0)
+    r = shares[np.lexsort((shares, -s[shares]))][:k]
+    return list(zip(r.tolist(), s[r].tolist()))
+
+
+@pytest.mark.parametrize("shard", [64, 1 << 16])
+def test_adversarial_exactness_single_and_batched(shard):
+    "Ties, Zipf word use, very long and very short posting lists: ids, order and float64 scores equal brute force."
+    docs = adversarial()
+    V = docs.dim
+    csr64 = docs.to_scipy().astype(np.float64)
+    idx = InvertedIndex.build(docs, [f"w{i}" for i in range(V)], shard=shard)
+    if shard == 64: assert (idx.dense_of >= 0).any() and len(idx.offsets) > 0  # both kinds of list are used
+    rng = np.random.default_rng(3)
+    queries = [(np.array([0]), np.array([1.0], np.float32)),                # the longest list alone: ties at k
+               (np.array([V - 1]), np.array([0.5], np.float32)),            # one item matches: fewer than k hits
+               (np.array([V - 3, V - 2]), np.array([1.0, 1.0], np.float32))]
+    for _ in range(20):
+        qi = np.sort(rng.choice(V, size=int(rng.integers(1, 40)), replace=False))
+        queries.append((qi, (rng.integers(1, 4, size=len(qi)) / 2).astype(np.float32)))
+    for k in (1, 10, 100):
+        batch = idx.search(queries, k=k, explain=None)
+        for (qi, qw), hits in zip(queries, batch):
+            ref = reference_top(csr64, qi, qw, k)
+            assert [(h.row, h.score) for h in hits] == ref                  # bit-identical scores, same order
+            assert [h.id for h in hits] == [docs.ids[r] for r, _ in ref]
+            assert [(h.row, h.score) for h in idx.search((qi, qw), k=k, explain=None)] == ref
+            for h in hits: assert math.isclose(math.fsum(c for _, c in h.explanation), h.score, rel_tol=1e-12)
+    assert len(idx.search(queries[0], k=10)) == 10 and len(idx.search(queries[1], k=10)) == 1
+
+
+def test_adversarial_float16_and_signed_queries():
+    docs = adversarial(n=3000, seed=5)
+    V = docs.dim
+    rng = np.random.default_rng(8)
+    noisy = SparseVectors(docs.indptr, docs.indices, (docs.data * rng.uniform(0.5, 1.5, docs.nnz)).astype(np.float32),
+                          V, docs.ids)
+    idx16 = InvertedIndex.build(noisy, [str(i) for i in range(V)], dtype="float16", shard=128)
+    rounded = SparseVectors(noisy.indptr, noisy.indices, noisy.data.astype(np.float16).astype(np.float32), V)
+    r64 = rounded.to_scipy().astype(np.float64)
+    idx32 = InvertedIndex.build(docs, [str(i) for i in range(V)], shard=128)
+    d64 = docs.to_scipy().astype(np.float64)
+    for _ in range(10):
+        qi = np.sort(rng.choice(V, size=int(rng.integers(2, 30)), replace=False))
+        qw = rng.choice([-1.0, 0.5, 1.0], size=len(qi)).astype(np.float32)  # signed: a sharing item may score <= 0
+        assert [(h.row, h.score) for h in idx16.search((qi, np.abs(qw)), k=10, explain=0)] == \
+            reference_top(r64, qi, np.abs(qw), 10)
+        assert [(h.row, h.score) for h in idx32.search((qi, qw), k=50, explain=0)] == reference_top(d64, qi, qw, 50)
+        np.testing.assert_array_equal(idx32.score_all((qi, qw)), d64 @ np.bincount(qi, qw.astype(np.float64), V))
