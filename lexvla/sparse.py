@@ -193,12 +193,20 @@ def explain(q_indices,            # query's active word indices (sorted)
             words,                # the vocabulary: words[j] is word j (None: the index as a string)
             top: int | None = 5,  # how many contributions to return (None: all shared words)
            ) -> list[tuple[str, float]]:
-    "The shared words' contributions q_j·d_j to the score, largest first."
+    "The shared words' contributions q_j·d_j to the score, largest first (pieces spelling one word summed)."
     q_indices, d_indices = np.asarray(q_indices), np.asarray(d_indices)
     shared, iq, id_ = np.intersect1d(q_indices, d_indices, assume_unique=True, return_indices=True)
     c = np.asarray(q_data, dtype=np.float64)[iq] * np.asarray(d_data, dtype=np.float64)[id_]
-    order = np.lexsort((shared, -c))[:top]
-    return [(str(shared[j]) if words is None else words[int(shared[j])], float(c[j])) for j in order]
+    if words is None:
+        order = np.lexsort((shared, -c))[:top]
+        return [(str(shared[j]), float(c[j])) for j in order]
+    # alpha2 keeps both "▁the" and "the": one readable word, one line, their contributions summed
+    merged: dict[str, list] = {}
+    for j, v in zip(shared.tolist(), c.tolist()):
+        m = merged.setdefault(words[j], [0.0, j])
+        m[0] += v
+    ranked = sorted(merged.items(), key=lambda kv: (-kv[1][0], kv[1][1]))[:top]
+    return [(w, float(s)) for w, (s, _) in ranked]
 
 # %% ../notebooks/07_sparse.ipynb #ca9b60cd
 def threshold_for(V: int # vocabulary size

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import re
 
+import numpy as np
 import torch
 
 # %% auto #0
@@ -65,6 +66,10 @@ class Vocabulary:
             # a word's index is its word-start piece when both forms are kept (alpha2)
             if w not in self._index or (s and not self.starts_word[self._index[w]]): self._index[w] = i
         self._pos = {int(t): i for i, t in enumerate(self.ids.tolist())}
+        # readable words, each once (first appearance), and the group of every index: what `merge` sums over
+        self.unique_words = list(self._all)
+        group = {w: g for g, w in enumerate(self.unique_words)}
+        self._group = np.fromiter((group[w] for w in self.words), dtype=np.int64, count=len(self.words))
 
     @property
     def size(self) -> int: return len(self.words)
@@ -86,6 +91,37 @@ class Vocabulary:
     def indices(self, word: str) -> list[int]:
         "Every index whose piece spells `word` (more than one only under `alpha2`)."
         return list(self._all.get(word, []))
+
+    @property
+    def duplicates(self) -> dict[str, list[int]]:
+        "The words spelled by more than one kept piece (`▁the` and `the` under `alpha2`), each with its indices."
+        return {w: list(ix) for w, ix in self._all.items() if len(ix) > 1}
+
+    @property
+    def n_words(self) -> int:
+        "Distinct readable words: V less the extra spellings in `duplicates`."
+        return len(self.unique_words)
+
+    def merge(self,
+              indices,                # lexical-vector indices (sequence, numpy array or tensor)
+              values,                 # a contribution or weight per index, same length
+              k: int | None = None,   # how many words to return (None: all)
+             ) -> list[tuple[str, float]]:
+        "Contributions summed per readable word, each word once: `(word, total)`, largest first, ties by word."
+        idx = torch.as_tensor(indices).reshape(-1).cpu().numpy().astype(np.int64)
+        val = torch.as_tensor(values).reshape(-1).detach().cpu().double().numpy()
+        if len(idx) != len(val): raise ValueError(f"{len(idx)} indices but {len(val)} values")
+        if len(idx) and (idx.min() < 0 or idx.max() >= self.size):
+            raise IndexError(f"index out of range for a vocabulary of V={self.size}")
+        groups, inv = np.unique(self._group[idx], return_inverse=True)
+        total = np.zeros(len(groups))
+        np.add.at(total, inv.reshape(-1), val)
+        if k is not None and k <= 0: return []
+        if k is not None and k < len(groups):  # keep every word tied with the k-th largest, then order exactly
+            keep = total >= np.partition(total, len(groups) - k)[len(groups) - k]
+            groups, total = groups[keep], total[keep]
+        words = [self.unique_words[g] for g in groups.tolist()]
+        return sorted(zip(words, total.tolist()), key=lambda p: (-p[1], p[0]))[:k]
 
     def position(self, token_id: int) -> int | None:
         "Index of tokenizer id `token_id` in a lexical vector, None when the filter dropped it."
