@@ -1,6 +1,6 @@
 """One training step of the paper-scale LexVLA on one GPU, with random weights (nothing downloaded).
 
-    python benchmarks/bench_gpu.py [--batches 16 32 64 128] [--out benchmarks/results/gpu.md]
+    python benchmarks/bench_gpu.py [--batches 16 32 64 128] [--layers 32] [--budget-s 480] [--out benchmarks/results/gpu.md]
     python benchmarks/bench_gpu.py --shapes tiny --device cpu      # the same code at tiny shapes (tested in CI)
 
 The step is the one `lexvla.train` runs with the `paper` preset: a frozen DINOv2 ViT-L/14 at 224 px (timm, random
@@ -83,6 +83,10 @@ def main(argv=None) -> int:
     ap.add_argument("--batches", type=int, nargs="+", default=[16, 32, 64, 128, 256])
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--no-grad-ckpt", action="store_true")
+    ap.add_argument("--layers", type=int, default=None, help="LM decoder layers (default: the shape's, 32 for 7B); "
+                    "fewer make a faster, stated approximation (MFU counts the layers that run)")
+    ap.add_argument("--budget-s", type=float, default=480.0, help="no larger batch is tried once this much wall "
+                    "time has passed (the whole run stays under 10 minutes on one GPU)")
     ap.add_argument("--out", default=None)
     a = ap.parse_args(argv)
     from einops import reduce
@@ -90,7 +94,9 @@ def main(argv=None) -> int:
     from lexvla.maxpool import lexical_maxpool
     from lexvla.model import l2norm
 
-    device, S = torch.device(a.device), SHAPES[a.shapes]
+    t_begin = time.perf_counter()
+    device, S = torch.device(a.device), dict(SHAPES[a.shapes])
+    if a.layers is not None: S["layers"] = a.layers
     cuda = device.type == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     torch.manual_seed(0)
@@ -128,6 +134,9 @@ def main(argv=None) -> int:
 
     rows = []
     for b in a.batches:
+        if time.perf_counter() - t_begin > a.budget_s:
+            print(f"batch {b}: skipped, the {a.budget_s:.0f} s budget is spent", file=sys.stderr)
+            break
         try:
             if cuda: torch.cuda.empty_cache(); torch.cuda.reset_peak_memory_stats()
             step(b); sync()
@@ -145,7 +154,7 @@ def main(argv=None) -> int:
     name = torch.cuda.get_device_name(0) if cuda else f"CPU ({torch.get_num_threads()} threads)"
     md = [f"# Benchmark: one paper-scale training step on one GPU\n",
           f"`python benchmarks/bench_gpu.py --shapes {a.shapes}` ({datetime.date.today().isoformat()}, {name}, torch "
-          f"{torch.__version__}). Random weights. ViT {n_vit / 1e6:.0f} M (frozen), LM {n_lm / 1e6:.0f} M (frozen, LoRA on "
+          f"{torch.__version__}). Random weights; LM {S['layers']} decoder layers. ViT {n_vit / 1e6:.0f} M (frozen), LM {n_lm / 1e6:.0f} M (frozen, LoRA on "
           f"every block{', gradient checkpointing' if not a.no_grad_ckpt else ''}), {n_train / 1e6:.1f} M trainable; "
           f"V = {S['V']}, {n_patches} patches, {S['tokens']} tokens per caption. Matmul peak measured here: "
           f"{peak / 1e12:.1f} TFLOP/s ({'bf16' if cuda else 'fp32'}).\n",

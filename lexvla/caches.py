@@ -70,13 +70,19 @@ class TextPrefixCache:
                 raise FileNotFoundError(f"{path / f}: text cache file missing (run `dvc repro textcache`)")
         t = load_file(str(path / "prefix.safetensors"))
         j = json.loads((path / "captions.json").read_text())
+        stored = (j.get("meta") or {}).get("stored_dtype")
+        if stored is not None and stored != str(t["hidden"].dtype):
+            raise ValueError(f"{path / 'prefix.safetensors'}: holds {t['hidden'].dtype} states, but its "
+                             f"captions.json says {stored}; rebuild it (dvc repro textcache)")
         return cls(t["hidden"], t["offsets"], j["captions"], j.get("meta"))
 
 # %% ../notebooks/10a_caches.ipynb #111f4c36
 def cache_meta(model) -> dict:
-    "What a cache's states depend on: the LM, the prompt, the prefix depth (checked before a cache is used)."
+    "What a cache's states depend on: the LM and its dtype, the prompt, the caption cut, the prefix depth."
     return {"prefix_layers": model.text_prefix_layers, "prompt": model.config.prompt, "width": model.width,
-            "lm": {k: v for k, v in vars(model.config.lm).items() if k != "dtype"}}
+            "lm": {k: v for k, v in vars(model.config.lm).items() if k != "dtype"},
+            "lm_dtype": model.config.lm.dtype,  # the dtype the states were computed in (stored as `stored_dtype`)
+            "max_text_tokens": model.config.max_text_tokens}
 
 def check_cache(cache: TextPrefixCache, model) -> None:
     "Refuse a cache built for another LM, prompt or LoRA depth: its states would be silently wrong."

@@ -8,7 +8,6 @@ Docs: https://github.com/lexvla/lexvla/datasets.html.md"""
 from __future__ import annotations
 
 import csv
-import functools
 import glob
 import hashlib
 import io
@@ -18,7 +17,7 @@ import random
 import re
 import tarfile
 import warnings
-from collections import Counter
+from collections import Counter, OrderedDict
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +28,7 @@ import numpy as np
 import timm
 import timm.data
 import torch
+import torchvision.transforms as T
 import webdataset as wds
 from PIL import Image, ImageOps, UnidentifiedImageError
 from tqdm.auto import tqdm
@@ -36,13 +36,14 @@ from tqdm.auto import tqdm
 from .runtime import write_json
 
 # %% auto #0
-__all__ = ['MAX_IMAGE_PIXELS', 'MAX_CAPTION_CHARS', 'TRAIN_AUGMENT', 'IMAGE_EXTS', 'DataConfigError', 'SkipLog', 'decode_image',
-           'clean_caption', 'backbone_data_config', 'image_transform', 'sample_key', 'encode_jpeg', 'write_shards',
-           'expand_shards', 'ShardSample', 'index_shards', 'sample_captions', 'TarPairs', 'train_dataset',
-           'collate_pairs', 'streaming_dataset', 'karpathy_tokens', 'karpathy_entry', 'read_karpathy',
-           'karpathy_image_path', 'KarpathySplit', 'load_karpathy', 'write_categories', 'png_bytes', 'panoptic_png',
-           'panoptic_segments', 'read_categories', 'Masks', 'load_masks', 'ManifestItem', 'read_manifest',
-           'prepared_paths']
+__all__ = ['MAX_IMAGE_PIXELS', 'MAX_CAPTION_CHARS', 'TRAIN_AUGMENT', 'IMAGE_EXTS', 'PARTS', 'STAGE_OF_PART', 'DataConfigError',
+           'SkipLog', 'decode_image', 'clean_caption', 'backbone_data_config', 'image_transform', 'mask_transform',
+           'sample_key', 'encode_jpeg', 'write_shards', 'expand_shards', 'ShardSample', 'index_shards',
+           'sample_captions', 'TarPairs', 'train_dataset', 'collate_pairs', 'shard_counts', 'StreamingPairs',
+           'advance_position', 'StreamLoader', 'streaming_dataset', 'karpathy_tokens', 'karpathy_entry',
+           'read_karpathy', 'karpathy_image_path', 'KarpathySplit', 'load_karpathy', 'write_categories', 'png_bytes',
+           'panoptic_png', 'panoptic_segments', 'read_categories', 'Masks', 'load_masks', 'ManifestItem',
+           'read_manifest', 'prepared_paths']
 
 # %% ../notebooks/02_datasets.ipynb #ccc4e115
 class DataConfigError(ValueError):
@@ -225,6 +226,23 @@ def image_transform(data_config: dict,   # timm data config (input_size, interpo
     kw.update(overrides)
     return timm.data.create_transform(is_training=train, **kw)
 
+# %% ../notebooks/02_datasets.ipynb #85fe7915
+def mask_transform(data_config: dict, # the same timm data config as `image_transform`'s
+                  ) -> Callable[[np.ndarray], np.ndarray]:
+    "(H, W) integer label map -> the labels of the evaluation transform's output pixels (same resize and crop)."
+    steps = []
+    for t in image_transform(data_config, train=False).transforms:
+        if isinstance(t, T.Resize):
+            steps.append(T.Resize(t.size, interpolation=T.InterpolationMode.NEAREST, max_size=t.max_size))
+        elif isinstance(t, T.CenterCrop): steps.append(T.CenterCrop(t.size))
+        elif type(t).__name__ in ("ResizeKeepRatio", "RandomResizedCropAndInterpolation", "TrimBorder"):
+            raise DataConfigError(f"mask_transform: no mask counterpart for timm's {type(t).__name__}")
+    def apply(mask: np.ndarray) -> np.ndarray:
+        im = Image.fromarray(np.asarray(mask).astype(np.int32), mode="I")  # -1 (unlabelled) survives as an int
+        for s in steps: im = s(im)
+        return np.asarray(im, dtype=np.int64)
+    return apply
+
 # %% ../notebooks/02_datasets.ipynb #ab473594
 def sample_key(i: int, shard_size: int) -> str:
     "img2dataset's key of the i-th sample: shard number (5 digits) + index in the shard (4+ digits)."
@@ -367,21 +385,42 @@ def _seeded(seed: int):
         np.random.set_state(npst)
         gen.set_state(th)
 
-class TarPairs(torch.utils.data.Dataset):
+class _Pairs:
+    "What both training readers share: one sample's decode, caption draw and seeded augmentation."
+    def _pair(self, key: str, caps: list[str], read_image: Callable[[], bytes], epoch: int, log: SkipLog,
+              then: str) -> dict | None:
+        img = None
+        if caps: img = decode_image(read_image(), log, key, self.min_side, self.max_pixels)
+        self.log.update(log)
+        if img is None:
+            for r in log.skipped:
+                if r not in self._warned:
+                    self._warned.add(r)
+                    warnings.warn(f"training data: skipping bad samples ({r}, e.g. {key}); {then}")
+            return None
+        caption = caps[_hash64(self.seed, epoch, key, "caption") % len(caps)]
+        if self.transform is not None:
+            with _seeded(_hash64(self.seed, epoch, key, "augment") % 2**63): img = self.transform(img)
+        return {"pixels": img, "caption": caption, "key": key}
+
+class TarPairs(_Pairs, torch.utils.data.Dataset):
     "Map-style image-caption pairs from webdataset shards, in an order fixed by (seed, epoch)."
     def __init__(self, shards, # shard paths (or anything `expand_shards` takes)
                  transform: Callable | None = None, # PIL image -> tensor (None: the PIL image)
                  seed: int = 0,
                  captions_per_image: int = 5,       # captions each image may draw from (the first n)
-                 min_side: int = 8, max_pixels: int = MAX_IMAGE_PIXELS, max_caption_chars: int = MAX_CAPTION_CHARS):
+                 min_side: int = 8, max_pixels: int = MAX_IMAGE_PIXELS, max_caption_chars: int = MAX_CAPTION_CHARS,
+                 max_open_files: int | None = 64,   # shard handles kept open per process (least recently used closed)
+                ):
         self.shards = [str(p) for p in expand_shards(shards)]
+        self.max_open_files = max_open_files
         self.transform, self.seed, self.captions_per_image = transform, seed, captions_per_image
         self.min_side, self.max_pixels, self.max_caption_chars = min_side, max_pixels, max_caption_chars
         self.log = SkipLog()
         self.samples = index_shards(self.shards, self.log)
         if not self.samples: raise DataConfigError(f"{self.shards[0]}...: the shards hold no usable sample")
         self.keys = [s.key for s in self.samples]
-        self._fh: dict[int, Any] = {}
+        self._fh: OrderedDict[int, Any] = OrderedDict()
         self._warned: set[str] = set()
         self.set_epoch(0)
 
@@ -397,14 +436,21 @@ class TarPairs(torch.utils.data.Dataset):
 
     def __getstate__(self):  # open file handles stay in the process that opened them
         d = dict(self.__dict__)
-        d["_fh"] = {}
+        d["_fh"] = OrderedDict()
         return d
 
     def _file(self, shard: int):
         if self.__dict__.get("_pid") != os.getpid():  # a forked worker: its own handles
-            self._fh, self._pid = {}, os.getpid()
-        if shard not in self._fh: self._fh[shard] = open(self.shards[shard], "rb")
-        return self._fh[shard]
+            self._fh, self._pid = OrderedDict(), os.getpid()
+        fh = self._fh.get(shard)
+        if fh is not None:
+            self._fh.move_to_end(shard)
+            return fh
+        # the epoch's order visits shards at random: an LRU of handles bounds the descriptors (one per shard would
+        # be ~920 per worker on CC-12M, near the usual limit of 1,024); reopening a shard costs microseconds
+        if self.max_open_files and len(self._fh) >= self.max_open_files: self._fh.popitem(last=False)[1].close()
+        fh = self._fh[shard] = open(self.shards[shard], "rb")
+        return fh
 
     def captions(self, idx: int, log: SkipLog | None = None) -> list[str]:
         "The usable captions of sample `idx` (indexing order), all of them."
@@ -423,20 +469,8 @@ class TarPairs(torch.utils.data.Dataset):
         s = self.samples[idx]
         log = SkipLog()
         caps = self.captions(idx, log)[:self.captions_per_image]
-        img = None
-        if caps: img = decode_image(_read_at(self._file(s.shard), s.image), log, s.key, self.min_side, self.max_pixels)
-        self.log.update(log)
-        if img is None:
-            for r in log.skipped:
-                if r not in self._warned:
-                    self._warned.add(r)
-                    warnings.warn(f"training data: skipping bad samples ({r}, e.g. {s.key}); "
-                                  f"each is replaced by the next in the epoch's order")
-            return None
-        caption = caps[_hash64(self.seed, self.epoch, s.key, "caption") % len(caps)]
-        if self.transform is not None:
-            with _seeded(_hash64(self.seed, self.epoch, s.key, "augment") % 2**63): img = self.transform(img)
-        return {"pixels": img, "caption": caption, "key": s.key}
+        return self._pair(s.key, caps, lambda: _read_at(self._file(s.shard), s.image), self.epoch, log,
+                          "each is replaced by the next in the epoch's order")
 
     def __getitem__(self, i: int) -> dict:
         n = len(self.samples)
@@ -461,25 +495,216 @@ def collate_pairs(batch: list[dict]) -> dict:
             "keys": [b["key"] for b in batch]}
 
 # %% ../notebooks/02_datasets.ipynb #ace71c2c
-def _stream_sample(s: dict, transform, captions_per_image: int, seed: int, max_caption_chars: int) -> dict | None:
-    ext = next((e for e in IMAGE_EXTS if e in s), None)
-    caps = sample_captions(s.get("txt"), s.get("json"), None, s["__key__"], max_caption_chars)[:captions_per_image]
-    img = decode_image(s[ext], None, s["__key__"]) if ext and caps else None
-    if img is None: return None
-    cap = caps[_hash64(seed, s["__key__"], "caption") % len(caps)]
-    return {"pixels": transform(img) if transform else img, "caption": cap, "key": s["__key__"]}
+def _shard_samples(path: str, log: SkipLog,
+                   lazy: Callable[[], bool] = lambda: False, # True: keep (offset, size) of members, not their bytes
+                  ) -> Iterator[dict]:
+    "One shard's samples in tar order, `{__key__, __shard__, ext: bytes}`; one open file, headers not kept."
+    def done(g):  # the checks of `index_shards`, on one sample
+        name = f"{Path(path).name}:{g['__key__']}"
+        if not any(e in g for e in IMAGE_EXTS): log.skip("missing_image", name)
+        elif "txt" not in g and "json" not in g: log.skip("caption_missing", name)
+        else: return g
+    cur = None
+    with open(path, "rb") as f:
+        try:
+            tf = tarfile.open(fileobj=f, mode="r:")  # seekable: a header-only pass reads no image bytes
+            for m in tf:
+                tf.members = []  # a CC-12M shard has ~30k members: keep none of their headers
+                if not m.isfile(): continue
+                mt = _KEY_RE.match(m.name)
+                if mt is None:
+                    log.skip("no_extension", f"{path}:{m.name}")
+                    continue
+                key, ext = mt.group(1), mt.group(2).lower()
+                if cur is not None and key != cur["__key__"]:  # img2dataset writes a sample's members together
+                    if done(cur) is not None: yield cur
+                    cur = None
+                if cur is None: cur = {"__key__": key, "__shard__": path}
+                if ext not in cur:
+                    cur[ext] = (m.offset_data, m.size) if lazy() else os.pread(f.fileno(), m.size, m.offset_data)
+        except (tarfile.TarError, OSError, EOFError) as e:
+            log.skip("corrupt_shard", f"{path} ({type(e).__name__}: {e})")  # members read before the damage are kept
+    if cur is not None and done(cur) is not None: yield cur
+
+def _read_refs(s: dict) -> dict:
+    "A sample whose members are (offset, size) references, read (one open file, closed at once)."
+    refs = {k: v for k, v in s.items() if isinstance(v, tuple)}
+    if not refs: return s
+    with open(s["__shard__"], "rb") as f:
+        return {**s, **{k: os.pread(f.fileno(), v[1], v[0]) for k, v in refs.items()}}
+
+def shard_counts(shards) -> list[int]:
+    "Usable samples in each shard, from the tar headers alone (no image is read)."
+    log = SkipLog()
+    return [sum(1 for _ in _shard_samples(str(p), log, lambda: True)) for p in expand_shards(shards)]
+
+def _config_id(*parts) -> str: return f"{_hash64(*parts):016x}"[:12]
+
+def _check_workers(position: dict | None, workers: int) -> None:
+    if position is not None and position["workers"] != max(workers, 1):
+        raise ValueError(f"the data position was saved with {position['workers']} DataLoader worker(s), this loader "
+                         f"has {workers}: each worker is its own stream, so resume with num_workers="
+                         f"{position['workers'] if position['workers'] > 1 else 0}")
+
+class StreamingPairs(_Pairs, torch.utils.data.IterableDataset):
+    "An endless stream of collated training batches from webdataset shards: split by rank and worker, resumable."
+    def __init__(self, shards,                         # shard paths (or anything `expand_shards` takes)
+                 transform: Callable | None,           # PIL image -> tensor (None: PIL images, batched as a list)
+                 seed: int,                            # fixes shard orders, shuffles, captions and augmentation
+                 captions_per_image: int = 5,          # captions each image may draw from (the first n)
+                 batch_size: int = 64,                 # the micro-batch of ONE process (the dataset yields batches)
+                 rank: int = 0, world_size: int = 1,   # this process among the data-parallel ones
+                 shuffle: int = 1000,                  # raw samples in each worker's shuffle buffer (0: none)
+                 min_side: int = 8, max_pixels: int = MAX_IMAGE_PIXELS, max_caption_chars: int = MAX_CAPTION_CHARS):
+        self.shards = [str(p) for p in expand_shards(shards)]
+        if not 0 <= rank < world_size: raise ValueError(f"rank {rank} outside 0..{world_size - 1}")
+        if batch_size < 1: raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        self.transform, self.seed, self.captions_per_image = transform, seed, captions_per_image
+        self.batch_size, self.rank, self.world_size, self.shuffle = batch_size, rank, world_size, shuffle
+        self.min_side, self.max_pixels, self.max_caption_chars = min_side, max_pixels, max_caption_chars
+        # what a saved position is only valid for (the worker count is checked in each worker)
+        self.config = _config_id(seed, captions_per_image, batch_size, shuffle, *map(os.path.basename, self.shards))
+        self.log = SkipLog()  # per process: each worker counts its own skips
+        self._warned: set[str] = set()
+        self._position: dict | None = None
+
+    def set_position(self, position: dict | None) -> None:
+        "Resume from a state of `advance_position` (what the train loop saved); None: from the start."
+        if position is not None:
+            for k, want in (("rank", self.rank), ("world_size", self.world_size), ("config", self.config)):
+                if position.get(k) != want:
+                    raise ValueError(f"saved data position has {k}={position.get(k)!r}, this loader {want!r}: "
+                                     "it cannot resume exactly (set_position(None) starts the stream afresh)")
+        self._position = position
+
+    def epoch_shards(self, epoch: int, worker: int = 0, workers: int = 1) -> list[str]:
+        "The shards worker `worker` of `workers` (of this rank) reads in `epoch`, in reading order."
+        perm = np.random.default_rng(_hash64(self.seed, epoch, "shards")).permutation(len(self.shards))
+        return [self.shards[i] for i in perm[self.rank::self.world_size][worker::workers]]
+
+    def draws(self, epoch: int, worker: int = 0, workers: int = 1,
+              skip: int = 0, # draws to leave out (resume): read from the tar headers, neither read nor decoded
+             ) -> Iterator[tuple[int, dict]]:
+        "(draw number, raw sample) of one worker's epoch: its shards one at a time, through a seeded shuffle buffer."
+        rng = random.Random(_hash64(self.seed, epoch, self.rank, worker, "shuffle"))
+        n = 0
+        lazy = lambda: n < skip  # while skipping, samples are (offset, size) references
+        raw = (s for p in self.epoch_shards(epoch, worker, workers) for s in _shard_samples(p, self.log, lazy))
+
+        def mixed():  # webdataset's buffer: fill it, then each new sample replaces a random one drawn out
+            if self.shuffle <= 1:
+                yield from raw
+                return
+            buf = []
+            for s in raw:
+                if len(buf) < self.shuffle:
+                    buf.append(s)
+                    continue
+                j = rng.randrange(len(buf))
+                buf[j], s = s, buf[j]
+                yield s
+            while buf:
+                j = rng.randrange(len(buf))
+                buf[j], buf[-1] = buf[-1], buf[j]
+                yield buf.pop()
+
+        for s in mixed():
+            n += 1
+            if n > skip: yield n, _read_refs(s)  # references drawn after the skip are read now
+
+    def decode(self, s: dict, epoch: int) -> dict | None:
+        "A raw sample as it is in `epoch` (the caption and augmentation `TarPairs` gives it), or None when unusable."
+        log = SkipLog()
+        caps = sample_captions(s.get("txt"), s.get("json"), log, s["__key__"], self.max_caption_chars)
+        ext = next(e for e in IMAGE_EXTS if e in s)
+        return self._pair(s["__key__"], caps[:self.captions_per_image], lambda: s[ext], epoch, log, "skipped")
+
+    def samples(self, epoch: int, worker: int = 0, workers: int = 1) -> Iterator[dict]:
+        "One worker's decoded samples of one epoch (not batched)."
+        for _, s in self.draws(epoch, worker, workers):
+            out = self.decode(s, epoch)
+            if out is not None: yield out
+
+    def _batch(self, items: list[dict], position: dict) -> dict:
+        pix = [b["pixels"] for b in items]
+        return {"pixels": torch.stack(pix) if isinstance(pix[0], torch.Tensor) else pix,
+                "captions": [b["caption"] for b in items], "keys": [b["key"] for b in items], "position": position}
+
+    def _worker(self) -> tuple[int, int, int, int]:
+        "(stream, streams, epoch, draws done) of this DataLoader worker."
+        info = torch.utils.data.get_worker_info()
+        i, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        if len(self.shards) < self.world_size * workers:
+            raise DataConfigError(f"{len(self.shards)} shards cannot feed {self.world_size} ranks x {workers} "
+                                  f"DataLoader workers: each needs a shard of its own (fewer workers, or more shards)")
+        pos = self._position
+        if pos is None: return i, workers, 0, 0
+        _check_workers(pos, workers)
+        # the DataLoader asks its workers in turn, starting with worker 0: worker i plays the stream that is due next
+        w = (i + pos["next"]) % workers
+        return w, workers, pos["epoch"][w], pos["drawn"][w]
+
+    def __iter__(self) -> Iterator[dict]:
+        w, workers, epoch, done = self._worker()
+        batch = []
+        while True:  # endless: a worker that runs out of shards goes on to the next epoch, so ranks never starve
+            good = 0
+            for n, s in self.draws(epoch, w, workers, skip=done):
+                out = self.decode(s, epoch)
+                if out is None: continue
+                good += 1
+                batch.append(out)
+                if len(batch) == self.batch_size:
+                    yield self._batch(batch, {"worker": w, "workers": workers, "epoch": epoch, "drawn": n,
+                                              "rank": self.rank, "world_size": self.world_size,
+                                              "config": self.config})
+                    batch = []
+            if not good and not done:
+                raise RuntimeError(f"no sample of epoch {epoch}'s shards {self.epoch_shards(epoch, w, workers)[:3]}"
+                                   "... can be decoded")
+            epoch, done = epoch + 1, 0
+
+def advance_position(state: dict | None, # the position so far (None: the run's start)
+                     pos: dict,          # a batch's `position`
+                    ) -> dict:
+    "The resume state after one more batch: each worker's (epoch, draws done), and whose batch comes next."
+    k = pos["workers"]
+    if state is None:
+        state = {"workers": k, "next": 0, "epoch": [0] * k, "drawn": [0] * k,
+                 **{f: pos[f] for f in ("rank", "world_size", "config")}}
+    if pos["worker"] != state["next"] or k != state["workers"]:
+        raise ValueError(f"batch of worker {pos['worker']}/{k} where worker {state['next']}/{state['workers']} was "
+                         "due: every batch the loader yields must be passed here, in order")
+    epoch, drawn = list(state["epoch"]), list(state["drawn"])
+    epoch[pos["worker"]], drawn[pos["worker"]] = pos["epoch"], pos["drawn"]
+    return {**state, "next": (pos["worker"] + 1) % k, "epoch": epoch, "drawn": drawn}
+
+class StreamLoader:
+    "A DataLoader over a `StreamingPairs` that keeps its resume state: `.position` after each batch it yields."
+    def __init__(self, ds: StreamingPairs, num_workers: int = 0, position: dict | None = None, **kw):
+        self.ds, self.num_workers, self.kw, self.position = ds, num_workers, kw, position
+
+    def __iter__(self) -> Iterator[dict]:
+        _check_workers(self.position, self.num_workers)  # here, not in a worker's traceback
+        self.ds.set_position(self.position)  # a new iterator (new workers) goes on where the last one stopped
+        dl = torch.utils.data.DataLoader(self.ds, batch_size=None, num_workers=self.num_workers,
+                                         persistent_workers=False, **self.kw)
+        for b in dl:
+            self.position = advance_position(self.position, b["position"])
+            yield b
+
+class _EpochSamples(torch.utils.data.IterableDataset):
+    def __init__(self, ds: StreamingPairs, epoch: int): self.ds, self.epoch = ds, epoch
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        yield from self.ds.samples(self.epoch, *((info.id, info.num_workers) if info is not None else (0, 1)))
 
 def streaming_dataset(shards, transform: Callable | None, seed: int, captions_per_image: int = 5,
                       shuffle: int = 1000,          # sample shuffle buffer (0: none)
-                      max_caption_chars: int = MAX_CAPTION_CHARS):
-    "An iterable `wds.WebDataset` of the same samples, for data that does not fit an index."
-    urls = [str(p) for p in expand_shards(shards)]
-    ds = wds.WebDataset(urls, shardshuffle=len(urls) if shuffle else False, seed=seed, handler=wds.warn_and_continue,
-                        nodesplitter=wds.split_by_node, empty_check=False)
-    if shuffle: ds = ds.shuffle(shuffle, seed=seed)
-    fn = functools.partial(_stream_sample, transform=transform, captions_per_image=captions_per_image, seed=seed,
-                           max_caption_chars=max_caption_chars)
-    return ds.map(fn, handler=wds.warn_and_continue).select(lambda x: x is not None)
+                      max_caption_chars: int = MAX_CAPTION_CHARS, epoch: int = 0, rank: int = 0, world_size: int = 1):
+    "One epoch of single samples (not batched) by `StreamingPairs`' reader: each sample of this rank's shards once."
+    return _EpochSamples(StreamingPairs(shards, transform, seed, captions_per_image, shuffle=shuffle, rank=rank,
+                                        world_size=world_size, max_caption_chars=max_caption_chars), epoch)
 
 # %% ../notebooks/02_datasets.ipynb #46106451
 def karpathy_tokens(raw: str) -> list[str]:
@@ -709,14 +934,26 @@ def read_manifest(path: str | Path,          # .csv / .tsv / .jsonl
     return list(items.values())
 
 # %% ../notebooks/02_datasets.ipynb #28f7dc67
-def prepared_paths(data_dir: str | Path) -> dict:
-    "The parts of a `prepare` output folder: shards, Karpathy JSON + image root, mask folders and categories."
+PARTS = ("train", "eval")  # the two outputs of `prepare`: what training reads, and what evaluation reads
+
+def prepared_paths(data_dir: str | Path, # the `prepare` output: `train/` (shards) and `eval/` (split, masks, scenes)
+                   part: str = "all",   # train | eval | all: which part must be there
+                  ) -> dict:
+    "The parts of a `prepare` output folder: shards; Karpathy JSON + image root, mask folders, categories, scenes."
+    if part not in (*PARTS, "all"): raise ValueError(f"part: got {part!r}, expected train, eval or all")
     d = Path(data_dir)
-    if not d.is_dir(): raise DataConfigError(f"{d}: no prepared data; run `dvc repro prepare`")
-    js = sorted((d / "karpathy").glob("dataset_*.json"))
-    if len(js) != 1: raise DataConfigError(f"{d / 'karpathy'}: expected one dataset_*.json, found {len(js)}")
-    cats = d / "masks" / "categories.json"
-    return {"shards": sorted((d / "train").glob("*.tar")), "karpathy_json": js[0],
-            "image_root": d / "karpathy" / "images",
-            "masks": {s: d / "masks" / s for s in ("val", "test") if (d / "masks" / s).is_dir()},
+    out = {"train": d / "train", "eval": d / "eval"}
+    for p in (PARTS if part == "all" else (part,)):
+        if not out[p].is_dir():
+            raise DataConfigError(f"{out[p]}: no prepared {p} data; run `dvc repro {STAGE_OF_PART[p]}`")
+    out["shards"] = sorted(out["train"].glob("*.tar"))
+    if part == "train": return out
+    e = out["eval"]
+    js = sorted((e / "karpathy").glob("dataset_*.json"))
+    if len(js) != 1: raise DataConfigError(f"{e / 'karpathy'}: expected one dataset_*.json, found {len(js)}")
+    cats = e / "masks" / "categories.json"
+    return {**out, "karpathy_json": js[0], "image_root": e / "karpathy" / "images", "scenes": e / "scenes",
+            "masks": {s: e / "masks" / s for s in ("val", "test") if (e / "masks" / s).is_dir()},
             "categories": cats if cats.is_file() else None}
+
+STAGE_OF_PART = {"train": "prepare", "eval": "prepare_eval"}  # the DVC stage that writes each part

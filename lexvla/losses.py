@@ -10,13 +10,14 @@ from __future__ import annotations
 from typing import Callable, Literal
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from einops import reduce
 from torch import nn
 
 # %% auto #0
 __all__ = ['REGULARIZERS', 'elu1p', 'word_activation', 'flops_regularizer', 'overuse_penalty', 'quadratic_warmup',
-           'clip_contrastive', 'LexicalLoss', 'create_loss']
+           'clip_contrastive', 'world_size', 'gather_features', 'local_contrastive', 'LexicalLoss', 'create_loss']
 
 # %% ../notebooks/05_losses.ipynb #d197bb92
 def elu1p(x: torch.Tensor # logits, any shape
@@ -73,6 +74,44 @@ def clip_contrastive(image_features: torch.Tensor, # (b, v) image vectors (L2-no
     labels = torch.arange(logits.shape[0], device=logits.device)
     return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
 
+# %% ../notebooks/05_losses.ipynb #9f63c95f
+class _GatherWithGrad(torch.autograd.Function):
+    "all_gather whose backward sums the gathered gradient over processes and returns this process's rows."
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group, ctx.rank, ctx.n = group, dist.get_rank(group), x.shape[0]
+        out = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(out, x.contiguous(), group=group)
+        return torch.cat(out)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, group=ctx.group)  # every process's loss depends on these rows
+        return grad[ctx.rank * ctx.n:(ctx.rank + 1) * ctx.n], None
+
+def world_size(group=None) -> int:
+    "Processes in the default (or given) group; 1 when torch.distributed is not initialised."
+    return dist.get_world_size(group) if dist.is_available() and dist.is_initialized() else 1
+
+def gather_features(x: torch.Tensor, # (b, v) this process's rows (the same b on every process)
+                    group=None,      # process group (default: the world)
+                   ) -> tuple[torch.Tensor, int]:
+    "`(all rows of all processes in rank order, offset of this process's first row)`, differentiable."
+    if world_size(group) == 1: return x, 0
+    return _GatherWithGrad.apply(x, group), dist.get_rank(group) * x.shape[0]
+
+def local_contrastive(image_features: torch.Tensor, text_features: torch.Tensor, # (b, v) this process's rows
+                      all_image: torch.Tensor, all_text: torch.Tensor,           # (N b, v) every process's rows
+                      offset: int,                                               # index of this process's first row
+                      logit_scale: torch.Tensor | float,
+                     ) -> torch.Tensor:
+    "InfoNCE of this process's rows against all columns (open_clip `local_loss`): its mean over processes is global."
+    scale = torch.as_tensor(logit_scale, dtype=image_features.dtype, device=image_features.device).reshape(())
+    labels = torch.arange(image_features.shape[0], device=image_features.device) + offset
+    return (F.cross_entropy(scale * image_features @ all_text.T, labels)
+            + F.cross_entropy(scale * text_features @ all_image.T, labels)) / 2
+
 # %% ../notebooks/05_losses.ipynb #8ddff313
 REGULARIZERS: dict[str, Callable[[torch.Tensor], torch.Tensor] | None] = {
     "overuse": overuse_penalty,   # LexVLA (method §5)
@@ -89,8 +128,11 @@ class LexicalLoss(nn.Module):
                  warmup_steps: int = 0,     # steps of the quadratic warm-up of both weights (0: none)
                  detach_share: bool = False, # overuse only: no gradient through the share (see `overuse_penalty`)
                  share: Literal["sum", "mean"] = "sum", # overuse only: the share's normaliser (see `overuse_penalty`)
+                 gather: bool = True,       # under torch.distributed: InfoNCE and p̄ over every process's samples
+                 local_loss: bool = False,  # gathered: only this process's rows of the logits (open_clip)
                 ):
         super().__init__()
+        self.gather, self.local_loss = bool(gather), bool(local_loss)
         if reg not in REGULARIZERS: raise ValueError(f"reg: got {reg!r}, expected one of {', '.join(REGULARIZERS)}")
         for k, x in (("lambda_img", lambda_img), ("lambda_txt", lambda_txt)):
             if not x >= 0: raise ValueError(f"{k}: got {x}, expected a weight >= 0")
@@ -103,7 +145,8 @@ class LexicalLoss(nn.Module):
     def extra_repr(self):
         return (f"reg={self.reg!r}, lambda_img={self.lambda_img}, lambda_txt={self.lambda_txt}, "
                 f"warmup_steps={self.warmup_steps}" + (", detach_share=True" if self.detach_share else "")
-                + (f", share={self.share!r}" if self.reg == "overuse" else ""))
+                + (f", share={self.share!r}" if self.reg == "overuse" else "")
+                + (", local_loss=True" if self.local_loss else "") + ("" if self.gather else ", gather=False"))
 
     def penalty(self, s: torch.Tensor # (b, v) lexical vectors
                ) -> torch.Tensor:
@@ -119,17 +162,26 @@ class LexicalLoss(nn.Module):
                 text_weights: torch.Tensor | None = None,  # given, the regulariser acts on these (`train.reg_on`)
                ) -> dict[str, torch.Tensor]:
         "Named parts: `contrastive_loss`, `image_reg_loss`, `text_reg_loss` (weighted), their sum `loss`, `reg_weight`."
-        contrastive = clip_contrastive(image_features, text_features, logit_scale)
-        w = 0.0 if self.reg == "none" else quadratic_warmup(step, self.warmup_steps, 1.0)
         on_img = image_features if image_weights is None else image_weights
         on_txt = text_features if text_weights is None else text_weights
+        if self.gather and world_size() > 1:  # one batch of every process's samples (see "Across processes")
+            all_img, offset = gather_features(image_features)
+            all_txt, _ = gather_features(text_features)
+            contrastive = (local_contrastive(image_features, text_features, all_img, all_txt, offset, logit_scale)
+                           if self.local_loss else clip_contrastive(all_img, all_txt, logit_scale))
+            on_img = all_img if image_weights is None else gather_features(image_weights)[0]
+            on_txt = all_txt if text_weights is None else gather_features(text_weights)[0]
+        else:
+            contrastive = clip_contrastive(image_features, text_features, logit_scale)
+        w = 0.0 if self.reg == "none" else quadratic_warmup(step, self.warmup_steps, 1.0)
         img = self.lambda_img * w * self.penalty(on_img).to(contrastive.dtype)
         txt = self.lambda_txt * w * self.penalty(on_txt).to(contrastive.dtype)
         return {"contrastive_loss": contrastive, "image_reg_loss": img, "text_reg_loss": txt,
                 "loss": contrastive + img + txt, "reg_weight": contrastive.new_tensor(w)}
 
 def create_loss(kind: Literal["overuse", "flops", "none"] = "overuse", # the sparsity regulariser (train.variants.*.reg)
-                **kwargs, # `LexicalLoss` arguments: lambda_img, lambda_txt, warmup_steps, detach_share, share
+                **kwargs, # `LexicalLoss` arguments: lambda_img, lambda_txt, warmup_steps, detach_share, share, gather,
+                          # local_loss
                ) -> LexicalLoss:
     "The LexVLA loss with the `kind` regulariser on both modalities (open_clip-style factory)."
     if kind not in REGULARIZERS: raise ValueError(f"loss kind: got {kind!r}, expected one of {', '.join(REGULARIZERS)}")

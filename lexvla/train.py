@@ -15,18 +15,22 @@ import math
 import os
 import shutil
 import signal
+import subprocess
+import sys
 import time
+import warnings
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import DistributedDataParallelKwargs, gather_object
 from dvclive import Live
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
 from .caches import ImageTokenCache, TextPrefixCache, check_cache, check_image_cache
-from .datasets import collate_pairs, image_transform, train_dataset
+from .datasets import StreamingPairs, StreamLoader, collate_pairs, image_transform, train_dataset
 from .losses import create_loss
 from .model import create_model_from_params, save_trained, trainable_state
 from .params import LoadedParams, ParamsError, TrainParams, load_params, record_run, save_resolved
@@ -36,7 +40,8 @@ from .sparse import threshold_for
 
 # %% auto #0
 __all__ = ['TRAINING_CODE', 'CheckpointError', 'fault_point', 'Checkpointer', 'NonFiniteLoss', 'run_fingerprint', 'regularised',
-           'param_groups', 'make_optimizer', 'resume', 'train_step', 'scalars', 'log_step', 'train', 'main']
+           'param_groups', 'make_optimizer', 'resume', 'train_step', 'scalars', 'log_step', 'train', 'launch_command',
+           'main']
 
 # %% ../notebooks/12_train.ipynb #7a1bb3be
 class CheckpointError(RuntimeError):
@@ -162,7 +167,7 @@ def run_fingerprint(params: LoadedParams, variant: str, data_dir: Path,
     rec = {"variant": variant, "params": {k: d[k] for k in sorted(d) if k in ("base", "prepare", "model", "train")}}
     pkg = Path(code_dir) if code_dir is not None else Path(importlib.util.find_spec("lexvla").origin).parent
     rec["code"] = {m: hashlib.sha256((pkg / f"{m}.py").read_bytes()).hexdigest() for m in TRAINING_CODE}
-    report = Path(data_dir) / "report.json"
+    report = Path(data_dir) / "train" / "report.json"  # the training part only: a new eval set changes nothing
     rec["data"] = hashlib.sha256(report.read_bytes()).hexdigest() if report.is_file() else str(data_dir)
     return hashlib.sha256(json.dumps(rec, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -190,17 +195,24 @@ def _lexical_active(x: torch.Tensor) -> float:
     return float((x.detach() > threshold_for(x.shape[-1])).sum(-1).float().mean())
 
 # %% ../notebooks/12_train.ipynb #6076b20e
-def param_groups(model, weight_decay: float) -> list[dict]:
-    "AdamW groups: decay on matrices, none on norms, biases and the temperature."
-    decay, no_decay = [], []
+def param_groups(model, weight_decay: float,
+                 codebook_weight_decay: float | None = None, # the visual codebook's (None: `weight_decay`)
+                ) -> list[dict]:
+    "AdamW groups: decay on matrices, the codebook's own decay, none on norms, biases and the temperature."
+    decay, codebook, no_decay = [], [], []
     for n, p in model.named_parameters():
         if not p.requires_grad: continue
-        (no_decay if p.ndim < 2 or "norm" in n or "logit_scale" in n else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        if n.endswith("visual_codebook"): codebook.append(p)
+        else: (no_decay if p.ndim < 2 or "norm" in n or "logit_scale" in n else decay).append(p)
+    cwd = weight_decay if codebook_weight_decay is None else codebook_weight_decay
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": codebook, "weight_decay": cwd},
+              {"params": no_decay, "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
 
 def make_optimizer(model, tp: TrainParams):
     "`(AdamW, cosine-with-warm-up scheduler)` over `model`'s trainable parameters, as `train` params say."
-    opt = torch.optim.AdamW(param_groups(model, tp.weight_decay), lr=tp.lr, betas=(0.9, 0.98), eps=1e-6)
+    opt = torch.optim.AdamW(param_groups(model, tp.weight_decay, tp.codebook_weight_decay), lr=tp.lr,
+                            betas=(0.9, 0.98), eps=1e-6)
     return opt, get_cosine_schedule_with_warmup(opt, tp.warmup_steps, tp.steps)
 
 # %% ../notebooks/12_train.ipynb #b2a8428c
@@ -209,6 +221,7 @@ def resume(ck: Checkpointer, # this run's checkpoints
            opt, sched,       # its optimiser and scheduler
            steps: int,       # train.steps: a checkpoint at this step is a finished run
            say=print,        # where the one-line notices go
+           rank: int = 0,    # this process: its own RNG state is restored
           ) -> tuple[int, int, int, str | None]:
     "`(step, epoch, batch_in_epoch, resumed_from)` after loading the newest checkpoint; zeros and None without one."
     last = ck.latest()
@@ -222,7 +235,11 @@ def resume(ck: Checkpointer, # this run's checkpoints
     raw.load_state_dict(tensors, strict=False)
     opt.load_state_dict(objects["optimizer"])
     sched.load_state_dict(objects["scheduler"])
-    set_rng_state(objects["rng"])
+    rng = objects["rng"]  # one state per process (a list), or one for all (older checkpoints)
+    if isinstance(rng, list) and len(rng) <= rank:
+        raise CheckpointError(f"{last}: written by {len(rng)} process(es), resumed by more; "
+                              "resume with the same train.num_processes")
+    set_rng_state(rng[rank] if isinstance(rng, list) else rng)
     say(f"resuming from {last} (step {info['step']})")
     return info["step"], info["epoch"], info["batch_in_epoch"], str(last)
 
@@ -253,8 +270,8 @@ def train_step(model, batch: dict, # a collated micro-batch: pixels, captions, k
         acc.backward(parts["loss"])
         fault_point(f"step-{step + 1}-backward")  # mid-step: gradients computed, weights not yet updated
         if acc.sync_gradients and tp.grad_clip > 0: acc.clip_grad_norm_(model.parameters(), tp.grad_clip)
-        opt.step()
-        sched.step()
+        opt.step()  # accelerate's optimiser skips the step until the accumulation window closes
+        if acc.sync_gradients: sched.step()  # once per optimiser step, whatever the number of processes
         opt.zero_grad(set_to_none=True)
     return out, parts
 
@@ -298,8 +315,14 @@ def train(params: LoadedParams,           # the loaded params file
 
     device = resolve_device(base.device)
     precision = {"auto": "bf16" if device == "cuda" else "no", "fp32": "no", "bf16": "bf16"}[tp.precision]
-    acc = Accelerator(cpu=device == "cpu", mixed_precision=precision, gradient_accumulation_steps=tp.grad_accum)
-    seed_everything(base.seed, base.deterministic)
+    # no broadcast of buffers: the only one is the frozen text codebook (V x d), identical on every process
+    acc = Accelerator(cpu=device == "cpu", mixed_precision=precision, gradient_accumulation_steps=tp.grad_accum,
+                      kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)])
+    if acc.num_processes != tp.num_processes:
+        warnings.warn(f"train.num_processes is {tp.num_processes} but {acc.num_processes} process(es) run; the "
+                      "batches and the result are those of train.batch_size either way")
+    # each process its own dropout stream (the model's init has its own seed; DDP starts from process 0's weights)
+    seed_everything(base.seed + acc.process_index, base.deterministic)
 
     ck = Checkpointer(out_dir / "checkpoints", run_fingerprint(params, variant, data_dir))
     ck.check_writable()
@@ -310,49 +333,73 @@ def train(params: LoadedParams,           # the loaded params file
     model = create_model_from_params(params, variant=spec.model)
     lam_img, lam_txt = (tp.lambda_img, tp.lambda_txt) if spec.lam is None else (spec.lam, spec.lam)
     loss_fn = create_loss(spec.reg, lambda_img=lam_img, lambda_txt=lam_txt, warmup_steps=tp.reg_warmup_steps,
-                          **({"share": tp.overuse_share} if spec.reg == "overuse" else {}))
+                          local_loss=tp.local_loss, **({"share": tp.overuse_share} if spec.reg == "overuse" else {}))
     use_cache = tp.text_cache and spec.model != "bow"
-    cache = TextPrefixCache.load(resolve_path(cache_dir, "data/textcache")) if use_cache else None
+    cache = TextPrefixCache.load(resolve_path(cache_dir, "data/textcache") / "train") if use_cache else None
     if cache is not None: check_cache(cache, model)
     # a frozen ViT sees one fixed view of each image (no augmentation), so its tokens are cached (imagecache)
     frozen = model.config.vision.frozen
     icache = None
     if tp.image_cache and frozen:
-        icache = ImageTokenCache.load(resolve_path(image_cache_dir, "data/imagecache"), "train")
+        icache = ImageTokenCache.load(resolve_path(image_cache_dir, "data/imagecache") / "train", "train")
         check_image_cache(icache, model)
 
+    if tp.batch_size % (tp.grad_accum * acc.num_processes):
+        raise ParamsError(f"train.batch_size: {tp.batch_size} is not a multiple of grad_accum x processes = "
+                          f"{tp.grad_accum} x {acc.num_processes}")
     micro = tp.batch_size // tp.grad_accum // acc.num_processes
-    ds = train_dataset(shards, image_transform(model.data_config, train=not frozen), seed=base.seed,
-                       captions_per_image=tp.captions_per_image)
-    g = torch.Generator()
-    g.manual_seed(base.seed)
-    dl = torch.utils.data.DataLoader(_Epochs(ds), batch_size=micro, num_workers=tp.num_workers,
-                                     collate_fn=collate_pairs, drop_last=True, shuffle=False, generator=g,
-                                     persistent_workers=False)
-    batches_per_epoch = len(dl) // acc.num_processes if acc.num_processes > 1 else len(dl)
-    if batches_per_epoch < tp.grad_accum:
-        raise ParamsError(f"train.batch_size: {tp.batch_size} is larger than the training set ({len(ds)} images)")
+    transform = image_transform(model.data_config, train=not frozen)
+    streaming = tp.loader == "streaming"
+    if streaming:  # CC-12M scale: no index, one open shard per worker, split by process and worker (datasets)
+        ds = StreamingPairs(shards, transform, seed=base.seed, captions_per_image=tp.captions_per_image,
+                            batch_size=micro, rank=acc.process_index, world_size=acc.num_processes)
+    else:
+        ds = train_dataset(shards, transform, seed=base.seed, captions_per_image=tp.captions_per_image)
+        g = torch.Generator()
+        g.manual_seed(base.seed)
+        dl = torch.utils.data.DataLoader(_Epochs(ds), batch_size=micro, num_workers=tp.num_workers,
+                                         collate_fn=collate_pairs, drop_last=True, shuffle=False, generator=g,
+                                         persistent_workers=False)
+        batches_per_epoch = len(dl) // acc.num_processes if acc.num_processes > 1 else len(dl)
+        if batches_per_epoch < tp.grad_accum:
+            raise ParamsError(f"train.batch_size: {tp.batch_size} is larger than the training set ({len(ds)} images)")
 
     opt, sched = make_optimizer(model, tp)
-    model, opt, dl, sched = acc.prepare(model, opt, dl, sched)
+    if streaming: model, opt = acc.prepare(model, opt)  # the stream is split by process already
+    else: model, opt, dl = acc.prepare(model, opt, dl)  # not the scheduler: see "The optimiser"
     raw = acc.unwrap_model(model)
     step, epoch, batch_in_epoch, resumed_from = resume(ck, raw, opt, sched, tp.steps,
-                                                       say=lambda s: acc.print(f"{variant}: {s}"))
+                                                       say=lambda s: acc.print(f"{variant}: {s}"),
+                                                       rank=acc.process_index)
+    if streaming:
+        saved = json.loads((Path(resumed_from) / "state.json").read_text()).get("stream") if resumed_from else None
+        loader = StreamLoader(ds, num_workers=tp.num_workers, position=saved[acc.process_index] if saved else None)
 
-    live = Live(dir=str(results_dir / "live"), resume=resumed_from is not None, dvcyaml=False, save_dvc_exp=False,
-                report=None)
-    if resumed_from is None:
-        live.log_params({"variant": variant, "model": spec.model, "reg": spec.reg, "seed": base.seed})
+    def batches():
+        "The micro-batches from where the run stands: an endless stream, or epochs of the indexed pairs."
+        nonlocal epoch, batch_in_epoch
+        if streaming: yield from loader
+        while True:
+            # the epoch's order is fixed by (seed, epoch); a resumed epoch leaves out the samples already trained on
+            ds.set_epoch(epoch, skip=batch_in_epoch * micro * acc.num_processes)
+            for b in dl:
+                batch_in_epoch += 1
+                yield b
+            epoch, batch_in_epoch = epoch + 1, 0
+
+    live = None
+    if acc.is_main_process:
+        live = Live(dir=str(results_dir / "live"), resume=resumed_from is not None, dvcyaml=False,
+                    save_dvc_exp=False, report=None)
+        if resumed_from is None:
+            live.log_params({"variant": variant, "model": spec.model, "reg": spec.reg, "seed": base.seed})
     bar = tqdm(total=tp.steps, initial=step, desc=f"train {variant}", unit="step",
                disable=not (progress and acc.is_main_process))
     t0, seen, t_start, images_total = time.perf_counter(), 0, time.perf_counter(), 0
     parts = {}
     model.train()
-    while step < tp.steps:
-        # the epoch's order is fixed by (seed, epoch); a resumed epoch leaves out the samples already trained on
-        ds.set_epoch(epoch, skip=batch_in_epoch * micro * acc.num_processes)
-        for batch in dl:
-            batch_in_epoch += 1
+    if step < tp.steps:
+        for batch in batches():
             try:
                 out, parts = train_step(model, batch, loss_fn, step, acc, opt, sched, tp, cache, icache, loss_hook,
                                         where=f"{variant}: ")
@@ -367,20 +414,27 @@ def train(params: LoadedParams,           # the loaded params file
             bar.update(1)
             bar.set_postfix(loss=f"{float(parts['loss'].detach()):.3f}")
             if step % tp.log_every == 0 or step == tp.steps:
-                rec = log_step(live, parts, out, sched.get_last_lr()[0], raw)
-                bar.set_postfix(loss=f"{rec['loss']:.3f}", img_s=f"{seen / max(time.perf_counter() - t0, 1e-9):.1f}")
+                if acc.num_processes > 1:  # local_loss: each process has its own part; the mean is the global loss
+                    parts = {k: acc.reduce(v.detach(), "mean") if torch.is_tensor(v) and v.numel() == 1 else v
+                             for k, v in parts.items()}
+                if live is not None:
+                    rec = log_step(live, parts, out, sched.get_last_lr()[0], raw)
+                    bar.set_postfix(loss=f"{rec['loss']:.3f}",
+                                    img_s=f"{seen / max(time.perf_counter() - t0, 1e-9):.1f}")
                 t0, seen = time.perf_counter(), 0
             if step % tp.checkpoint_every == 0 or step == tp.steps:
+                gather = gather_object if acc.num_processes > 1 else (lambda x: x)
+                rngs = gather([rng_state()])
+                info = {"epoch": epoch, "batch_in_epoch": batch_in_epoch, "variant": variant,
+                        "processes": acc.num_processes}
+                if streaming: info["stream"] = gather([loader.position])  # each process's place in its stream
                 acc.wait_for_everyone()
                 if acc.is_main_process:
                     ck.save(step, trainable_state(raw),
-                            {"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "rng": rng_state()},
-                            {"epoch": epoch, "batch_in_epoch": batch_in_epoch, "variant": variant})
+                            {"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "rng": rngs}, info)
             if step >= tp.steps: break
-        else:
-            epoch, batch_in_epoch = epoch + 1, 0
     bar.close()
-    live.end()
+    if live is not None: live.end()
     # what the params determine (a DVC output), apart from what differs run to run (results/runs/, untracked)
     summary = {"variant": variant, "model": spec.model, "reg": spec.reg, "steps": step, "final_loss": scalars(parts)}
     facts = {"stage": f"train@{variant}", "resumed_from": resumed_from and repo_relative(resumed_from),
@@ -402,8 +456,34 @@ def _run(a) -> dict:
         raise ParamsError(f"train.variants: no variant {a.variant!r} (have: {', '.join(params.train.variants)})")
     return train(params, a.variant, a.data, a.cache, a.out, a.results, image_cache_dir=a.image_cache)
 
+def _params_arg(argv: list[str]) -> str:
+    "The --params value of a command line (params.yaml when absent)."
+    for i, a in enumerate(argv):
+        if a == "--params" and i + 1 < len(argv): return argv[i + 1]
+        if a.startswith("--params="): return a.split("=", 1)[1]
+    return "params.yaml"
+
+def launch_command(argv: list[str], # this stage's arguments
+                   processes: int,   # train.num_processes
+                  ) -> list[str]:
+    "The `accelerate launch` command that runs `python -m lexvla.train argv` in `processes` processes (one per GPU)."
+    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
+            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",  # precision: train.precision
+            "-m", "lexvla.train", *argv]
+
+def _launched() -> bool:
+    "Whether this process was started by a launcher (accelerate launch, torchrun): then it trains, it does not launch."
+    return "LOCAL_RANK" in os.environ or "ACCELERATE_LAUNCHED" in os.environ
+
 def main(argv: list[str] | None = None) -> int:
-    "python -m lexvla.train --params params.yaml --variant NAME"
+    "python -m lexvla.train --params params.yaml --variant NAME (re-launched with accelerate for several processes)"
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not _launched() and "-h" not in argv and "--help" not in argv:
+        try: n = load_params(_params_arg(argv)).train.num_processes
+        except (ParamsError, OSError): n = 1  # the error is reported by the run below, with its usual message
+        if n > 1:
+            env = {**os.environ, "ACCELERATE_LAUNCHED": "1"}
+            return subprocess.call(launch_command(argv, n), env=env)
     ap = stage_parser("train", "Train one LexVLA variant (resumable).",
                       data="prepared data folder (default data/prepared)",
                       cache="text cache folder (default data/textcache)",

@@ -11,9 +11,13 @@ from conftest import ROOT, run
 def test_gpu_benchmark_runs_at_tiny_shapes_on_cpu(tmp_path):
     out = tmp_path / "gpu.md"
     run([sys.executable, str(ROOT / "benchmarks" / "bench_gpu.py"), "--shapes", "tiny", "--device", "cpu",
-         "--batches", "4", "--reps", "1", "--out", str(out)], timeout=300)
+         "--batches", "4", "8", "--reps", "1", "--layers", "1", "--out", str(out)], timeout=300)
     rows = [l for l in out.read_text().splitlines() if l.startswith("| 4 |")]
     assert len(rows) == 1 and "%" in rows[0], out.read_text()
+    assert "LM 1 decoder layers" in out.read_text()
+    r = run([sys.executable, str(ROOT / "benchmarks" / "bench_gpu.py"), "--shapes", "tiny", "--device", "cpu",
+             "--batches", "4", "--reps", "1", "--budget-s", "0"], timeout=300, check=False)
+    assert r.returncode == 1 and "budget is spent" in r.stderr  # past its time budget it tries no more batches
 
 
 def test_training_step_breakdown_runs_on_the_tiny_preset(tmp_path):
@@ -37,17 +41,21 @@ def test_maxpool_benchmark_fused_head_needs_less_memory(tmp_path):
 
 
 def test_index_benchmark_exact_methods_have_recall_one(tmp_path):
-    "Against the independent float64 reference: the index has recall 1 with the reference's ids; so do scipy and BLAS."
+    "Against the independent float64 reference: the index has its ids, order and scores; scipy and BLAS recall 1."
     js = tmp_path / "index.json"
     run([sys.executable, str(ROOT / "benchmarks" / "bench_index.py"), "--sizes", "3000", "--queries", "8",
-         "--no-seismic", "--out", str(tmp_path / "index.md"), "--json", str(js)], timeout=300)
+         "--no-seismic", "--real", "", "--reps", "1", "--out", str(tmp_path / "index.md"), "--json", str(js)],
+        timeout=300)
     rows = {r["method"]: r for r in json.loads(js.read_text())}
     idx = rows["lexvla.index (float32, explained)"]
-    assert idx["recall"] == 1.0 and idx["exact_ids"], idx
+    assert idx["recall"] == 1.0 and idx["exact_ids"] and idx["exact_scores"] and idx["batch_same"], idx
+    assert 0 < idx["serve_rss"] < 2e9
     for m in ("scipy CSR @ dense queries (float32)", "dense matmul (float32, BLAS)"):
         assert rows[m]["recall"] == 1.0, rows[m]
     assert 0.9 <= rows["lexvla.index (float16 weights)"]["recall"] <= 1.0
     assert rows["lexvla.index (float16 weights)"]["mem"] < idx["mem"]
+    bmp = rows["bmp 0.2.8 (alpha = beta = 1)"]  # quantised: measured, not assumed exact
+    assert 0.5 <= bmp["recall"] <= 1.0, bmp
 
 
 def test_milvus_benchmark_both_engines_are_exact(tmp_path):
