@@ -138,9 +138,15 @@ def _lexical_activation(self, logits: torch.Tensor, # (..., v) codebook logits (
 LexVLA.lexical_activation = _lexical_activation
 
 # %% ../notebooks/06c_model.ipynb #2866b874
+def _truncate(self, captions: list[str]) -> list[str]:
+    "`captions` cut to their first `model.max_text_tokens` tokens (the others unchanged, character for character)."
+    n = self.config.max_text_tokens
+    ids = self.tokenizer(list(captions), add_special_tokens=False)["input_ids"]
+    return [c if len(t) <= n else self.tokenizer.decode(t[:n]) for c, t in zip(captions, ids)]
+
 def _tokenize(self, captions: list[str]) -> dict:
-    "Prompted, left-padded token ids and attention mask of `captions`."
-    texts = [self.config.prompt.replace("{caption}", c) for c in captions]
+    "Prompted, left-padded token ids and attention mask of `captions` (each cut to `model.max_text_tokens`)."
+    texts = [self.config.prompt.replace("{caption}", c) for c in self.truncate(captions)]
     return self.tokenizer(texts, return_tensors="pt", padding=True)
 
 def _need_lm(self):
@@ -185,6 +191,7 @@ def _encode_text(self, captions: list[str]) -> torch.Tensor:
     if self.variant == "bow": return bow_targets(captions, self.vocab).to(self.device)
     return self.encode_text_from_prefix(*self.text_prefix(self.tokenize(captions)))
 
+LexVLA.truncate = _truncate
 LexVLA.tokenize = _tokenize
 LexVLA._need_lm = _need_lm
 LexVLA.text_prefix = _text_prefix
@@ -271,18 +278,19 @@ def _similarity(self, image_features: torch.Tensor, text_features: torch.Tensor)
 
 def _top_words(self, x: torch.Tensor, # (v,) one lexical vector
                k: int = 10) -> list[tuple[str, float]]:
-    "The `k` most active words of a lexical vector, with their weights."
+    "The `k` most active words of a lexical vector with their weights, a word's pieces summed (each word once)."
     if not self.lexical: raise RuntimeError("the dense variant has no words")
-    v, i = x.float().topk(min(k, x.shape[-1]))
-    return [(self.vocab.word(j), float(w)) for w, j in zip(v, i) if w > 0]
+    x = x.float()
+    i = (x > 0).nonzero().squeeze(-1)
+    return self.vocab.merge(i, x[i], k)  # alpha2 keeps `▁the` and `the`: one word, listed once
 
 def _explain(self, image_vector: torch.Tensor, text_vector: torch.Tensor, # (v,) each
              k: int = 10) -> list[tuple[str, float]]:
-    "An image-text score as its top shared words: `(word, image_j * text_j)`, largest contributions first."
+    "An image-text score as its top shared words: `(word, Σ image_j * text_j over its pieces j)`, largest first."
     if not self.lexical: raise RuntimeError("the dense variant has no words")
     contrib = image_vector.float() * text_vector.float()
-    v, i = contrib.topk(min(k, contrib.shape[-1]))
-    return [(self.vocab.word(j), float(w)) for w, j in zip(v, i) if w > 0]
+    i = (contrib > 0).nonzero().squeeze(-1)
+    return self.vocab.merge(i, contrib[i], k)  # alpha2's `▁the` + `the`: one word
 
 def _trainable_parameters(self) -> dict[str, int]:
     "Trainable parameter counts per part (codebook, adapter, lora, vision, dense, temperature) and in total."

@@ -194,6 +194,8 @@ class TrainParams:
     grad_accum: int                   # micro-batches per optimiser step
     lr: float                         # peak learning rate, AdamW (method §6 [choice])
     weight_decay: float               # AdamW weight decay (not on norms, biases, temperature)
+    codebook_weight_decay: float      # AdamW weight decay of the visual codebook: towards 0, not towards its LM-head
+                                      # initialisation (method §4 [choice])
     warmup_steps: int                 # linear LR warm-up, then cosine decay to 0
     lambda_img: float                 # final weight of the image regulariser (method §5 [choice] 1e-3)
     lambda_txt: float                 # final weight of the text regulariser
@@ -201,6 +203,10 @@ class TrainParams:
     grad_clip: float                  # max grad norm (0 = off)
     captions_per_image: int           # training captions per image (of 5); sizes the text cache
     num_workers: int                  # DataLoader workers
+    loader: Literal["indexed", "streaming"]  # indexed: map-style pairs (small data); streaming: webdataset shards
+                                             # read in order, split by process and worker (CC-12M scale)
+    num_processes: int                # processes `python -m lexvla.train` runs (accelerate launch; one per GPU)
+    local_loss: bool                  # with several processes: each computes only its rows of the gathered logits
     precision: Literal["auto", "fp32", "bf16"]  # auto = bf16 autocast on GPU, fp32 on CPU
     checkpoint_every: int             # steps between checkpoints (atomic)
     log_every: int                    # steps between dvclive records
@@ -217,9 +223,13 @@ class TrainParams:
         for name, v in self.variants.items():
             if v.lam is not None and not v.lam >= 0:
                 raise ParamsError(f"{prefix}.variants.{name}.lam: got {v.lam}, expected a weight >= 0 or null")
-        if self.batch_size % self.grad_accum:
-            raise ParamsError(f"{prefix}.batch_size: got {self.batch_size}, "
-                              f"expected a multiple of grad_accum={self.grad_accum}")
+        if self.num_processes < 1:
+            raise ParamsError(f"{prefix}.num_processes: got {self.num_processes}, expected >= 1")
+        if self.codebook_weight_decay < 0:
+            raise ParamsError(f"{prefix}.codebook_weight_decay: got {self.codebook_weight_decay}, expected >= 0")
+        if self.batch_size % (self.grad_accum * self.num_processes):
+            raise ParamsError(f"{prefix}.batch_size: got {self.batch_size}, expected a multiple of "
+                              f"grad_accum x num_processes = {self.grad_accum} x {self.num_processes}")
         if not self.variants: raise ParamsError(f"{prefix}.variants: got {{}}, expected at least one variant")
 
 # %% ../notebooks/00_params.ipynb #e68264d8
@@ -375,6 +385,7 @@ class ModelParams:
     preset: str                # registry name (tiny | embedded | paper): where the values below come from
     lm: LMParams
     prompt: str                # in-context lexical prediction prompt; `{caption}` is replaced (method §3 [choice])
+    max_text_tokens: int       # a caption's tokens kept before it goes into the prompt (longer ones are cut; CLIP: 77)
     logit_shift: LogitShiftParams  # what is subtracted from each modality's logits before ELU1p
     vocab: VocabParams
     lora: LoraParams
@@ -396,6 +407,7 @@ class ModelParams:
         if self.lora.layers is not None and not self.lora.layers:
             raise ParamsError(f"{prefix}.lora.layers: got [], expected null (every layer) or at least one index")
         for k, v in (("vocab.min_len", self.vocab.min_len), ("vision.img_size", self.vision.img_size),
+                     ("max_text_tokens", self.max_text_tokens),
                      ("adapter.heads", self.adapter.heads), ("dense_dim", self.dense_dim)):
             if v < 1: raise ParamsError(f"{prefix}.{k}: got {v}, expected >= 1")
         if self.vision.patch_size and self.vision.img_size % self.vision.patch_size:
@@ -468,7 +480,7 @@ def tiny() -> ModelParams:
         vision=dict(timm_name="vit_small_patch14_reg4_dinov2", pretrained=False, checkpoint=None, frozen=True,
                     img_size=32, patch_size=8, width=48, depth=2, heads=3),
         adapter=dict(heads=3, mlp_ratio=2.0, hidden=None),
-        dense_dim=32, init_temperature=0.07, grad_checkpointing=False)
+        dense_dim=32, init_temperature=0.07, grad_checkpointing=False, max_text_tokens=77)
 
 @register_model
 def embedded() -> ModelParams:
@@ -483,7 +495,7 @@ def embedded() -> ModelParams:
                     checkpoint="models/dinov2-vits14/model.safetensors", frozen=True, img_size=112,
                     patch_size=None, width=None, depth=None, heads=None),
         adapter=dict(heads=6, mlp_ratio=4.0, hidden=None),
-        dense_dim=512, init_temperature=0.07, grad_checkpointing=False)
+        dense_dim=512, init_temperature=0.07, grad_checkpointing=False, max_text_tokens=77)
 
 @register_model
 def paper() -> ModelParams:
@@ -497,7 +509,7 @@ def paper() -> ModelParams:
         vision=dict(timm_name="vit_large_patch14_dinov2", pretrained=True, checkpoint=None, frozen=True,
                     img_size=224, patch_size=14, width=None, depth=None, heads=None),
         adapter=dict(heads=16, mlp_ratio=4.0, hidden=None),
-        dense_dim=512, init_temperature=0.07, grad_checkpointing=True)
+        dense_dim=512, init_temperature=0.07, grad_checkpointing=True, max_text_tokens=77)
 
 # %% ../notebooks/00_params.ipynb #ba4c4fdf
 @dataclass
