@@ -17,7 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .caches import ImageTokenCache, TextPrefixCache, usable_image_cache, usable_text_cache
-from .datasets import image_transform, load_karpathy, load_masks, prepared_paths
+from .datasets import image_transform, load_karpathy, load_masks, mask_transform, prepared_paths
 from .encode import class_vectors, encode_images, encode_texts
 from .metrics import patchdis, patchdis_from_labels, retrieval_metrics, sparsity_sweep, upsample_nearest
 from .model import load_trained
@@ -88,7 +88,7 @@ def evaluate(params: LoadedParams,        # the loaded params file
     out_dir = resolve_path(out_dir, "results/evaluate")
     image_cache_dir = resolve_path(image_cache_dir, "data/imagecache")
     for f, why in ((model_dir / "model.json", "not a trained model folder (run `dvc repro train`)"),
-                   (data_dir / "karpathy", "no prepared Karpathy split (run `dvc repro prepare`)")):
+                   (data_dir / "eval" / "karpathy", "no prepared Karpathy split (run `dvc repro prepare_eval`)")):
         if not f.exists(): raise FileNotFoundError(f"{f}: {why}")
     device = resolve_device(params.base.device)
     seed_everything(params.base.seed, params.base.deterministic)
@@ -98,11 +98,12 @@ def evaluate(params: LoadedParams,        # the loaded params file
     split = load_split(data_dir, ep.split, ep.max_images)
     tf = image_transform(model.data_config, train=False)
     cache = None
-    if ep.text_cache and getattr(model, "lm", None) is not None and (cache_dir / "captions.json").is_file():
-        cache = TextPrefixCache.load(cache_dir)
+    # the evaluation parts of the caches (stages textcache_eval, imagecache_eval)
+    if ep.text_cache and getattr(model, "lm", None) is not None and (cache_dir / "eval" / "captions.json").is_file():
+        cache = TextPrefixCache.load(cache_dir / "eval")
     icache = None
-    if ep.image_cache and model.config.vision.frozen and ImageTokenCache.has(image_cache_dir, ep.split):
-        icache = ImageTokenCache.load(image_cache_dir, ep.split)
+    if ep.image_cache and model.config.vision.frozen and ImageTokenCache.has(image_cache_dir / "eval", ep.split):
+        icache = ImageTokenCache.load(image_cache_dir / "eval", ep.split)
     img = encode_images(model, split.images, tf, ep.batch_size, progress=progress, cache=icache)
     txt = encode_texts(model, split.captions, ep.batch_size, cache, progress=progress)
     t2i = torch.as_tensor(split.txt2img, dtype=torch.long)
@@ -150,7 +151,7 @@ def load_split(data_dir: str | Path, # prepared data (holds karpathy/)
                max_images: int = 0,  # keep the first N images (0 = all)
               ) -> Split:
     "The Karpathy-format split of `data_dir`, optionally cut to its first `max_images` images."
-    p = prepared_paths(data_dir)
+    p = prepared_paths(data_dir, "eval")
     s = load_karpathy(p["karpathy_json"], p["image_root"], split=split)
     images, captions, t2i, ids = list(s.images), list(s.captions), [int(i) for i in s.txt2img], list(s.ids)
     if max_images and max_images < len(images):
@@ -184,7 +185,7 @@ def grid_majority(mask: np.ndarray, # (H, W) class index per pixel, -1 unlabelle
 def run_patchdis(model, split: Split, data_dir: str | Path, transform, ep: EvaluateParams,
                  progress: bool = False, cache=None, image_cache=None) -> dict | None:
     "PatchDis over the split (method §7) by `metrics.patchdis`, plus the report images' patches; None without masks."
-    got = split_masks(data_dir, split)
+    got = split_masks(data_dir, split, model.data_config)
     if got is None: return None
     masks, names = got
     rows, cols = patch_grid(model)
@@ -210,13 +211,17 @@ def run_patchdis(model, split: Split, data_dir: str | Path, transform, ep: Evalu
 
 
 # %% ../notebooks/13_evaluate.ipynb #e039f950
-def split_masks(data_dir: str | Path, split: Split):
+def split_masks(data_dir: str | Path, split: Split,
+                data_config: dict | None = None, # the model's: each mask resized and cropped like its image
+               ):
     "`(masks, class names)` of the split's images (each (H, W) of class indices, -1 unlabelled); None without masks."
-    p = prepared_paths(data_dir)
+    p = prepared_paths(data_dir, "eval")
     mdir = p["masks"].get(split.name)
     if mdir is None or p["categories"] is None: return None
     m = load_masks(mdir, p["categories"], split.ids)
-    return m.masks, m.names
+    if data_config is None: return m.masks, m.names
+    crop = mask_transform(data_config)  # a 4:3 COCO image is resized and centre-cropped: so is its mask
+    return [crop(x) for x in m.masks], m.names
 
 
 # %% ../notebooks/13_evaluate.ipynb #34c30e7f

@@ -15,7 +15,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from .caches import ImageTokenCache, vision_cache_meta
-from .datasets import image_transform, load_karpathy, prepared_paths, train_dataset
+from .datasets import PARTS, image_transform, load_karpathy, prepared_paths, train_dataset
 from .model import create_model_from_params
 from .params import LoadedParams, load_params, save_resolved
 from .runtime import replace_dir, resolve_path, run_cli, stage_parser, temp_dir
@@ -59,45 +59,54 @@ def train_images(shards, transform, seed: int):
 
 def split_images(data_dir: str | Path, split: str, transform):
     "(file name, pixels) of every image of a Karpathy split of the prepared data."
-    p = prepared_paths(data_dir)
+    p = prepared_paths(data_dir, "eval")
     for path in load_karpathy(p["karpathy_json"], p["image_root"], split=split).images:
         with Image.open(path) as im: yield Path(path).name, transform(im.convert("RGB"))
 
 # %% ../notebooks/11a_imagecache.ipynb #27efff41
 def build(params: LoadedParams,           # the loaded params file
           data_dir: str | Path | None = None, # default data/prepared
-          out: str | Path | None = None,      # default data/imagecache
+          out: str | Path | None = None,      # default data/imagecache: each part in its own folder below it
+          part: str = "all",                  # train | eval | all
          ) -> str:
-    "The `imagecache` stage: the frozen ViT's tokens of the training images and the evaluated split's."
+    "The `imagecache` stage: the frozen ViT's tokens of the training images (part train) or the evaluated split's."
     data, out = resolve_path(data_dir, "data/prepared"), resolve_path(out, "data/imagecache")
-    tmp = temp_dir(out)
     torch.manual_seed(params.base.seed)
-    counts = {}
-    if params.train.image_cache and params.model.vision.frozen:
-        model = create_model_from_params(params, variant="lexvla").eval()
-        tf = image_transform(model.data_config, train=False)
-        shards = prepared_paths(data)["shards"]
-        n_train = len(train_dataset(shards, None, seed=params.base.seed).samples)
-        bs = params.imagecache.batch_size
-        caches = {"train": build_image_cache(model, train_images(shards, tf, params.base.seed), bs, n_train,
-                                             desc="train image tokens")}
-        split = params.evaluate.split
-        caches[split] = build_image_cache(model, split_images(data, split, tf), bs, desc=f"{split} image tokens")
-        for name, c in caches.items():
+    model, said = None, {}
+    for p in (PARTS if part == "all" else (part,)):
+        tmp = temp_dir(out / p)
+        counts = {}
+        key = "train.image_cache" if p == "train" else "evaluate.image_cache"
+        wanted = params.train.image_cache if p == "train" else params.evaluate.image_cache
+        if wanted and params.model.vision.frozen:
+            model = model or create_model_from_params(params, variant="lexvla").eval()
+            tf = image_transform(model.data_config, train=False)
+            bs = params.imagecache.batch_size
+            if p == "train":
+                shards = prepared_paths(data, "train")["shards"]
+                n_train = len(train_dataset(shards, None, seed=params.base.seed).samples)
+                name, c = "train", build_image_cache(model, train_images(shards, tf, params.base.seed), bs, n_train,
+                                                     desc="train image tokens")
+            else:
+                name = params.evaluate.split
+                c = build_image_cache(model, split_images(data, name, tf), bs, desc=f"{name} image tokens")
             c.save(tmp, name)
             counts[name] = len(c)
-    elif not params.train.image_cache:  # nothing to cache: the stage leaves an empty folder
-        counts["disabled"] = "train.image_cache is false"
-    else: counts["disabled"] = "model.vision.frozen is false"
-    save_resolved(params, tmp, extra={"images": counts})
-    replace_dir(tmp, out)
-    return f"image cache: {counts} -> {out}"
+        elif not wanted: counts["disabled"] = f"{key} is false"  # nothing to cache: an empty folder
+        else: counts["disabled"] = "model.vision.frozen is false"
+        save_resolved(params, tmp, extra={"images": counts})
+        replace_dir(tmp, out / p)
+        said[p] = counts
+    return f"image cache: {said} -> {out}"
 
 def main(argv: list[str] | None = None) -> int:
-    "python -m lexvla.imagecache --params params.yaml [--data DIR] [--out DIR]"
+    "python -m lexvla.imagecache --params params.yaml [--part train|eval] [--data DIR] [--out DIR]"
     ap = stage_parser("imagecache", "Cache the frozen ViT's patch tokens of the training and eval images.",
                       data="prepared data folder (default data/prepared)", out="cache folder (default data/imagecache)")
-    return run_cli(ap, lambda a: build(load_params(a.params), a.data, a.out), argv)
+    ap.add_argument("--part", default="all", choices=[*PARTS, "all"],
+                    help="train: the training images (stage imagecache); eval: the evaluated split's (stage "
+                         "imagecache_eval); all (default): both")
+    return run_cli(ap, lambda a: build(load_params(a.params), a.data, a.out, part=a.part), argv)
 
 # %% ../notebooks/11a_imagecache.ipynb #672b3d7e
 if __name__ == "__main__": raise SystemExit(main())

@@ -277,11 +277,11 @@ def scene_oracle(data_dir: str | Path,             # a `prepare` output folder
                  ks: Sequence[int] = (1, 5, 10),   # recall cut-offs
                  max_images: int = 0,              # the first N images only, as `evaluate.max_images` (0 = all)
                 ) -> dict | None:
-    "Ceiling and ambiguity of a prepared split's captions; None without `scenes/{split}.json` (real data)."
-    p = Path(data_dir) / "scenes" / f"{split}.json"
+    "Ceiling and ambiguity of a prepared split's captions; None without `eval/scenes/{split}.json` (real data)."
+    pa = prepared_paths(data_dir, "eval")
+    p = pa["scenes"] / f"{split}.json"
     if not p.is_file(): return None
     d = json.loads(p.read_text(encoding="utf-8"))
-    pa = prepared_paths(data_dir)
     kp = load_karpathy(pa["karpathy_json"], pa["image_root"], split, check_files=False)
     if [c for s in d["scenes"] for c in s["captions"]] != kp.captions:
         raise ValueError(f"{p}: its captions differ from split {split!r} of {pa['karpathy_json'].name} (stale?)")

@@ -7,6 +7,7 @@ Docs: https://github.com/lexvla/lexvla/prepare.html.md"""
 # %% ../notebooks/03_prepare.ipynb #6aa20a1b
 from __future__ import annotations
 
+import io
 import multiprocessing as mp
 import os
 import shutil
@@ -18,7 +19,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from .datasets import (
-    DataConfigError, SkipLog, _read_at, clean_caption, decode_image, encode_jpeg, expand_shards, index_shards,
+    PARTS, DataConfigError, SkipLog, _read_at, clean_caption, decode_image, encode_jpeg, expand_shards, index_shards,
     karpathy_entry, karpathy_image_path, panoptic_png, panoptic_segments, png_bytes, read_categories, read_karpathy,
     read_manifest, sample_captions, sample_key, write_categories, write_shards)
 from .params import LoadedParams, ParamsError, load_params, save_resolved
@@ -77,23 +78,28 @@ _COMPACT = dict(indent=None, sort_keys=True, ensure_ascii=False)  # every JSON o
 
 def build_embedded(pp,          # the prepare section
                    size: int,   # px: the scenes' side (the vision tower's input size, `model.vision.img_size`)
-                   seed: int, out: Path, progress: bool = True) -> dict:
-    "Generate the embedded scenes into `out` (train shards, Karpathy val/test, masks). Returns split counts."
+                   seed: int,
+                   outs: dict[str, Path], # part (train | eval) -> the folder it is written to
+                   progress: bool = True) -> dict:
+    "Generate the embedded scenes of each part in `outs` (train shards; Karpathy val/test, masks). Split counts."
     job = lambda split, i: (seed, split, i, size, pp.max_objects, pp.captions_per_image, pp.jpeg_quality)
-
-    def train_samples():
-        jobs = [job("train", i) for i in range(pp.n_train)]
-        for i, r in enumerate(pmap(_render, jobs, pp.workers, "draw train", progress)):
-            key, caps = sample_key(i, pp.shard_size), r["meta"]["captions"]
-            meta = {"key": key, "status": "success", "error_message": None, "url": None, "caption": caps[0],
-                    "width": size, "height": size, "original_width": size, "original_height": size, **r["meta"]}
-            yield {"__key__": key, "jpg": r["jpg"], "txt": caps[0], "json": meta}
-    write_shards(train_samples(), out / "train", pp.shard_size, progress=progress, total=pp.n_train)
-
+    counts = {}
+    if "train" in outs:
+        def train_samples():
+            jobs = [job("train", i) for i in range(pp.n_train)]
+            for i, r in enumerate(pmap(_render, jobs, pp.workers, "draw train", progress)):
+                key, caps = sample_key(i, pp.shard_size), r["meta"]["captions"]
+                meta = {"key": key, "status": "success", "error_message": None, "url": None, "caption": caps[0],
+                        "width": size, "height": size, "original_width": size, "original_height": size, **r["meta"]}
+                yield {"__key__": key, "jpg": r["jpg"], "txt": caps[0], "json": meta}
+        write_shards(train_samples(), outs["train"], pp.shard_size, progress=progress, total=pp.n_train)
+        counts["train"] = pp.n_train
+    if "eval" not in outs: return counts
+    out = outs["eval"]  # scenes are a function of (seed, split, index): the parts are drawn independently
     write_categories(list(CATEGORIES), out / "masks" / "categories.json")
     cats = [{"id": i, "name": n, "supercategory": "background" if i == 0 else "shape", "isthing": int(i > 0)}
             for i, n in enumerate(CATEGORIES)]
-    entries, counts = [], {"train": pp.n_train}
+    entries = []
     for split, n in (("val", pp.n_val), ("test", pp.n_test)):
         (out / "karpathy" / "images").mkdir(parents=True, exist_ok=True)
         (out / "masks" / split).mkdir(parents=True, exist_ok=True)
@@ -120,8 +126,11 @@ def build_embedded(pp,          # the prepare section
     return counts
 
 # %% ../notebooks/03_prepare.ipynb #63b8dda8
+_FORMATS = {"JPEG": ".jpg", "PNG": ".png", "WEBP": ".webp", "BMP": ".bmp", "GIF": ".gif", "TIFF": ".tif"}
+
 def _clean(job: tuple) -> tuple:
-    "Decode, repair, resize and re-encode one real image (+ its mask): (name, jpg, captions, mask png, log)."
+    "Decode, repair, resize and re-encode one real image (+ its mask): (name, image bytes, captions, mask, log, ext)."
+    # cfg["store_size"] None (evaluation images): checked by decoding, then kept byte for byte at full resolution
     name, src, raw_caps, mask, cfg = job
     log = SkipLog()
     if isinstance(src, tuple):  # (shard path, image (offset, size), txt, json) of an indexed tar sample
@@ -136,11 +145,12 @@ def _clean(job: tuple) -> tuple:
         for c in raw_caps:
             c = clean_caption(c, log, name, cfg["max_caption_chars"])
             if c is not None and c not in caps: caps.append(c)
-    if not caps: return name, None, [], None, log
+    if not caps: return name, None, [], None, log, None
     img = decode_image(data, log, name, cfg["min_side"], cfg["max_pixels"])
-    if img is None: return name, None, [], None, log
+    if img is None: return name, None, [], None, log, None
     w, h = img.size
-    scale = min(1.0, cfg["store_size"] / min(w, h))
+    keep = cfg["store_size"] is None
+    scale = 1.0 if keep else min(1.0, cfg["store_size"] / min(w, h))
     size = (max(1, round(w * scale)), max(1, round(h * scale)))
     m = None
     if mask is not None:
@@ -151,8 +161,13 @@ def _clean(job: tuple) -> tuple:
             mi = Image.fromarray(a)
             if mi.size != (w, h): log.skip("mask_size_mismatch", name)
             else: m = png_bytes(np.asarray(mi.resize(size, Image.NEAREST) if scale < 1 else mi))
+    if keep:
+        raw = data.read_bytes() if isinstance(data, Path) else data
+        with Image.open(io.BytesIO(raw)) as im: ext = _FORMATS.get(im.format)
+        if ext is not None: return name, raw, caps, m, log, ext
+        return name, encode_jpeg(img, cfg["quality"]), caps, m, log, ".jpg"  # a format browsers do not read
     if scale < 1: img = img.resize(size, Image.BICUBIC, reducing_gap=3.0)
-    return name, encode_jpeg(img, cfg["quality"]), caps, m, log
+    return name, encode_jpeg(img, cfg["quality"]), caps, m, log, ".jpg"
 
 # %% ../notebooks/03_prepare.ipynb #d4fdbb7c
 def _real_jobs(pp, paths: dict, seed: int, log) -> tuple[list, dict]:
@@ -160,6 +175,7 @@ def _real_jobs(pp, paths: dict, seed: int, log) -> tuple[list, dict]:
     cfg = {"max_caption_chars": pp.max_caption_chars, "min_side": pp.min_image_side,
            "max_pixels": pp.max_image_pixels, "store_size": pp.store_size, "quality": pp.jpeg_quality,
            "mask_id_offset": pp.mask_id_offset}
+    ecfg = {**cfg, "store_size": None}  # evaluation images: full resolution, the original bytes
     def mask_for(entry_or_name):
         if paths["mask_dir"] is None: return None
         if not isinstance(entry_or_name, dict): stem = Path(entry_or_name).stem
@@ -188,15 +204,15 @@ def _real_jobs(pp, paths: dict, seed: int, log) -> tuple[list, dict]:
         for split, n in (("val", pp.n_val), ("test", pp.n_test)):
             es = [e for e in d["images"] if e["split"] == split]
             evals[split] = [(e["filename"], str(karpathy_image_path(e, root)), [s["raw"] for s in e["sentences"]],
-                             mask_for(e), cfg) for e in (es[:n] if n else es)]
+                             mask_for(e), ecfg) for e in (es[:n] if n else es)]
         evals["_name"] = d.get("dataset") or Path(eval_json).stem.removeprefix("dataset_")
     else:  # hold out val + test from the training source, by a seeded shuffle
         perm = np.random.default_rng([seed, 7]).permutation(len(train))
         nv, nt = pp.n_val, pp.n_test
         if nv + nt >= len(train):
             raise ParamsError(f"prepare.n_val: {nv} + n_test {nt} leave no training images of {len(train)}")
-        evals["val"] = [train[i] for i in sorted(perm[:nv])]
-        evals["test"] = [train[i] for i in sorted(perm[nv:nv + nt])]
+        evals["val"] = [(*train[i][:4], ecfg) for i in sorted(perm[:nv])]
+        evals["test"] = [(*train[i][:4], ecfg) for i in sorted(perm[nv:nv + nt])]
         held = set(perm[:nv + nt].tolist())
         train = [t for i, t in enumerate(train) if i not in held]
         evals["_name"] = Path(str(pp.source)).stem.split("{")[0].strip("_-.") or pp.kind
@@ -204,39 +220,46 @@ def _real_jobs(pp, paths: dict, seed: int, log) -> tuple[list, dict]:
     return train, evals
 
 # %% ../notebooks/03_prepare.ipynb #966dbd91
-def build_real(pp, seed: int, out: Path, log, progress: bool = True) -> dict:
-    "Bring real data into the prepared layout; bad samples are skipped and counted in `log`."
+def build_real(pp, seed: int,
+               outs: dict[str, Path],  # part (train | eval) -> the folder it is written to
+               logs: dict[str, SkipLog], # part -> its log of skipped samples
+               progress: bool = True) -> dict:
+    "Bring real data into the prepared layout of each part in `outs`; bad samples are skipped and counted."
     paths = check_sources(pp)
-    train, evals = _real_jobs(pp, paths, seed, log)
+    train, evals = _real_jobs(pp, paths, seed, logs.get("train", SkipLog()))
     counts = {}
 
-    def train_samples():
-        n = 0
-        for name, jpg, caps, _, wlog in pmap(_clean, train, pp.workers, "clean train", progress):
-            log.update(wlog)
-            if jpg is None: continue
-            key = sample_key(n, pp.shard_size)
-            n += 1
-            yield {"__key__": key, "jpg": jpg, "txt": caps[0],
-                   "json": {"key": key, "status": "success", "error_message": None, "caption": caps[0],
-                            "captions": caps, "source": name}}
-        counts["train"] = n
-    write_shards(train_samples(), out / "train", pp.shard_size, progress=progress, total=len(train))
+    if "train" in outs:
+        log = logs["train"]
+        def train_samples():
+            n = 0
+            for name, jpg, caps, _, wlog, _ in pmap(_clean, train, pp.workers, "clean train", progress):
+                log.update(wlog)
+                if jpg is None: continue
+                key = sample_key(n, pp.shard_size)
+                n += 1
+                yield {"__key__": key, "jpg": jpg, "txt": caps[0],
+                       "json": {"key": key, "status": "success", "error_message": None, "caption": caps[0],
+                                "captions": caps, "source": name}}
+            counts["train"] = n
+        write_shards(train_samples(), outs["train"], pp.shard_size, progress=progress, total=len(train))
+    if "eval" not in outs: return counts
 
+    out, log = outs["eval"], logs["eval"]
     name = "".join(ch for ch in str(evals.pop("_name")) if ch.isalnum() or ch in "_-") or "eval"
     entries = []
     (out / "karpathy" / "images").mkdir(parents=True, exist_ok=True)
     for split, jobs in evals.items():
         if paths["mask_dir"] is not None: (out / "masks" / split).mkdir(parents=True, exist_ok=True)
         n = 0
-        for fname, jpg, caps, mask, wlog in pmap(_clean, jobs, pp.workers, f"clean {split}", progress):
+        for fname, data, caps, mask, wlog, ext in pmap(_clean, jobs, pp.workers, f"check {split}", progress):
             log.update(wlog)
-            if jpg is None: continue
+            if data is None: continue
             stem = Path(fname.split(":")[-1]).stem
-            (out / "karpathy" / "images" / f"{stem}.jpg").write_bytes(jpg)
+            (out / "karpathy" / "images" / f"{stem}{ext}").write_bytes(data)
             if mask is not None: (out / "masks" / split / f"{stem}.png").write_bytes(mask)
             first_sentid = sum(len(e["sentences"]) for e in entries)
-            entries.append(karpathy_entry(len(entries), f"{stem}.jpg", split, caps, first_sentid))
+            entries.append(karpathy_entry(len(entries), f"{stem}{ext}", split, caps, first_sentid))
             n += 1
         counts[split] = n
     write_json(out / "karpathy" / f"dataset_{name}.json", {"images": entries, "dataset": name}, **_COMPACT)
@@ -249,44 +272,58 @@ def build_real(pp, seed: int, out: Path, log, progress: bool = True) -> dict:
 def prepare(params: LoadedParams,                  # the loaded params (base, prepare; model.vision.img_size)
             out_dir: str | Path | None = None,     # default data/prepared
             progress: bool = True,
+            part: str = "all",                     # train | eval | all: which part(s) to (re)build
            ) -> dict:
-    "Build `out_dir` atomically (temp folder, then rename) and return the report."
+    "Build each part of `out_dir` atomically (temp folder, then rename); returns {part: report}."
     pp, seed = params.prepare, params.base.seed
+    if part not in (*PARTS, "all"): raise ParamsError(f"--part: got {part!r}, expected train, eval or all")
+    parts = PARTS if part == "all" else (part,)
     out = Path(out_dir) if out_dir is not None else repo_root() / "data" / "prepared"
     if pp.kind != "embedded": check_sources(pp)  # misconfiguration stops before any work
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    if tmp.exists(): shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    log = SkipLog()
+    tmps = {p: out.parent / f".{out.name}.{p}.tmp-{os.getpid()}" for p in parts}  # nothing in `out` until the end
+    logs = {p: SkipLog() for p in parts}
     try:
+        for t in tmps.values():
+            if t.exists(): shutil.rmtree(t)
+            t.mkdir(parents=True)
         if pp.kind == "embedded":  # scenes at the vision tower's input size
-            counts = build_embedded(pp, params.model.vision.img_size, seed, tmp, progress)
-        else: counts = build_real(pp, seed, tmp, log, progress)
-        if counts.get("train", 0) == 0:
-            raise ParamsError(f"prepare: no usable training image (skips: {dict(log.skipped)})")
-        report = {"kind": pp.kind, "counts": counts, **log.to_dict()}
-        write_json(tmp / "report.json", report, **_COMPACT)
-        save_resolved(params, tmp)
-        old = out.parent / f".{out.name}.old-{os.getpid()}"
-        if out.exists(): out.rename(old)
-        tmp.rename(out)
-        if old.exists(): shutil.rmtree(old)
+            counts = build_embedded(pp, params.model.vision.img_size, seed, tmps, progress)
+        else: counts = build_real(pp, seed, tmps, logs, progress)
+        if "train" in parts and counts.get("train", 0) == 0:
+            raise ParamsError(f"prepare: no usable training image (skips: {dict(logs['train'].skipped)})")
+        reports = {}
+        for p, t in tmps.items():
+            mine = {k: v for k, v in counts.items() if (k == "train") == (p == "train")}
+            reports[p] = {"kind": pp.kind, "part": p, "counts": mine, **logs[p].to_dict()}
+            write_json(t / "report.json", reports[p], **_COMPACT)
+            save_resolved(params, t)
+        out.mkdir(parents=True, exist_ok=True)
+        for p, t in tmps.items():  # each part swapped in whole: a later stage never sees half of one
+            final, old = out / p, out / f".{p}.old-{os.getpid()}"
+            if final.exists(): final.rename(old)
+            t.rename(final)
+            if old.exists(): shutil.rmtree(old)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        for t in tmps.values(): shutil.rmtree(t, ignore_errors=True)
         raise
-    return report
+    return reports
 
 # %% ../notebooks/03_prepare.ipynb #3314cd3a
 def _run(a) -> str:
     params = load_params(a.params)  # strict check before any work
     t0 = time.perf_counter()
-    report = prepare(params, a.out, progress=not a.no_progress)
-    return (f"prepared {report['counts']} in {time.perf_counter() - t0:.1f} s; skipped {report['skipped_total']}"
-            + (f" {report['skipped']}" if report["skipped_total"] else ""))
+    reports = prepare(params, a.out, progress=not a.no_progress, part=a.part)
+    skipped = {p: r["skipped"] for p, r in reports.items() if r["skipped_total"]}
+    counts = {k: v for r in reports.values() for k, v in r["counts"].items()}
+    return (f"prepared {', '.join(reports)}: {counts} in {time.perf_counter() - t0:.1f} s; skipped "
+            f"{sum(r['skipped_total'] for r in reports.values())}" + (f" {skipped}" if skipped else ""))
 
 def main(argv: list[str] | None = None) -> int:
-    "python -m lexvla.prepare --params params.yaml [--out DIR]"
+    "python -m lexvla.prepare --params params.yaml [--part train|eval] [--out DIR]"
     ap = stage_parser("prepare", prepare.__doc__, out="output folder (default data/prepared)")
+    ap.add_argument("--part", default="all", choices=[*PARTS, "all"],
+                    help="train: the training shards (stage prepare); eval: the evaluated splits (stage "
+                         "prepare_eval); all (default): both")
     ap.add_argument("--no-progress", action="store_true", help="no progress bars")
     return run_cli(ap, _run, argv)
 

@@ -13,7 +13,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .caches import TextPrefixCache, cache_meta
-from .datasets import load_karpathy, prepared_paths, read_categories, train_dataset
+from .datasets import PARTS, load_karpathy, prepared_paths, read_categories, train_dataset
 from .model import create_model_from_params
 from .params import LoadedParams, load_params, save_resolved
 from .runtime import replace_dir, resolve_path, run_cli, stage_parser, temp_dir
@@ -44,51 +44,62 @@ def build_text_cache(model,                 # a LexVLA model with `tokenize` and
     offsets = torch.zeros(len(ordered) + 1, dtype=torch.long)
     offsets[1:] = torch.tensor(lengths).cumsum(0)
     hidden = torch.cat(chunks) if chunks else torch.zeros(0, 1)
-    return TextPrefixCache(hidden, offsets, ordered, meta={"prefix_layers": getattr(model, "text_prefix_layers", None)})
+    meta = {"prefix_layers": getattr(model, "text_prefix_layers", None), "stored_dtype": str(hidden.dtype)}
+    return TextPrefixCache(hidden, offsets, ordered, meta=meta)
 
 # %% ../notebooks/11_textcache.ipynb #fd316af4
 def cache_captions(params,                      # LoadedParams (base, prepare, train, evaluate)
                    data_dir: str | Path,        # the `prepare` output
+                   part: str,                   # train | eval
                   ) -> list[str]:
-    "Every caption the text tower sees: the training captions, the evaluated split's, the PatchDis class prompts."
-    p = prepared_paths(data_dir)
-    cpi = params.train.captions_per_image  # the first this many of each training image
-    caps = train_dataset(p["shards"], None, seed=params.base.seed, captions_per_image=cpi).all_captions()
+    "The captions of one part: the training captions, or the evaluated split's and the PatchDis class prompts."
+    p = prepared_paths(data_dir, part)
+    if part == "train":
+        cpi = params.train.captions_per_image  # the first this many of each training image
+        return train_dataset(p["shards"], None, seed=params.base.seed, captions_per_image=cpi).all_captions()
     ep = params.evaluate
-    caps += load_karpathy(p["karpathy_json"], p["image_root"], split=ep.split, check_files=False).captions
+    caps = load_karpathy(p["karpathy_json"], p["image_root"], split=ep.split, check_files=False).captions
     if ep.patchdis and p["categories"] is not None:
         caps += [ep.patchdis_prompt.replace("{name}", c["name"]) for c in read_categories(p["categories"])]
     return list(dict.fromkeys(caps))
 
 def build(params: LoadedParams,           # the loaded params file
           data_dir: str | Path | None = None, # default data/prepared
-          out: str | Path | None = None,      # default data/textcache
+          out: str | Path | None = None,      # default data/textcache: each part in its own folder below it
           progress: bool = True,
+          part: str = "all",                  # train | eval | all
          ) -> str:
-    "The `textcache` stage: cache every caption's frozen prefix (or write an empty cache when training needs none)."
-    out = resolve_path(out, "data/textcache")
+    "The `textcache` stage: cache each part's captions' frozen prefix (an empty cache where it is not used)."
+    out, data = resolve_path(out, "data/textcache"), resolve_path(data_dir, "data/prepared")
     torch.manual_seed(params.base.seed)
-    if params.train.text_cache:
-        model = create_model_from_params(params, variant="lexvla").eval()
-        caps = cache_captions(params, resolve_path(data_dir, "data/prepared"))
-        cache = build_text_cache(model, caps, batch_size=params.textcache.batch_size, progress=progress)
-        cache.meta.update(cache_meta(model))
-    else:  # training does not use it (e.g. LoRA on every block: no frozen prefix): an empty cache
-        cache = TextPrefixCache(torch.zeros(0, 1), torch.zeros(1, dtype=torch.long), [],
-                                {"disabled": "train.text_cache is false"})
-    tmp = temp_dir(out)
-    cache.save(tmp)
-    # no wall-clock time here: later stages depend on this folder, and a re-run must hash the same
-    save_resolved(params, tmp, extra={"captions": len(cache), "tokens": int(cache.hidden.shape[0])})
-    replace_dir(tmp, out)
-    return f"text cache: {len(cache)} captions, {cache.hidden.shape[0]} tokens x {cache.hidden.shape[1]} -> {out}"
+    model, said = None, []
+    for p in (PARTS if part == "all" else (part,)):
+        wanted = params.train.text_cache if p == "train" else params.evaluate.text_cache
+        if wanted:
+            model = model or create_model_from_params(params, variant="lexvla").eval()
+            cache = build_text_cache(model, cache_captions(params, data, p), batch_size=params.textcache.batch_size,
+                                     progress=progress)
+            cache.meta.update(cache_meta(model))
+        else:  # not used (e.g. LoRA on every block: no frozen prefix): an empty cache
+            key = "train.text_cache" if p == "train" else "evaluate.text_cache"
+            cache = TextPrefixCache(torch.zeros(0, 1), torch.zeros(1, dtype=torch.long), [],
+                                    {"disabled": f"{key} is false"})
+        tmp = temp_dir(out / p)
+        cache.save(tmp)
+        # no wall-clock time here: later stages depend on this folder, and a re-run must hash the same
+        save_resolved(params, tmp, extra={"captions": len(cache), "tokens": int(cache.hidden.shape[0])})
+        replace_dir(tmp, out / p)
+        said.append(f"{p}: {len(cache)} captions, {cache.hidden.shape[0]} tokens x {cache.hidden.shape[1]}")
+    return f"text cache {'; '.join(said)} -> {out}"
 
 def main(argv: list[str] | None = None) -> int:
-    "python -m lexvla.textcache --params params.yaml [--data DIR] [--out DIR]"
+    "python -m lexvla.textcache --params params.yaml [--part train|eval] [--data DIR] [--out DIR]"
     ap = stage_parser("textcache", "Cache the frozen LM prefix of every caption.",
                       data="prepared data folder (default data/prepared)", out="cache folder (default data/textcache)")
-    return run_cli(ap, lambda a: build(load_params(a.params), a.data, a.out), argv)
-
+    ap.add_argument("--part", default="all", choices=[*PARTS, "all"],
+                    help="train: the training captions (stage textcache); eval: the evaluated split's and the "
+                         "PatchDis prompts (stage textcache_eval); all (default): both")
+    return run_cli(ap, lambda a: build(load_params(a.params), a.data, a.out, part=a.part), argv)
 
 # %% ../notebooks/11_textcache.ipynb #7793c85c
 if __name__ == "__main__": raise SystemExit(main())

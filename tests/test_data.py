@@ -131,6 +131,11 @@ def test_vocabulary_is_whole_tokens(tiny_repro):
 
 # ---- formats and round trips -------------------------------------------------------------------------------
 
+def _counts(reports: dict) -> dict:
+    "The split counts of `prepare`'s reports, one per part (train, eval)."
+    return {k: v for r in reports.values() for k, v in r["counts"].items()}
+
+
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory):
     d = tmp_path_factory.mktemp("prep")
@@ -150,10 +155,12 @@ def test_prepare_same_bytes_twice_and_any_workers(prepared, tmp_path):
     prepare(load_params(tmp_path / "w2.yaml"), tmp_path / "w2", progress=False)
     prepare(load_params(tmp_path / "w0.yaml"), tmp_path / "w0", progress=False)
     d2, d0 = digest(tmp_path / "w2"), digest(tmp_path / "w0")
-    d2.pop("params.resolved.json"); d0.pop("params.resolved.json")
+    for part in ("train", "eval"): d2.pop(f"{part}/params.resolved.json"); d0.pop(f"{part}/params.resolved.json")
     assert d2 == d0
-    assert report["counts"] == {"train": 24, "val": 4, "test": 5} and report["skipped_total"] == 0
-    assert json.loads((out / "params.resolved.json").read_text())["params"]["prepare"]["n_train"] == 24
+    assert _counts(report) == {"train": 24, "val": 4, "test": 5}
+    assert all(r["skipped_total"] == 0 for r in report.values()) and sorted(report) == ["eval", "train"]
+    for part in ("train", "eval"):
+        assert json.loads((out / part / "params.resolved.json").read_text())["params"]["prepare"]["n_train"] == 24
 
 
 def test_shards_are_img2dataset_webdataset(prepared):
@@ -208,9 +215,9 @@ def test_masks_round_trip(prepared):
     for i, m in enumerate(mk.masks):
         sc = S.make_scene(S.scene_rng(0, "test", i), 64)
         assert (m == sc.semantic).all()
-    pan = json.loads((out / "masks" / "panoptic_test.json").read_text())
+    pan = json.loads((out / "eval" / "masks" / "panoptic_test.json").read_text())
     for ann in pan["annotations"]:
-        rgb = np.asarray(Image.open(out / "masks" / "panoptic_test" / ann["file_name"])).astype(np.int64)
+        rgb = np.asarray(Image.open(out / "eval" / "masks" / "panoptic_test" / ann["file_name"])).astype(np.int64)
         seg = rgb[..., 0] + 256 * rgb[..., 1] + 65536 * rgb[..., 2]
         sem = mk.masks[ann["image_id"] - 4]
         for si in ann["segments_info"]:
@@ -251,7 +258,7 @@ def test_manifest_round_trip_csv_and_jsonl(tmp_path):
     p = tiny_params(tmp_path, kind="manifest", source=str(tmp_path / "m.jsonl"), image_column="path",
                     caption_column="text", n_train=0, n_val=2, n_test=3, store_size=32)
     rep = prepare(load_params(p), tmp_path / "out", progress=False)
-    assert rep["counts"] == {"train": 7, "val": 2, "test": 3}
+    assert _counts(rep) == {"train": 7, "val": 2, "test": 3}
     pa = prepared_paths(tmp_path / "out")
     ds = train_dataset(pa["shards"], None, seed=0)
     got = {ds.load(i)["caption"] for i in range(len(ds))}
@@ -268,7 +275,7 @@ def test_karpathy_kind_and_webdataset_kind(tmp_path):
     p = tiny_params(tmp_path, kind="karpathy", source=str(tmp_path / "dataset_flickr30k.json"),
                     image_root=str(tmp_path / "imgs"), n_train=0, n_val=0, n_test=0)
     rep = prepare(load_params(p), tmp_path / "kp", progress=False)
-    assert rep["counts"] == {"train": 6, "val": 3, "test": 3}
+    assert _counts(rep) == {"train": 6, "val": 3, "test": 3}
     pa = prepared_paths(tmp_path / "kp")
     assert pa["karpathy_json"].name == "dataset_flickr30k.json"
     assert load_karpathy(pa["karpathy_json"], pa["image_root"]).captions == [c for i in (3, 7, 11) for c in (caps[i], caps[i] + " again")]
@@ -276,7 +283,7 @@ def test_karpathy_kind_and_webdataset_kind(tmp_path):
     p = tiny_params(tmp_path, kind="webdataset", source=str(tmp_path / "kp" / "train" / "{00000..00000}.tar"),
                     eval_json=str(pa["karpathy_json"]), eval_image_root=str(pa["image_root"]), n_train=0, n_val=0, n_test=0)
     rep = prepare(load_params(p), tmp_path / "wd", progress=False)
-    assert rep["counts"] == {"train": 6, "val": 3, "test": 3}
+    assert _counts(rep) == {"train": 6, "val": 3, "test": 3}
     a, b = train_dataset(tmp_path / "kp" / "train", None, 0), train_dataset(tmp_path / "wd" / "train", None, 0)
     assert [a.captions(i) for i in range(6)] == [b.captions(i) for i in range(6)]
 

@@ -94,7 +94,7 @@ def test_prepare_manifest_with_every_bad_input(tmp_path):
              b"img/good0.jpg,another caption of good0\n"]        # a second caption of one image: kept
     (tmp_path / "m.csv").write_bytes(b"image,caption\n" + b"".join(rows))
     rep = prepare(load_params(_params(tmp_path, kind="manifest", source=str(tmp_path / "m.csv"))), tmp_path / "out",
-                  progress=False)
+                  progress=False, part="train")["train"]
     want_skip = {r: 1 for _, r in imgs.values() if r in SKIPS}
     want_skip.update(caption_empty=1, caption_whitespace=1, caption_too_long=1, caption_not_utf8=1, missing_file=1,
                      duplicate_caption=1)
@@ -103,8 +103,8 @@ def test_prepare_manifest_with_every_bad_input(tmp_path):
     assert rep["skipped_examples"]["too_large"] == ["img/huge.png"] and "m.csv:" in rep["skipped_examples"]["caption_empty"][0]
     good = [n for n, (_, r) in imgs.items() if r not in SKIPS]
     assert rep["counts"]["train"] == len(good)
-    assert json.loads((tmp_path / "out" / "report.json").read_text()) == rep
-    ds = train_dataset(prepared_paths(tmp_path / "out")["shards"], None, seed=0)
+    assert json.loads((tmp_path / "out" / "train" / "report.json").read_text()) == rep
+    ds = train_dataset(prepared_paths(tmp_path / "out", "train")["shards"], None, seed=0)
     srcs = {}
     for i in range(len(ds)):
         s = ds.load(i)
@@ -162,7 +162,7 @@ def test_shards_with_bad_samples(tmp_path):
     assert {"empty_file", "caption_not_utf8", "not_an_image"} <= set(ds.log.skipped)
     # prepare (kind webdataset) keeps exactly the good ones
     rep = prepare(load_params(_params(tmp_path, kind="webdataset", source=str(tmp_path / "*" / "*.tar"))),
-                  tmp_path / "out", progress=False)
+                  tmp_path / "out", progress=False, part="train")["train"]
     assert rep["counts"]["train"] == 6
     assert rep["skipped"] == {"duplicate_key": 1, "caption_missing": 1, "missing_image": 1, "empty_file": 1,
                               "caption_not_utf8": 1, "not_an_image": 1}

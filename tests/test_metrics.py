@@ -148,3 +148,27 @@ def test_patchdis_errors():
     with pytest.raises(ValueError, match="class names"): patchdis(np.zeros((1, 4, 3)), np.eye(3), np.zeros((1, 4, 4), int), class_names=["a"])
     with pytest.raises(ValueError, match="outside"): patchdis_from_labels([np.zeros((2, 2), int)], [np.full((2, 2), 7)], 3)
     with pytest.raises(ValueError, match="differ in size"): patchdis_from_labels([np.zeros((2, 2), int)], [np.zeros((3, 2), int)], 3)
+
+
+def test_patchdis_on_a_non_square_image_crops_the_mask_like_the_image():
+    """A 4:3 image (as COCO's) goes through the evaluation resize + centre crop; PatchDis must see its mask through
+    the same crop. Patch vectors that label each patch by the colour the *transformed image* shows there score
+    (almost) perfectly against `mask_transform`'s mask, and clearly worse against the mask stretched uncropped."""
+    from PIL import Image
+
+    from lexvla.datasets import backbone_data_config, image_transform, mask_transform
+    from lexvla.metrics import patchdis
+    cfg = backbone_data_config("vit_small_patch14_dinov2", img_size=56)
+    mask = np.zeros((120, 160), dtype=np.int64)       # 160 x 120 px: class 0 (green) in the middle,
+    mask[:, :49], mask[:, 111:] = 1, 2                 # class 1 (red) on the left, class 2 (blue) on the right
+    colours = np.array([[0, 255, 0], [255, 0, 0], [0, 0, 255]], dtype=np.uint8)
+    x = image_transform(cfg)(Image.fromarray(colours[mask])).numpy()  # (3, 56, 56): 4 x 4 patches of 14 px
+    shown = x.argmax(0)                                # the colour each output pixel shows: 1 red, 0 green, 2 blue
+    shown = np.select([shown == 0, shown == 1, shown == 2], [1, 0, 2])
+    share = np.stack([(shown == k).reshape(4, 14, 4, 14).mean(axis=(1, 3)).reshape(-1) for k in range(3)], -1)
+    pv = share[None]                                   # (1, 16, 3): the patch's word is the colour it shows
+    cls = np.eye(3)
+    cropped = patchdis(pv, cls, [mask_transform(cfg)(mask)], grid=(4, 4))["mIoU"]
+    stretched = patchdis(pv, cls, [mask], grid=(4, 4))["mIoU"]
+    assert mask_transform(cfg)(mask).shape == (56, 56)
+    assert cropped > 0.9 and stretched < cropped - 0.1, (cropped, stretched)

@@ -174,8 +174,8 @@ def test_fingerprint_follows_params_data_and_code(tiny_root, tmp_path):
     other = tmp_path / "prepared"
     shutil.copytree(data, other)
     assert fp(p, other) == base  # the same data elsewhere
-    rep = json.loads((other / "report.json").read_text()); rep["counts"]["train"] = -1
-    (other / "report.json").write_text(json.dumps(rep))
+    rep = json.loads((other / "train" / "report.json").read_text()); rep["counts"]["train"] = -1
+    (other / "train" / "report.json").write_text(json.dumps(rep))
     assert fp(p, other) != base
     code = tmp_path / "lexvla"
     shutil.copytree(ROOT / "lexvla", code, ignore=shutil.ignore_patterns("__pycache__"))
