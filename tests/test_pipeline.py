@@ -245,7 +245,7 @@ def test_image_cache_equals_the_live_vision_tower(tiny_root):
     model = create_model_from_params(params, variant="lexvla").eval()
     tf = image_transform(model.data_config, train=False)
     cache_dir = tiny_root / "data" / "imagecache"
-    test = ImageTokenCache.load(cache_dir, "test")
+    test = ImageTokenCache.load(cache_dir / "eval", "test")
     check_image_cache(test, model)
     split = load_split(tiny_root / "data" / "prepared", "test")
     assert len(test) == len(split.images) == 8
@@ -253,7 +253,7 @@ def test_image_cache_equals_the_live_vision_tower(tiny_root):
         live = encode_images(model, split.images, tf, 4, patches=patches)
         cached = encode_images(model, split.images, tf, 4, patches=patches, cache=test)
         torch.testing.assert_close(cached, live, atol=1e-5, rtol=1e-5)
-    train = ImageTokenCache.load(cache_dir, "train")
+    train = ImageTokenCache.load(cache_dir / "train", "train")
     ds = train_dataset(prepared_paths(tiny_root / "data" / "prepared")["shards"], tf, seed=0)
     assert train.keys == ds.keys and len(train) == 48
     s = ds.load(5)

@@ -28,8 +28,11 @@ def test_two_fresh_copies_write_the_same_dvc_lock(tiny_repro):
     diff = list(difflib.unified_diff(a.splitlines(), b.splitlines(), "a/dvc.lock", "b/dvc.lock", lineterm="", n=1))
     assert not diff, "\n".join(diff[:80])
     lock = yaml.safe_load(a)["stages"]
-    assert {"prepare", "convert", "imagecache", "textcache", "train@lexvla", "train@dense", "evaluate@lexvla",
-            "evaluate@dense", "search", "report"} == set(lock)
+    assert {"prepare", "prepare_eval", "convert", "imagecache", "imagecache_eval", "textcache", "textcache_eval",
+            "train@lexvla", "train@dense", "evaluate@lexvla", "evaluate@dense", "search", "report"} == set(lock)
+    # training reads no part of the evaluated split: a new eval set leaves every model as it is
+    train_deps = [d["path"] for d in lock["train@lexvla"]["deps"]]
+    assert "data/prepared/train" in train_deps and not [d for d in train_deps if "eval" in d], train_deps
     # foreach and ${} interpolation: each variant's stage ran with its own command and params
     assert lock["train@dense"]["cmd"] == "python -m lexvla.train --params params.yaml --variant dense"
     assert lock["train@lexvla"]["params"]["params.yaml"]["train"]["steps"] == 24
