@@ -56,7 +56,8 @@ if rank == 0:
     ref_grads = grads(ref)
     diff = {k: float((dist_grads[k] - v).abs().max()) for k, v in ref_grads.items()}
     scale = {k: float(v.abs().max()) for k, v in ref_grads.items()}
-    json.dump({"processes": n, "loss": float(loss), "ref_loss": float(ref_parts["loss"].detach()), "grad_max_diff": diff,
+    json.dump({"processes": n, "loss": float(loss), "ref_loss": float(ref_parts["loss"].detach()),
+               "grad_max_diff": diff,
                "grad_max": scale, "missing": sorted(set(ref_grads) - set(dist_grads)),
                "broadcast_buffers": buffers_broadcast}, open(out_path, "w"), indent=1)
 acc.wait_for_everyone()

@@ -7,7 +7,6 @@
 import csv
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -73,7 +72,7 @@ def test_two_processes_train_like_one(tiny_data):
     lr1, lr2 = _lrs(one), _lrs(two)
     assert len(lr1) == p["train"]["steps"] and lr2 == lr1  # the same schedule, step by step (not N x faster)
     assert max(lr for _, lr in lr1) == pytest.approx(p["train"]["lr"])
-    w1, w2 = load_file(str(one / "model" / "weights.safetensors")), load_file(str(two / "model" / "weights.safetensors"))
+    w1, w2 = (load_file(str(o / "model" / "weights.safetensors")) for o in (one, two))
     assert set(w1) == set(w2)
     for k in w1:
         assert torch.allclose(w1[k], w2[k], rtol=1e-3, atol=1e-5), (k, float((w1[k] - w2[k]).abs().max()))
