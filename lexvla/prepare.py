@@ -170,7 +170,9 @@ def _clean(job: tuple) -> tuple:
     return name, encode_jpeg(img, cfg["quality"]), caps, m, log, ".jpg"
 
 # %% ../notebooks/03_prepare.ipynb #d4fdbb7c
-def _real_jobs(pp, paths: dict, seed: int, log) -> tuple[list, dict]:
+def _real_jobs(pp, paths: dict, seed: int, log,
+               train_part: bool = True, # the training jobs are wanted (else they are listed only to hold val/test out)
+              ) -> tuple[list, dict]:
     "Training jobs and {split: jobs} for evaluation, from the configured source."
     cfg = {"max_caption_chars": pp.max_caption_chars, "min_side": pp.min_image_side,
            "max_pixels": pp.max_image_pixels, "store_size": pp.store_size, "quality": pp.jpeg_quality,
@@ -182,7 +184,9 @@ def _real_jobs(pp, paths: dict, seed: int, log) -> tuple[list, dict]:
         elif "cocoid" in entry_or_name: stem = f"{entry_or_name['cocoid']:012d}"
         else: stem = Path(entry_or_name["filename"]).stem
         return str(paths["mask_dir"] / f"{stem}.png")
-    if pp.kind == "webdataset":
+    eval_json = paths["eval_json"] or (paths["source"] if pp.kind == "karpathy" else None)
+    if not train_part and eval_json is not None: train = []  # the eval part alone: CC-12M's shards are not indexed
+    elif pp.kind == "webdataset":
         shards = paths["shards"]
         train = [(f"{shards[s.shard].name}:{s.key}", (str(shards[s.shard]), s.image, s.txt, s.json), None, None, cfg)
                  for s in index_shards(shards, log)]
@@ -195,7 +199,6 @@ def _real_jobs(pp, paths: dict, seed: int, log) -> tuple[list, dict]:
         items = read_manifest(paths["source"], pp.image_column, pp.caption_column, paths["image_root"], log=log,
                               max_caption_chars=pp.max_caption_chars)
         train = [(it.key, str(it.path), it.captions, mask_for(it.path), cfg) for it in items]
-    eval_json = paths["eval_json"] or (paths["source"] if pp.kind == "karpathy" else None)
     evals = {}
     if eval_json is not None:
         root = paths["eval_image_root"] or paths["image_root"]
@@ -226,7 +229,7 @@ def build_real(pp, seed: int,
                progress: bool = True) -> dict:
     "Bring real data into the prepared layout of each part in `outs`; bad samples are skipped and counted."
     paths = check_sources(pp)
-    train, evals = _real_jobs(pp, paths, seed, logs.get("train", SkipLog()))
+    train, evals = _real_jobs(pp, paths, seed, logs.get("train", SkipLog()), train_part="train" in outs)
     counts = {}
 
     if "train" in outs:

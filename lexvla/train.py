@@ -423,11 +423,10 @@ def train(params: LoadedParams,           # the loaded params file
                                     img_s=f"{seen / max(time.perf_counter() - t0, 1e-9):.1f}")
                 t0, seen = time.perf_counter(), 0
             if step % tp.checkpoint_every == 0 or step == tp.steps:
-                gather = gather_object if acc.num_processes > 1 else (lambda x: x)
-                rngs = gather([rng_state()])
+                rngs = gather_object([rng_state()])  # one process: the list itself
                 info = {"epoch": epoch, "batch_in_epoch": batch_in_epoch, "variant": variant,
                         "processes": acc.num_processes}
-                if streaming: info["stream"] = gather([loader.position])  # each process's place in its stream
+                if streaming: info["stream"] = gather_object([loader.position])  # each process's place in its stream
                 acc.wait_for_everyone()
                 if acc.is_main_process:
                     ck.save(step, trainable_state(raw),

@@ -366,3 +366,23 @@ def test_killed_prepare_leaves_old_output(tmp_path, monkeypatch):
     monkeypatch.setattr(P, "write_categories", boom)  # prepare's own name: it imports it at the top
     with pytest.raises(KeyboardInterrupt): P.prepare(p, tmp_path / "out", progress=False)
     assert digest(tmp_path / "out") == before and [x.name for x in tmp_path.iterdir() if x.name.startswith(".")] == []
+
+
+def test_eval_part_alone_reads_no_training_shard(tmp_path, monkeypatch):
+    "`prepare --part eval` with an eval JSON builds the eval set without indexing the (CC-12M-sized) training shards."
+    import lexvla.prepare as P
+    caps = _real_fixture(tmp_path)
+    ents = [karpathy_entry(i, f"im{i}.png", ["train", "val", "test"][i % 3], [caps[i]], i) for i in range(9)]
+    write_json(tmp_path / "dataset_flickr30k.json", {"images": ents, "dataset": "flickr30k"})
+    p = tiny_params(tmp_path, kind="karpathy", source=str(tmp_path / "dataset_flickr30k.json"),
+                    image_root=str(tmp_path / "imgs"), n_train=0, n_val=0, n_test=0)
+    P.prepare(load_params(p), tmp_path / "kp", progress=False, part="train")
+    p = tiny_params(tmp_path, kind="webdataset", source=str(tmp_path / "kp" / "train" / "*.tar"),
+                    eval_json=str(tmp_path / "dataset_flickr30k.json"), eval_image_root=str(tmp_path / "imgs"),
+                    n_train=0, n_val=0, n_test=0)
+    def no_index(*a, **k): raise AssertionError("the eval part indexed the training shards")
+    monkeypatch.setattr(P, "index_shards", no_index)
+    rep = P.prepare(load_params(p), tmp_path / "wd", progress=False, part="eval")
+    assert _counts(rep) == {"val": 3, "test": 3} and not (tmp_path / "wd" / "train").exists()
+    with pytest.raises(AssertionError, match="indexed the training shards"):
+        P.prepare(load_params(p), tmp_path / "wd", progress=False, part="train")
