@@ -78,7 +78,7 @@ class Checkpointer:
         "Fail early, with the path, when checkpoints cannot be written here."
         try:
             self.folder.mkdir(parents=True, exist_ok=True)
-            probe = self.folder / ".write-probe"
+            probe = self.folder / f".write-probe-{os.getpid()}"  # one per process: ranks probe at once
             probe.write_bytes(b"ok")
             probe.unlink()
         except OSError as e:
