@@ -19,7 +19,8 @@ from tqdm.auto import tqdm
 from .caches import ImageTokenCache, TextPrefixCache, usable_image_cache, usable_text_cache
 from .datasets import image_transform, load_karpathy, load_masks, mask_transform, prepared_paths
 from .encode import class_vectors, encode_images, encode_texts
-from .metrics import patchdis, patchdis_from_labels, retrieval_metrics, sparsity_sweep, upsample_nearest
+from .metrics import (patchdis, patchdis_from_labels, retrieval_metrics, save_per_query, sparsity_sweep,
+                            upsample_nearest)
 from .model import load_trained
 from .oracle import scene_oracle
 from .params import EvaluateParams, LoadedParams, ParamsError, load_params, record_run, save_resolved
@@ -120,13 +121,18 @@ def evaluate(params: LoadedParams,        # the loaded params file
             if orc["n_captions"] != n_txt:
                 raise ValueError(f"{data_dir}: the oracle's split differs from the evaluated one")
             res["ceiling"], res["oracle"] = orc.pop("ceiling"), orc
-    res["dense"] = {**retrieval_metrics(img @ txt.T, t2i), "image_active_words": _dense_stats(img)["active"],
+    ranks = {"dense": {}}  # every query's rank per setting: the report's paired-bootstrap intervals
+    res["dense"] = {**retrieval_metrics(img @ txt.T, t2i, ranks=ranks["dense"]),
+                    "image_active_words": _dense_stats(img)["active"],
                     "text_active_words": _dense_stats(txt)["active"]}
     if model.lexical:
-        res["sparsity"] = sparsity_sweep(img, txt, t2i, model.dim, list(ep.topks), ep.threshold)
+        res["sparsity"] = sparsity_sweep(img, txt, t2i, model.dim, list(ep.topks), ep.threshold, ranks=ranks)
         res["word_use"] = {"image": word_use(img, model.vocab.words), "text": word_use(txt, model.vocab.words)}
     pd = run_patchdis(model, split, data_dir, tf, ep, progress, cache, icache) if ep.patchdis else None
-    if pd is not None: res["patchdis"] = pd["metrics"]
+    if pd is not None:
+        per_image = {k: pd["metrics"].pop(f"per_image_{k}") for k in ("intersection", "union")}
+        res["patchdis"] = pd["metrics"]
+    save_per_query(out_dir / variant / "per_query.npz", ranks, split.txt2img, per_image if pd is not None else None)
 
     save_report_vectors(out_dir / variant / "vectors.npz", model, split, img, txt, pd, data_dir=data_dir)
     save_resolved(params, out_dir / variant, extra={"variant": variant, "model_dir": repo_relative(model_dir),
@@ -200,7 +206,8 @@ def run_patchdis(model, split: Split, data_dir: str | Path, transform, ep: Evalu
         return pv
 
     metrics = patchdis(patch_vectors, cls, masks, grid=(rows, cols), class_names=names,
-                       present_only=ep.patchdis_present_only, batch_size=bs, keep_labels=ep.report_images)
+                       present_only=ep.patchdis_present_only, batch_size=bs, keep_labels=ep.report_images,
+                       per_image=True)
     bar.close()
     labels = metrics.pop("labels")
     # what the patch grid allows at all: each patch labelled with its majority true class, then upsampled
@@ -208,7 +215,6 @@ def run_patchdis(model, split: Split, data_dir: str | Path, transform, ep: Evalu
     metrics["grid_ceiling_mIoU"] = patchdis_from_labels(grid_best, masks, names)["mIoU"]
     return {"metrics": metrics, "class_names": names, "class_vectors": cls, "grid": (rows, cols),
             "patches": kept[:ep.report_images], "labels": labels, "masks": masks[:ep.report_images]}
-
 
 # %% ../notebooks/13_evaluate.ipynb #e039f950
 def split_masks(data_dir: str | Path, split: Split,

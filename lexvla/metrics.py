@@ -8,14 +8,17 @@ Docs: https://github.com/lexvla/lexvla/metrics.html.md"""
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
-from .sparse import SparseVectors, _as_numpy, sparsity_stats, threshold_for
+from .sparse import SparseVectors, _as_numpy, load_vectors, save_vectors, sparsity_stats, threshold_for
 
 # %% auto #0
-__all__ = ['retrieval_metrics', 'sparse_similarity', 'sparsity_sweep', 'upsample_nearest', 'patchdis_from_labels', 'patchdis']
+__all__ = ['query_ranks', 'retrieval_metrics', 'sparse_similarity', 'sparsity_sweep', 'upsample_nearest', 'patchdis_from_labels',
+           'patchdis', 'per_image_hits', 'bootstrap_weights', 'ratio_of_sums', 'mean_iou', 'paired_bootstrap',
+           'save_per_query', 'load_per_query']
 
 # %% ../notebooks/08_metrics.ipynb #682896c5
 def _ranks(sim: np.ndarray,        # (i, t) similarity of every image and caption
@@ -48,11 +51,10 @@ def _summarise(ranks: np.ndarray, name: str, ks: Sequence[int]) -> dict[str, flo
     for k in ks: out[f"{name}_R@{k}"] = float((r <= k).mean())
     return out
 
-def retrieval_metrics(sim,                      # (n_img, n_txt) similarities (numpy or torch)
-                      txt2img,                  # (n_txt,) image index of each caption
-                      ks: Sequence[int] = (1, 5, 10), # recall cut-offs
-                     ) -> dict[str, float]:
-    "Zero-shot retrieval metrics, open_clip names; image->text hit = any of its captions; ties pessimistic."
+def query_ranks(sim,      # (n_img, n_txt) similarities (numpy or torch)
+                txt2img,  # (n_txt,) image index of each caption
+               ) -> tuple[np.ndarray, np.ndarray]:
+    "1-based pessimistic ranks of every query: (image->text per image, NaN without captions; text->image per caption)."
     sim = _as_numpy(sim)
     t2i = np.asarray(txt2img.cpu() if hasattr(txt2img, "cpu") else txt2img, dtype=np.int64)
     if sim.ndim != 2 or t2i.shape != (sim.shape[1],):
@@ -60,7 +62,16 @@ def retrieval_metrics(sim,                      # (n_img, n_txt) similarities (n
     if len(t2i) and (t2i.min() < 0 or t2i.max() >= sim.shape[0]):
         raise ValueError(f"txt2img holds image index {int(t2i.max())} outside 0..{sim.shape[0] - 1}")
     if np.isnan(sim).any(): raise ValueError("similarity matrix contains NaN")
-    i2t, t2i_rank = _ranks(sim, t2i)
+    return _ranks(sim, t2i)
+
+def retrieval_metrics(sim,                      # (n_img, n_txt) similarities (numpy or torch)
+                      txt2img,                  # (n_txt,) image index of each caption
+                      ks: Sequence[int] = (1, 5, 10), # recall cut-offs
+                      ranks: dict | None = None,      # when given, receives the per-query ranks ("image_to_text", ...)
+                     ) -> dict[str, float]:
+    "Zero-shot retrieval metrics, open_clip names; image->text hit = any of its captions; ties pessimistic."
+    i2t, t2i_rank = query_ranks(sim, txt2img)
+    if ranks is not None: ranks.update(image_to_text=i2t, text_to_image=t2i_rank)
     return {**_summarise(i2t, "image_to_text", ks), **_summarise(t2i_rank, "text_to_image", ks)}
 
 # %% ../notebooks/08_metrics.ipynb #36d65e88
@@ -82,6 +93,7 @@ def sparsity_sweep(img_vecs,                 # (n_img, V) dense image vectors (n
                    topks: Sequence[int] = (16, 32, 64, 128, 256, 512, 1024), # top-k settings (method §5)
                    threshold: bool = True,   # also the 1/√V threshold setting (method §5)
                    ks: Sequence[int] = (1, 5, 10),
+                   ranks: dict | None = None, # when given, receives each setting's per-query ranks, by its name
                   ) -> list[dict]:
     "Retrieval after sparsifying both modalities at each setting, with active words and (quadratic) sparsity."
     V = int(V or img_vecs.shape[-1])
@@ -96,7 +108,9 @@ def sparsity_sweep(img_vecs,                 # (n_img, V) dense image vectors (n
                "image_active_words": a["mean_active"], "text_active_words": b["mean_active"],
                "image_sparsity": a["sparsity"], "text_sparsity": b["sparsity"],
                "image_quadratic_sparsity": a["quadratic_sparsity"], "text_quadratic_sparsity": b["quadratic_sparsity"]}
-        rows.append(row | retrieval_metrics(sparse_similarity(si, st), txt2img, ks))
+        got = {} if ranks is not None else None
+        rows.append(row | retrieval_metrics(sparse_similarity(si, st), txt2img, ks, ranks=got))
+        if ranks is not None: ranks[name] = got
     return rows
 
 # %% ../notebooks/08_metrics.ipynb #876bfa97
@@ -112,11 +126,13 @@ def patchdis_from_labels(preds,                 # per image: (H, W) predicted cl
                          masks,                 # per image: (H, W) ground-truth class index; ignore_index = unlabelled
                          class_names: Sequence[str] | int, # the class names (or their number)
                          ignore_index: int = -1,
+                         per_image: bool = False, # also each image's (c,) intersections and unions (the bootstrap)
                         ) -> dict:
     "mIoU and per-class IoU of label maps against masks, intersections and unions summed over the dataset."
     names = [str(i) for i in range(class_names)] if isinstance(class_names, int) else list(class_names)
     c = len(names)
     inter, union = np.zeros(c, np.int64), np.zeros(c, np.int64)
+    each = []
     for p, g in zip(preds, masks, strict=True):
         p, g = np.asarray(p), np.asarray(g)
         if p.shape != g.shape: raise ValueError(f"prediction {p.shape} and mask {g.shape} differ in size")
@@ -126,13 +142,19 @@ def patchdis_from_labels(preds,                 # per image: (H, W) predicted cl
             if len(a) and (a.min() < 0 or a.max() >= c):
                 raise ValueError(f"{what} holds class {int(a.min() if a.min() < 0 else a.max())} outside 0..{c - 1}")
         tp = np.bincount(g[p == g], minlength=c)
+        un = np.bincount(p, minlength=c) + np.bincount(g, minlength=c) - tp
         inter += tp
-        union += np.bincount(p, minlength=c) + np.bincount(g, minlength=c) - tp
+        union += un
+        if per_image: each.append((tp, un))
     iou = np.where(union > 0, inter / np.maximum(union, 1), np.nan)
     seen = union > 0
-    return {"mIoU": float(iou[seen].mean()) if seen.any() else float("nan"),
-            "per_class_IoU": {n: (float(v) if s else None) for n, v, s in zip(names, iou, seen)},
-            "classes_scored": int(seen.sum())}
+    out = {"mIoU": float(iou[seen].mean()) if seen.any() else float("nan"),
+           "per_class_IoU": {n: (float(v) if s else None) for n, v, s in zip(names, iou, seen)},
+           "classes_scored": int(seen.sum())}
+    if per_image:
+        out["per_image_intersection"] = np.array([t for t, _ in each], np.int64).reshape(-1, c)
+        out["per_image_union"] = np.array([u for _, u in each], np.int64).reshape(-1, c)
+    return out
 
 def patchdis(patch_vectors,            # (b, n, v) patch vectors, or a callable (start, stop) -> (stop-start, n, v)
              class_vectors,            # (c, v) text-branch vectors of the class names
@@ -144,6 +166,7 @@ def patchdis(patch_vectors,            # (b, n, v) patch vectors, or a callable 
              present_only: bool = True,# restrict each patch's label to the present classes (method §7)
              batch_size: int = 16,     # images scored at once
              keep_labels: int = 0,     # also return the (h, w) patch labels of the first this many images
+             per_image: bool = False,  # also each image's intersections and unions (`patchdis_from_labels`)
             ) -> dict:
     "PatchDis (method §7): label each patch with its best class among those present, upsample, mIoU over the dataset."
     cls = _as_numpy(class_vectors)
@@ -174,5 +197,72 @@ def patchdis(patch_vectors,            # (b, n, v) patch vectors, or a callable 
             else: lab = np.where(allowed[None, :], scores[i], -np.inf).argmax(-1).reshape(h, w)
             preds.append(upsample_nearest(lab, g.shape))
             if s + i < keep_labels: labels.append(lab)
-    out = patchdis_from_labels(preds, masks, names, ignore_index)
+    out = patchdis_from_labels(preds, masks, names, ignore_index, per_image=per_image)
     return out | {"labels": labels} if keep_labels else out
+
+# %% ../notebooks/08_metrics.ipynb #6ea5f88f
+def per_image_hits(ranks: dict,            # "image_to_text" (n_img,) and "text_to_image" (n_txt,) ranks
+                   txt2img,                # (n_txt,) image index of each caption
+                   k: int = 1,             # the recall cut-off
+                  ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    "Per image `(numerator, denominator)` of R@k in each direction: R@k is `num.sum() / den.sum()`."
+    i2t, t2i = np.asarray(ranks["image_to_text"], np.float64), np.asarray(ranks["text_to_image"], np.float64)
+    t2i_img = np.asarray(txt2img, np.int64)
+    n = len(i2t)
+    has = np.isfinite(i2t)
+    return {"image_to_text": (((i2t <= k) & has).astype(np.float64), has.astype(np.float64)),
+            "text_to_image": (np.bincount(t2i_img, weights=(t2i <= k).astype(np.float64), minlength=n),
+                              np.bincount(t2i_img, minlength=n).astype(np.float64))}
+
+def bootstrap_weights(n: int,            # images
+                      n_boot: int = 2000, # resamples
+                      seed: int = 0,
+                     ) -> np.ndarray:
+    "(n_boot, n) how often each image is drawn in each resample with replacement (share it between models: paired)."
+    return np.random.default_rng(seed).multinomial(n, np.full(n, 1.0 / n), size=n_boot).astype(np.float64)
+
+def ratio_of_sums(num: np.ndarray,      # (n,) or (n, c) per-image numerators
+                  den: np.ndarray,      # the same shape: denominators
+                  w: np.ndarray | None = None, # (n_boot, n) resample weights; None: every image once
+                 ) -> np.ndarray:
+    "`sum num / sum den` over the images: one value (per column) for w=None, else one per resample."
+    if w is None: return num.sum(0) / den.sum(0)
+    return (w @ num) / (w @ den)
+
+def mean_iou(inter: np.ndarray, union: np.ndarray, # (n, c) per-image intersections and unions
+             w: np.ndarray | None = None) -> np.ndarray:
+    "PatchDis mIoU over the classes with a union, on all images (w=None) or per resample."
+    i, u = (inter.sum(0), union.sum(0)) if w is None else (w @ inter, w @ union)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        iou = np.where(u > 0, i / np.where(u > 0, u, 1), np.nan)
+    return np.nanmean(iou, axis=-1)
+
+def paired_bootstrap(stat,               # w -> statistic: w=None gives the estimate, (n_boot, n) one per resample
+                     n: int,             # images
+                     n_boot: int = 2000, level: float = 0.95, seed: int = 0,
+                    ) -> dict:
+    "A statistic of the images with its percentile interval over `n_boot` image resamples."
+    samples = np.asarray(stat(bootstrap_weights(n, n_boot, seed)), np.float64)
+    lo, hi = np.nanpercentile(samples, [50 * (1 - level), 50 * (1 + level)])
+    return {"estimate": float(stat(None)), "low": float(lo), "high": float(hi), "level": level, "n_boot": n_boot}
+
+# %% ../notebooks/08_metrics.ipynb #b9b4549e
+def save_per_query(path: str | Path,  # <out_dir>/<variant>/per_query.npz
+                   ranks: dict,       # setting name -> {"image_to_text": (n_img,), "text_to_image": (n_txt,)} ranks
+                   txt2img,           # (n_txt,) image of each caption
+                   patchdis: dict | None = None, # {"intersection", "union"}: (n_img, classes) each, or None
+                  ) -> Path:
+    "Write the per-query ranks and per-image PatchDis counts (`sparse.save_vectors`: atomic, no pickles)."
+    arrays = {"txt2img": np.asarray(txt2img, np.int64), "settings": np.array(sorted(ranks))}
+    for name, r in ranks.items():
+        for d, v in r.items(): arrays[f"{name}__{d}"] = np.asarray(v, np.float64)
+    if patchdis is not None:
+        arrays |= {f"patchdis__{k}": np.asarray(v, np.int64) for k, v in patchdis.items()}
+    return save_vectors(path, arrays, {})
+
+def load_per_query(path: str | Path) -> dict:
+    "`save_per_query`'s file as `{txt2img, ranks: {setting: {direction: ranks}}, patchdis: {...} or None}`."
+    z = load_vectors(path)
+    ranks = {str(s): {d: z[f"{s}__{d}"] for d in ("image_to_text", "text_to_image")} for s in z["settings"]}
+    pd = {k: z[f"patchdis__{k}"] for k in ("intersection", "union")} if "patchdis__union" in z else None
+    return {"txt2img": z["txt2img"], "ranks": ranks, "patchdis": pd}

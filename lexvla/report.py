@@ -13,12 +13,78 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import nbformat
+import numpy as np
 
+from .metrics import load_per_query, mean_iou, paired_bootstrap, per_image_hits, ratio_of_sums
 from .runtime import atomic_write, resolve_path, run_cli, write_json
 from .sparse import load_vectors
 
 # %% auto #0
-__all__ = ['SUMMARY_COLUMNS', 'gap_closed', 'summarize', 'Results', 'open_results', 'clean_executed', 'main']
+__all__ = ['SUMMARY_COLUMNS', 'paper_claims', 'claims_markdown', 'gap_closed', 'summarize', 'Results', 'open_results',
+           'clean_executed', 'main']
+
+# %% ../notebooks/15_report.ipynb #12c48ea1
+def _roles(runs: dict[str, dict]) -> dict[str, str]:
+    "Variant name of each role (lexvla, flops, bow, dense): the first variant, by name, that is that model."
+    tests = {"lexvla": lambda r: r.get("model") == "lexvla" and r.get("reg") == "overuse",
+             "flops": lambda r: r.get("model") == "lexvla" and r.get("reg") == "flops",
+             "bow": lambda r: r.get("model") == "bow", "dense": lambda r: r.get("model") == "dense"}
+    return {role: next(v for v, r in runs.items() if t(r)) for role, t in tests.items()
+            if any(t(r) for r in runs.values())}
+
+def _verdict(ci: dict, threshold: float) -> str:
+    if ci["low"] > threshold: return "holds"
+    return "fails" if ci["high"] < threshold else "undecided"
+
+# %% ../notebooks/15_report.ipynb #68e05f84
+def paper_claims(results_dir: str | Path, # the evaluate stage's folder: <variant>.json and <variant>/per_query.npz
+                 runs: dict[str, dict],   # variant -> its metrics JSON
+                 topk: int = 256,         # the sparse point of the robustness and matched-sparsity claims
+                 n_boot: int = 2000, seed: int = 0,
+                ) -> list[dict]:
+    "Each claim of the paper that the evaluated variants allow, with its 95 % paired-bootstrap interval and verdict."
+    roles = _roles(runs)
+    q = {role: load_per_query(p) for role, v in roles.items()
+         if (p := Path(results_dir) / v / "per_query.npz").is_file()}
+    if not q: return []
+    t2i = next(iter(q.values()))["txt2img"]
+    n = int(t2i.max()) + 1 if len(t2i) else 0
+    def r1(role, setting, d): return per_image_hits(q[role]["ranks"][setting], t2i)[d]
+    out = []
+    def claim(name, stat, threshold=0.0):
+        ci = paired_bootstrap(stat, n, n_boot, seed=seed)
+        out.append({"claim": name, **ci, "threshold": threshold, "verdict": _verdict(ci, threshold)})
+    dirs = {"image_to_text": "i->t", "text_to_image": "t->i"}
+    top = f"top{topk}"
+    for d, short in dirs.items():
+        for other in ("dense", "bow"):
+            if {"lexvla", other} <= set(q):
+                a, b = r1("lexvla", "dense", d), r1(other, "dense", d)
+                claim(f"LexVLA - {other}, {short} R@1", lambda w, a=a, b=b: ratio_of_sums(*a, w) - ratio_of_sums(*b, w))
+        if {"lexvla", "flops"} <= set(q) and top in q["lexvla"]["ranks"] and top in q["flops"]["ranks"]:
+            a, b = r1("lexvla", top, d), r1("flops", top, d)
+            claim(f"overuse - FLOPs at top-{topk} (matched words), {short} R@1",
+                  lambda w, a=a, b=b: ratio_of_sums(*a, w) - ratio_of_sums(*b, w))
+        if "lexvla" in q and top in q["lexvla"]["ranks"]:
+            a, b = r1("lexvla", top, d), r1("lexvla", "dense", d)
+            claim(f"LexVLA top-{topk} / full, {short} R@1", lambda w, a=a, b=b: ratio_of_sums(*a, w) /
+                  ratio_of_sums(*b, w), threshold=0.95)
+    if {"lexvla", "dense"} <= set(q) and q["lexvla"]["patchdis"] and q["dense"]["patchdis"]:
+        a, b = q["lexvla"]["patchdis"], q["dense"]["patchdis"]
+        claim("PatchDis mIoU, LexVLA - dense", lambda w: mean_iou(a["intersection"], a["union"], w) -
+              mean_iou(b["intersection"], b["union"], w))
+    return out
+
+def claims_markdown(claims: list[dict], n_images: int) -> list[str]:
+    "The claims as markdown lines for summary.md (none: a line saying why)."
+    if not claims: return ["", "No claim intervals: the evaluated variants have no `per_query.npz`."]
+    lvl = f"{claims[0]['level']:.0%}"
+    md = ["", f"The paper's claims on this split, each with a {lvl} paired-bootstrap interval over the {n_images} "
+          f"images ({claims[0]['n_boot']} resamples, each image with all its captions):", "",
+          f"| claim | estimate | {lvl} interval | holds when above | verdict |", "|---|---|---|---|---|"]
+    md += [f"| {c['claim']} | {c['estimate']:+.3f} | [{c['low']:+.3f}, {c['high']:+.3f}] | {c['threshold']:g} | "
+           f"**{c['verdict']}** |" for c in claims]
+    return md
 
 # %% ../notebooks/15_report.ipynb #2943bd32
 SUMMARY_COLUMNS = ("image_to_text_R@1", "image_to_text_R@5", "text_to_image_R@1", "text_to_image_R@5")
@@ -96,6 +162,8 @@ def summarize(results_dir: str | Path, # folder of `<variant>.json` files
     if ceiling: md += ["", "Gap closed = (R@1 - chance) / (ceiling - chance). The ceiling is the retrieval an oracle "
                        "reading the scenes' true objects, colours and positions achieves (`lexvla.oracle`); its "
                        "PatchDis entry is what the patch grid allows (each patch labelled with its majority class)."]
+    summary["claims"] = paper_claims(results_dir, runs, topk)
+    md += claims_markdown(summary["claims"], summary["n_images"])
     write_json(out_dir / "summary.json", summary)
     atomic_write(out_dir / "summary.md", "\n".join(md) + "\n")
     return summary

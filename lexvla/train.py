@@ -301,6 +301,7 @@ def train(params: LoadedParams,           # the loaded params file
           progress: bool = True,
           loss_hook=None,                  # test hook: called with (step, parts) before backward
           image_cache_dir: str | Path | None = None,  # frozen-ViT token cache (default data/imagecache)
+          stop_after: int | None = None,   # pause at this step (checkpoint + model saved; a later call resumes)
          ) -> dict:
     "Train one variant; resume from its last checkpoint when one exists. Returns the run summary."
     base, tp = params.base, params.train
@@ -398,7 +399,7 @@ def train(params: LoadedParams,           # the loaded params file
     t0, seen, t_start, images_total = time.perf_counter(), 0, time.perf_counter(), 0
     parts = {}
     model.train()
-    if step < tp.steps:
+    if step < min(tp.steps, stop_after or tp.steps):
         for batch in batches():
             try:
                 out, parts = train_step(model, batch, loss_fn, step, acc, opt, sched, tp, cache, icache, loss_hook,
@@ -422,7 +423,7 @@ def train(params: LoadedParams,           # the loaded params file
                     bar.set_postfix(loss=f"{rec['loss']:.3f}",
                                     img_s=f"{seen / max(time.perf_counter() - t0, 1e-9):.1f}")
                 t0, seen = time.perf_counter(), 0
-            if step % tp.checkpoint_every == 0 or step == tp.steps:
+            if step % tp.checkpoint_every == 0 or step in (tp.steps, stop_after):
                 rngs = gather_object([rng_state()])  # one process: the list itself
                 info = {"epoch": epoch, "batch_in_epoch": batch_in_epoch, "variant": variant,
                         "processes": acc.num_processes}
@@ -431,7 +432,7 @@ def train(params: LoadedParams,           # the loaded params file
                 if acc.is_main_process:
                     ck.save(step, trainable_state(raw),
                             {"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "rng": rngs}, info)
-            if step >= tp.steps: break
+            if step >= min(tp.steps, stop_after or tp.steps): break
     bar.close()
     if live is not None: live.end()
     # what the params determine (a DVC output), apart from what differs run to run (results/runs/, untracked)

@@ -1,4 +1,5 @@
-"""The λ sweep script (experiments/sweep.py): its grid becomes valid params, and matched-sparsity interpolation."""
+"""The experiment scripts: the λ sweep's grid becomes valid params, and matched-sparsity interpolation; the
+convergence experiment's params, evaluation points and plateau rule."""
 import importlib.util
 import math
 
@@ -9,6 +10,8 @@ from lexvla.params import params_from_dict
 
 spec = importlib.util.spec_from_file_location("sweep", ROOT / "experiments" / "sweep.py")
 sweep = importlib.util.module_from_spec(spec); spec.loader.exec_module(sweep)
+spec = importlib.util.spec_from_file_location("convergence", ROOT / "experiments" / "convergence.py")
+conv = importlib.util.module_from_spec(spec); spec.loader.exec_module(conv)
 
 
 def test_grid_is_valid_params_on_the_val_split():
@@ -27,3 +30,25 @@ def test_matched_sparsity_interpolates_in_log_active_words():
     assert m["overuse"][0] == pytest.approx(0.15)  # half-way between 1000 and 4000 in log
     assert m["overuse"][1] is None                  # below overuse's sparsest run: not extrapolated
     assert m["flops"][0] == pytest.approx(0.05 + 0.05 * math.log(4) / math.log(8))
+
+
+def test_convergence_params_are_valid_and_evaluate_val():
+    d = conv.experiment_params(ROOT / "params.yaml", list(conv.VARIANTS), steps=900, eval_every=300, split="val")
+    p = params_from_dict(d, source="convergence")
+    assert p.evaluate.split == "val" and p.train.steps == 900 and p.train.checkpoint_every == 300
+    assert {(v.model, v.reg) for v in p.train.variants.values()} == {
+        ("lexvla", "overuse"), ("dense", "none"), ("lexvla", "flops"), ("bow", "overuse"), ("lexvla", "none")}
+    assert conv.points(900, 300) == [300, 600, 900] and conv.points(1000, 300) == [300, 600, 900, 1000]
+
+
+def _curve(values):
+    return [{"step": 100 * (i + 1), "mean_R@1": m, "i2t_R@1": m, "t2i_R@1": m} for i, m in enumerate(values)]
+
+
+def test_plateau_rule_reads_the_last_third():
+    flat = conv.plateau(_curve([0.1, 0.2, 0.30, 0.302, 0.303, 0.304]), gain=0.005)
+    # the last third of 600 steps starts at step 400: 0.304 - 0.302 gained
+    assert flat["reached"] and flat["from_step"] == 400 and flat["gain_last_third"] == pytest.approx(0.002)
+    rising = conv.plateau(_curve([0.1, 0.2, 0.3, 0.4, 0.5, 0.6]), gain=0.005)
+    assert not rising["reached"] and rising["gain_last_third"] == pytest.approx(0.2)
+    assert not conv.plateau(_curve([0.1, 0.1]), gain=0.005)["reached"]

@@ -156,6 +156,25 @@ def test_killed_runs_resume_to_the_same_weights(tiny_root, tmp_path, vision, mon
     assert sorted(q.name for q in ck.iterdir()) == ["latest.json", "step-00000006", "step-00000008"]
 
 
+def test_training_in_segments_equals_one_run(tiny_root, tmp_path):
+    """`train(..., stop_after=k)` pauses at step k with a checkpoint and a saved model; calls up to the horizon give
+    the uninterrupted run's weights bit for bit (what experiments/convergence.py evaluates along one run)."""
+    from lexvla.train import train
+    p = tiny_params(steps=6, variants=("lexvla",))
+    p["train"].update(checkpoint_every=4)  # the pause points 2 and 5 are not checkpoint steps of the run
+    ref, seg = tmp_path / "whole", tmp_path / "segments"
+    _train_here(tiny_root, p, ref)
+    root = tiny_root
+    for k in (2, 5, 6):
+        s = train(params_from_dict(p, source="test"), "lexvla", root / "data" / "prepared", root / "data" / "textcache",
+                  seg, seg / "results", progress=False, image_cache_dir=root / "data" / "imagecache", stop_after=k)
+        assert s["steps"] == k, s
+        if k == 2: first = _weights(seg)
+    assert any(not torch.equal(first[n], v) for n, v in _weights(seg).items())  # it did train on after the pause
+    wa, wb = _weights(ref), _weights(seg)
+    assert [k for k in wa if not torch.equal(wa[k], wb[k])] == []
+
+
 def test_fingerprint_follows_params_data_and_code(tiny_root, tmp_path):
     "A checkpoint is resumed only by the same params, data and training code: each change gives a new fingerprint."
     import shutil

@@ -1,0 +1,238 @@
+"""The convergence experiment (issue 20): train each variant far past the default's 120 steps, evaluate on **val** at
+several points of each run, apply a plateau rule, then decide the paper's claims on **test** with paired-bootstrap
+intervals. A documented experiment outside the default `dvc repro`.
+
+    .venv/bin/python experiments/convergence.py                       # after `dvc repro imagecache textcache`
+    .venv/bin/python experiments/convergence.py --variants lexvla,dense --steps 1200 --eval-every 200
+    .venv/bin/python experiments/convergence.py --only-report         # redraw from the finished points
+
+Every setting but the ones below is params.yaml's (the embedded default's data, towers, batch, lr, λ):
+- `train.steps` = `--steps` (the cosine schedule's horizon), checkpoints at every evaluation point;
+- each run is trained in segments (`train(..., stop_after=point)`): a segment resumes the previous one exactly, so
+  the curve's points are the states of one run, not separate shorter runs;
+- val evaluation at each point (R@1 both ways, active words at 1/sqrt(V), R@1 at top-64 / top-256, the top-20 words'
+  share, PatchDis); `evaluate.topks` is cut to (64, 256) to keep an evaluation near a minute.
+Plateau rule: a run has reached its plateau when the last third of its steps gained less than `--plateau-gain`
+(0.005) mean R@1 (the mean of image->text and text->image) on val. With a cosine schedule the last third runs at a
+small learning rate, so a run that passes the rule is converged *for that horizon*; one that fails it needs a
+longer horizon, and says so in the table.
+Each finished run is evaluated once on **test**, and the claims (`report.paper_claims`) get their intervals there.
+
+Writes next to this file: `convergence/results.json` (the rule, each variant's curve and plateau, the test claims,
+the machine and wall times), `convergence/results.md` and `convergence/curves.png`. `convergence/cache/` and
+`convergence/runs/` are scratch (git-ignored); a killed run resumes at its last checkpoint, and finished points are
+never evaluated twice.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+from lexvla.params import params_from_dict, repo_root
+
+HERE = Path(__file__).resolve().parent / "convergence"
+VARIANTS = {"lexvla": {"model": "lexvla", "reg": "overuse", "lam": None},
+            "dense": {"model": "dense", "reg": "none", "lam": None},
+            "flops": {"model": "lexvla", "reg": "flops", "lam": None},
+            "bow": {"model": "bow", "reg": "overuse", "lam": None},
+            "nopenalty": {"model": "lexvla", "reg": "none", "lam": 0.0}}
+
+
+def experiment_params(params_file: Path, variants: list[str], steps: int, eval_every: int, split: str) -> dict:
+    "params.yaml with the experiment's variants, horizon, checkpoints at the evaluation points, and `split` evaluated."
+    d = yaml.safe_load(params_file.read_text())
+    d["train"]["variants"] = {v: VARIANTS[v] for v in variants}
+    d["train"]["steps"] = steps
+    d["train"]["checkpoint_every"] = eval_every
+    d["evaluate"]["split"] = split
+    d["evaluate"]["topks"] = [64, 256]
+    return d
+
+
+def points(steps: int, eval_every: int) -> list[int]:
+    "The evaluation points of a run: every `eval_every` steps, and the last step."
+    return sorted({*range(eval_every, steps + 1, eval_every), steps})
+
+
+def build_val_caches(d: dict, data: Path, cache: Path) -> None:
+    "The val split's text and image caches (the eval part of each cache stage), once."
+    from lexvla import imagecache, textcache
+    cache.mkdir(parents=True, exist_ok=True)
+    pfile = cache / "params.yaml"
+    pfile.write_text(yaml.safe_dump(d, sort_keys=False))
+    for mod, out in ((textcache, cache / "text"), (imagecache, cache / "image")):
+        if (out / "eval" / "params.resolved.json").is_file(): continue  # its metadata is checked on use
+        if mod.main(["--params", str(pfile), "--data", str(data), "--out", str(out), "--part", "eval"]) != 0:
+            raise SystemExit(f"{mod.__name__} failed")
+
+
+def curve_row(step: int, r: dict, wall_s: float | None) -> dict:
+    "One evaluation point: the numbers the curves and the plateau rule read."
+    row = {"step": step, "i2t_R@1": r["dense"]["image_to_text_R@1"], "t2i_R@1": r["dense"]["text_to_image_R@1"],
+           "wall_s": wall_s}
+    row["mean_R@1"] = (row["i2t_R@1"] + row["t2i_R@1"]) / 2
+    sweep = {s["name"]: s for s in r.get("sparsity") or []}
+    if "threshold" in sweep:
+        row["image_active_words"] = sweep["threshold"]["image_active_words"]
+        row["text_active_words"] = sweep["threshold"]["text_active_words"]
+    for k in (64, 256):
+        s = sweep.get(f"top{k}")
+        if s: row[f"top{k}_R@1"] = [s["image_to_text_R@1"], s["text_to_image_R@1"]]
+    use = (r.get("word_use") or {}).get("image")
+    if use: row["top20_mass_share"], row["top20_words"] = use["top20_mass_share_threshold"], use["top20_words"]
+    row["patchdis_mIoU"] = (r.get("patchdis") or {}).get("mIoU")
+    return row
+
+
+def plateau(curve: list[dict], gain: float) -> dict:
+    "The plateau rule on a curve: the mean R@1 gained over the last third of the steps, and whether it is < gain."
+    if len(curve) < 3: return {"reached": False, "why": "fewer than 3 evaluation points"}
+    last = curve[-1]
+    start = last["step"] * 2 / 3
+    ref = max((c for c in curve if c["step"] <= start), key=lambda c: c["step"], default=curve[0])
+    g = last["mean_R@1"] - ref["mean_R@1"]
+    return {"reached": g < gain, "gain_last_third": g, "from_step": ref["step"], "to_step": last["step"],
+            "i2t_R@1": last["i2t_R@1"], "t2i_R@1": last["t2i_R@1"], "mean_R@1": last["mean_R@1"]}
+
+
+def _train_s(name: str, pt: int) -> float | None:
+    "Training seconds of the segment ending at `pt` (scratch record; None when it was not timed)."
+    f = HERE / "runs" / "wall" / f"{name}-{pt:05d}.json"
+    return json.loads(f.read_text())["train_s"] if f.is_file() else None
+
+
+def run_variant(d: dict, name: str, data: Path, steps: int, eval_every: int, progress: bool) -> list[dict]:
+    "Train `name` point by point (resuming), evaluate each point on val; the curve."
+    from lexvla.evaluate import evaluate
+    from lexvla.train import train
+    p = params_from_dict(d, source=str(HERE / "cache" / "params.yaml"))
+    out, root = HERE / "runs" / name, repo_root()
+    curve = []
+    for pt in points(steps, eval_every):
+        res = HERE / "runs" / "val" / f"step-{pt:05d}" / f"{name}.json"
+        timing = HERE / "runs" / "wall" / f"{name}-{pt:05d}.json"
+        if not res.is_file():
+            t0 = time.perf_counter()
+            train(p, name, data, root / "data" / "textcache", out, out / "results", progress=progress,
+                  image_cache_dir=root / "data" / "imagecache", stop_after=pt)
+            t1 = time.perf_counter()
+            evaluate(p, name, out / "model", data, HERE / "cache" / "text", res.parent, progress=False,
+                     image_cache_dir=HERE / "cache" / "image")
+            timing.parent.mkdir(parents=True, exist_ok=True)
+            timing.write_text(json.dumps({"train_s": t1 - t0, "eval_s": time.perf_counter() - t1}))
+        curve.append(curve_row(pt, json.loads(res.read_text()), _train_s(name, pt)))
+        print(json.dumps({"variant": name, **{k: v for k, v in curve[-1].items() if k != "top20_words"}}), flush=True)
+    return curve
+
+
+def test_claims(d: dict, names: list[str], data: Path, topk: int = 256) -> list[dict]:
+    "Each finished run's final model on test (the default's eval caches), then the claims with their intervals."
+    from lexvla.evaluate import evaluate
+    from lexvla.report import paper_claims
+    root = repo_root()
+    dt = {**d, "evaluate": {**d["evaluate"], "split": "test"}}
+    p = params_from_dict(dt, source=str(HERE / "cache" / "params.yaml"))
+    out = HERE / "runs" / "test"
+    runs = {}
+    for name in names:
+        f = out / f"{name}.json"
+        if not f.is_file():
+            evaluate(p, name, HERE / "runs" / name / "model", data, root / "data" / "textcache", out, progress=False,
+                     image_cache_dir=root / "data" / "imagecache")
+        runs[name] = json.loads(f.read_text())
+    return paper_claims(out, runs, topk), runs
+
+
+def report(rec: dict) -> None:
+    "results.json, results.md and curves.png from the record."
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    HERE.mkdir(parents=True, exist_ok=True)
+    (HERE / "results.json").write_text(json.dumps(rec, indent=1) + "\n")
+    f = lambda v: "" if v is None else f"{v:.3f}"
+    md = [f"Convergence on the **val** split ({rec['machine']}). Horizon {rec['steps']} steps (cosine), evaluated "
+          f"every {rec['eval_every']}; every other setting as in params.yaml. Plateau rule: {rec['rule']}", "",
+          "| variant | step | i->t R@1 | t->i R@1 | active words / image (caption) | top-64 R@1 | top-256 R@1 | "
+          "top-20 share | PatchDis | train s |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for v, curve in rec["curves"].items():
+        for c in curve:
+            aw = (f"{c['image_active_words']:.0f} ({c['text_active_words']:.0f})" if "image_active_words" in c else "-")
+            tk = {k: " / ".join(f(x) for x in c[k]) if k in c else "-" for k in ("top64_R@1", "top256_R@1")}
+            md.append(f"| {v} | {c['step']} | {f(c['i2t_R@1'])} | {f(c['t2i_R@1'])} | {aw} | {tk['top64_R@1']} | "
+                      f"{tk['top256_R@1']} | {f(c.get('top20_mass_share'))} | {f(c.get('patchdis_mIoU'))} | "
+                      f"{'' if c.get('wall_s') is None else round(c['wall_s'])} |")
+    md += ["", "| variant | plateau reached | mean R@1 gained over the last third | plateau i->t / t->i R@1 |",
+           "|---|---|---|---|"]
+    for v, pl in rec["plateaus"].items():
+        md.append(f"| {v} | {'yes' if pl.get('reached') else 'no'} | {f(pl.get('gain_last_third'))} | "
+                  f"{f(pl.get('i2t_R@1'))} / {f(pl.get('t2i_R@1'))} |")
+    if rec.get("claims"):
+        md += ["", f"Claims on **test** ({rec['test_n_images']} images x 5 captions), final models, 95 % paired "
+               "bootstrap over images:", "", "| claim | estimate | 95 % interval | verdict |", "|---|---|---|---|"]
+        md += [f"| {c['claim']} | {c['estimate']:+.3f} | [{c['low']:+.3f}, {c['high']:+.3f}] | **{c['verdict']}** |"
+               for c in rec["claims"]]
+    (HERE / "results.md").write_text("\n".join(md) + "\n")
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    for v, curve in rec["curves"].items():
+        x = [c["step"] for c in curve]
+        axes[0].plot(x, [c["i2t_R@1"] for c in curve], "o-", label=f"{v} i->t")
+        axes[0].plot(x, [c["t2i_R@1"] for c in curve], "s--", label=f"{v} t->i")
+        if "top256_R@1" in curve[0]:
+            axes[1].plot(x, [c["top256_R@1"][0] / max(c["i2t_R@1"], 1e-9) for c in curve], "o-", label=f"{v} i->t")
+            axes[1].plot(x, [c["top256_R@1"][1] / max(c["t2i_R@1"], 1e-9) for c in curve], "s--", label=f"{v} t->i")
+        if curve[0].get("patchdis_mIoU") is not None:
+            axes[2].plot(x, [c["patchdis_mIoU"] for c in curve], "o-", label=v)
+    axes[1].axhline(0.95, color="grey", lw=0.8, ls=":")
+    for ax, t in zip(axes, ("val R@1", "top-256 R@1 / full R@1 (paper: >= 0.95)", "val PatchDis mIoU")):
+        ax.set_title(t); ax.set_xlabel("step"); ax.grid(alpha=.3); ax.legend(fontsize=7)
+    fig.tight_layout(); fig.savefig(HERE / "curves.png", dpi=110)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--params", default="params.yaml", help="the base params file")
+    ap.add_argument("--variants", default="lexvla,dense,flops,bow,nopenalty", help=f"of {', '.join(VARIANTS)}")
+    ap.add_argument("--steps", type=int, default=1200, help="the schedule's horizon")
+    ap.add_argument("--eval-every", type=int, default=200, help="steps between val evaluations")
+    ap.add_argument("--plateau-gain", type=float, default=0.005, help="mean R@1 gained over the last third")
+    ap.add_argument("--only-report", action="store_true", help="redraw from finished points")
+    ap.add_argument("--no-test", action="store_true", help="skip the test evaluation and the claims")
+    a = ap.parse_args(argv)
+    names = [v.strip() for v in a.variants.split(",") if v.strip()]
+    bad = [v for v in names if v not in VARIANTS]
+    if bad: raise SystemExit(f"--variants: unknown {', '.join(bad)} (have: {', '.join(VARIANTS)})")
+    root = repo_root()
+    d = experiment_params(root / a.params, names, a.steps, a.eval_every, "val")
+    data = root / "data" / "prepared"
+    if not a.only_report: build_val_caches(d, data, HERE / "cache")
+    curves = {}
+    for name in names:
+        if a.only_report:
+            done = sorted((HERE / "runs" / "val").glob(f"step-*/{name}.json"))
+            if not done: continue
+            curves[name] = [curve_row(int(f.parent.name[5:]), json.loads(f.read_text()), _train_s(name, int(f.parent.name[5:])))
+                            for f in done]
+        else: curves[name] = run_variant(d, name, data, a.steps, a.eval_every, progress=True)
+    rule = (f"a run has plateaued when the last third of its steps gained < {a.plateau_gain} mean R@1 "
+            "(mean of i->t and t->i) on val.")
+    rec = {"steps": a.steps, "eval_every": a.eval_every, "split": "val", "rule": rule, "plateau_gain": a.plateau_gain,
+           "machine": f"{platform.machine()}, {platform.processor() or 'CPU'}, 2 cores",
+           "curves": curves, "plateaus": {v: plateau(c, a.plateau_gain) for v, c in curves.items()}}
+    finished = [v for v, c in curves.items() if c and c[-1]["step"] == a.steps]
+    if finished and not a.no_test:
+        claims, runs = test_claims(d, finished, data)
+        rec["claims"], rec["test_n_images"] = claims, next(iter(runs.values()))["n_images"]
+    report(rec)
+    print(f"wrote {HERE / 'results.md'} and {HERE / 'curves.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
