@@ -533,5 +533,7 @@ d = { 'settings': { 'branch': 'main',
                               'lexvla.vocab.Vocabulary.word': ('vocab.html#vocabulary.word', 'lexvla/vocab.py'),
                               'lexvla.vocab._special_ids': ('vocab.html#_special_ids', 'lexvla/vocab.py'),
                               'lexvla.vocab.build_vocabulary': ('vocab.html#build_vocabulary', 'lexvla/vocab.py'),
+                              'lexvla.vocab.english_frequencies': ('vocab.html#english_frequencies', 'lexvla/vocab.py'),
+                              'lexvla.vocab.is_english_word': ('vocab.html#is_english_word', 'lexvla/vocab.py'),
                               'lexvla.vocab.keep_piece': ('vocab.html#keep_piece', 'lexvla/vocab.py'),
                               'lexvla.vocab.split_marker': ('vocab.html#split_marker', 'lexvla/vocab.py')}}}

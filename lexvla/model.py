@@ -71,7 +71,8 @@ class LexVLA(nn.Module):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             self.tokenizer = load_tokenizer(config)
-            self.vocab = build_vocabulary(self.tokenizer, config.vocab.filter, config.vocab.min_len, config.vocab.allow)
+            self.vocab = build_vocabulary(self.tokenizer, config.vocab.filter, config.vocab.min_len, config.vocab.allow,
+                                          config.vocab.min_zipf)
             if self.vocab.size == 0:
                 raise ParamsError(f"model.vocab.filter: {config.vocab.filter!r} keeps no token of this tokenizer")
             lm = load_lm(config, self.tokenizer).requires_grad_(False)

@@ -338,9 +338,10 @@ class LMParams:
 @dataclass
 class VocabParams:
     "The vocabulary filter (method §2 [choice])."
-    filter: Literal["alpha2", "word_start", "word_start_lower"]  # which tokenizer pieces count as words
+    filter: Literal["alpha2", "word_start", "word_start_lower", "words"]  # which tokenizer pieces count as words
     min_len: int               # shortest kept word, in characters
     allow: list[str]           # words kept whatever the length/case rule says
+    min_zipf: float = 3.0      # `words` filter: kept when wordfreq's English Zipf frequency is >= this
 
 @dataclass
 class LoraParams:

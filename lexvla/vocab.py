@@ -7,6 +7,7 @@ Docs: https://github.com/lexvla/lexvla/vocab.html.md"""
 # %% ../notebooks/04_vocab.ipynb #50f45061
 from __future__ import annotations
 
+import functools
 import hashlib
 import re
 
@@ -14,11 +15,11 @@ import numpy as np
 import torch
 
 # %% auto #0
-__all__ = ['FILTERS', 'WORD_START_MARKERS', 'CONTINUATION_PREFIXES', 'split_marker', 'keep_piece', 'Vocabulary',
-           'build_vocabulary']
+__all__ = ['FILTERS', 'WORD_START_MARKERS', 'CONTINUATION_PREFIXES', 'split_marker', 'english_frequencies', 'is_english_word',
+           'keep_piece', 'Vocabulary', 'build_vocabulary']
 
 # %% ../notebooks/04_vocab.ipynb #c3d05d65
-FILTERS = ("alpha2", "word_start", "word_start_lower")  # method §2 [choice] variants
+FILTERS = ("alpha2", "word_start", "word_start_lower", "words")  # method §2 [choice] variants
 WORD_START_MARKERS = ("Ġ", "▁")  # byte-level BPE, SentencePiece
 CONTINUATION_PREFIXES = ("##",)  # WordPiece
 _BYTE_FALLBACK = re.compile(r"^<0x[0-9A-Fa-f]{2}>$")
@@ -33,16 +34,30 @@ def split_marker(piece: str, # a tokenizer piece as the vocabulary spells it
     return piece, None
 
 # %% ../notebooks/04_vocab.ipynb #24e89bd4
+@functools.lru_cache(maxsize=1)
+def english_frequencies() -> dict[str, float]:
+    "wordfreq's English word frequencies (a well-kept word list: Wikipedia, subtitles, books, web, ...), read once."
+    import wordfreq  # only the `words` filter needs it
+    return wordfreq.get_frequency_dict("en")
+
+def is_english_word(text: str,        # a lowercase piece text
+                    min_zipf: float = 3.0, # Zipf frequency: log10 of uses per billion words (3 = once per million)
+                   ) -> bool:
+    "Whether wordfreq lists `text` as an English word at least this frequent (fragments such as 'surpr' are not)."
+    return english_frequencies().get(text, 0.0) >= 10 ** (min_zipf - 9)
+
 def keep_piece(text: str,            # readable text (marker stripped)
                starts_word: bool,    # the piece begins a word
                filter: str = "word_start_lower", # one of FILTERS
                min_len: int = 2,     # shortest kept word, in characters
+               min_zipf: float = 3.0, # the `words` filter: kept when at least this frequent in English
               ) -> bool:
     "The rule of method §2 for one piece (special and byte-fallback pieces are handled by the caller)."
     if filter not in FILTERS: raise ValueError(f"vocabulary filter {filter!r}: expected one of {', '.join(FILTERS)}")
     if not (text.isascii() and text.isalpha() and len(text) >= min_len): return False
     if filter == "alpha2": return True
     if not starts_word: return False
+    if filter == "words": return text.islower() and is_english_word(text, min_zipf)
     return filter == "word_start" or text.islower()
 
 # %% ../notebooks/04_vocab.ipynb #cfedc5ee
@@ -145,6 +160,7 @@ def build_vocabulary(tokenizer,                        # a transformers tokenize
                      filter: str = "word_start_lower", # one of FILTERS (method §2 [choice])
                      min_len: int = 2,                 # shortest kept word, in characters
                      allow: list[str] | tuple[str, ...] = (), # words kept whatever the length/case rule says
+                     min_zipf: float = 3.0,            # the `words` filter's frequency floor (`is_english_word`)
                     ) -> Vocabulary:
     "Apply the vocabulary filter of method §2 to every piece of `tokenizer`."
     if filter not in FILTERS: raise ValueError(f"vocabulary filter {filter!r}: expected one of {', '.join(FILTERS)}")
@@ -159,7 +175,7 @@ def build_vocabulary(tokenizer,                        # a transformers tokenize
     for i, (p, (text, s)) in enumerate(zip(pieces, split)):
         if i in special or p is None or _BYTE_FALLBACK.match(p): continue
         starts_word = s if s is not None else not marked
-        ok = keep_piece(text, starts_word, filter, min_len)
+        ok = keep_piece(text, starts_word, filter, min_len, min_zipf)
         if not ok and text in allow:  # the allow-list waives the text rule, not the word-start rule
             ok = filter == "alpha2" or starts_word
         if ok:
