@@ -1,15 +1,20 @@
-"""Where a training step of the embedded default spends its time: vision tower, text tower, lexical head, loss.
+"""Where a training step of the embedded default spends its time, and how close its GEMMs run to the machine's own.
 
     python benchmarks/bench_train.py [--params params.yaml] [--batch 64] [--reps 3] [--precision bf16] [--out benchmarks/results/train.md]
 
 Builds the models that `dvc repro` trains (params.yaml's model section: SmolLM2-135M + LoRA on its last 2 layers,
-the small DINOv2-architecture ViT) and times, on one batch of the prepared training data (or random pixels and
-captions when data/prepared is missing):
+the frozen DINOv2 ViT-S/14) and times, on one batch of the prepared training data (or random pixels and captions
+when data/prepared is missing), what a training step of the default runs:
 
-- each part forward + backward on its own (gradients of a random upstream signal): the ViT + adapter, the text
-  tower's LoRA layers on the cached frozen prefix (and the whole LM without the cache, for comparison), the lexical
-  head (patch x vocabulary max-pool, ELU1p, L2 norm), the loss (InfoNCE + overuse penalty);
-- a whole optimiser step (forward, backward, AdamW) of LexVLA and of the dense baseline with the same towers.
+- the frozen ViT's forward (what the image cache saves: training reads its tokens), the adapter on cached tokens
+  (forward + backward), the text tower's LoRA layers on the cached frozen prefix (and the whole LM without the cache,
+  for comparison), the lexical head (patch x vocabulary max-pool, ELU1p, L2 norm), the loss (InfoNCE + penalty);
+- a whole optimiser step (forward, backward, AdamW) of LexVLA and of the dense baseline, from the caches, as
+  `train.train_step` runs it;
+- the machine's own matrix-multiply rates in bf16 and fp32 at the head's shape ((b x n, d) x (d, V)), so that the
+  lexical head's achieved rate can be read as a share of what this machine's GEMM does. The head's useful work is
+  its forward GEMM, 2 b n V d FLOPs (the paper's P x V x d per image); its backward is sparse (each word's gradient
+  goes to its winning patch only: 4 b V d FLOPs).
 
 Time = best of `--reps` runs after a warm-up; throughput = batch / step time. Prints a markdown table and writes it
 to `--out`. Runs on the CPU (the CI machine: 2 cores) or, with --device cuda, on a GPU.
@@ -18,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import os
 import platform
 import sys
 import time
@@ -87,8 +93,11 @@ def main(argv=None) -> int:
         rows.append((name, t, note)); print(f"{name:58s} {t * 1000:9.1f} ms", file=sys.stderr)
         return t
 
-    def vision():
-        with amp(): h = lex.patch_hidden(pixels)
+    toks = lex.vision_tokens(pixels).detach()  # (b, n, d_vit): what the image cache holds
+    def vit_forward():
+        with torch.no_grad(), amp(): lex.vision_tokens(pixels)
+    def adapter():
+        with amp(): h = lex.patch_hidden(tokens=toks)
         h.backward(torch.randn_like(h))
     def text_cached():
         with amp(): h = lex.text_hidden_from_prefix(*prefix)
@@ -99,13 +108,15 @@ def main(argv=None) -> int:
             hid, m = lex.text_prefix(tok)  # no_grad: the frozen layers
             h = lex.text_hidden_from_prefix(hid, m)
         h.backward(torch.randn_like(h))
-    with torch.no_grad(): H = lex.patch_hidden(pixels).detach()
+    with torch.no_grad(): H = lex.patch_hidden(tokens=toks).detach()
     Hg = H.clone().requires_grad_(True)
     def head():
         with amp():
             v, _ = lexical_maxpool(Hg, lex.visual_codebook)
             s = l2norm(elu1p(v))
         s.backward(torch.randn_like(s))
+    def head_fwd():
+        with torch.no_grad(), amp(): lexical_maxpool(Hg, lex.visual_codebook)
     def head_naive():
         with amp(): s = l2norm(elu1p(torch.einsum("bnd,vd->bnv", Hg, lex.visual_codebook).amax(1)))
         s.backward(torch.randn_like(s))
@@ -121,10 +132,22 @@ def main(argv=None) -> int:
         l.backward()
 
     n_patches = H.shape[1]
-    part("vision: ViT + adapter, fwd+bwd", vision, f"{n_patches} patches")
+    head_flops = 2 * b * n_patches * V * d  # the forward GEMM: the head's useful work
+    gemm = {}
+    for name, dt in (("bf16", torch.bfloat16), ("fp32", torch.float32)):  # the machine's own GEMM at the head's shape
+        A, B = H.reshape(-1, d).to(dt), lex.visual_codebook.detach().to(dt)
+        gemm[name] = head_flops / best_time(lambda: A @ B.T, a.reps, sync)
+        print(f"GEMM {name} (b*n, d) x (d, V): {gemm[name] / 1e9:.1f} GFLOP/s", file=sys.stderr)
+    def rate(t):  # the head's useful FLOPs per second, as a share of this machine's GEMM in the step's precision
+        return f"{head_flops / t / 1e9:.0f} GFLOP/s = {head_flops / t / gemm[a.precision]:.0%} of the {a.precision} GEMM"
+    part("vision: frozen ViT forward (the image cache saves it)", vit_forward, f"{n_patches} patches, not in a step")
+    part("vision: adapter on cached tokens, fwd+bwd", adapter, f"{n_patches} patches")
     part("text: LoRA layers on the cached prefix, fwd+bwd", text_cached, f"{lex.n_layers - lex.text_prefix_layers} of {lex.n_layers} layers")
     part("text: whole LM (no cache), fwd+bwd", text_full, "what the text cache saves")
-    part("lexical head, image: fused max-pool + ELU1p + L2, fwd+bwd", head, f"{n_patches} x V={V}")
+    t_hf = part("lexical head, image: fused max-pool, forward only", head_fwd, "")
+    t_h = part("lexical head, image: fused max-pool + ELU1p + L2, fwd+bwd", head, f"{n_patches} x V={V}")
+    rows[-2] = (rows[-2][0], t_hf, rate(t_hf))
+    rows[-1] = (rows[-1][0], t_h, f"{n_patches} x V={V}: {rate(t_h)}")
     part("lexical head, image: naive einsum max, fwd+bwd", head_naive, "for comparison")
     part("lexical head, text: h Z_txt + ELU1p + L2, fwd+bwd", text_head, f"V={V}")
     part("loss: InfoNCE + overuse penalty, fwd+bwd", loss, f"b={b}, V={V}")
@@ -133,21 +156,25 @@ def main(argv=None) -> int:
         opt = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=1e-5)
         def step():
             with amp():
-                out = model(pixels, text_prefix=prefix)
+                out = model(image_tokens=toks, text_prefix=prefix)
                 l = loss_fn(out["image_features"], out["text_features"], out["logit_scale"], None)["loss"]
             l.backward()
             opt.step(); opt.zero_grad(set_to_none=True)
         return step
-    t_lex = part("whole step, LexVLA (cached text prefix)", step_fn(lex), "fwd+bwd+AdamW")
-    t_dense = part("whole step, dense baseline (same towers)", step_fn(dense), "fwd+bwd+AdamW")
+    t_lex = part("whole step, LexVLA (cached ViT tokens and text prefix)", step_fn(lex), "fwd+bwd+AdamW")
+    t_dense = part("whole step, dense baseline (same towers and caches)", step_fn(dense), "fwd+bwd+AdamW")
+    rows.append(("GEMM rate, bf16, (b*n, d) x (d, V)", head_flops / gemm["bf16"], f"{gemm['bf16'] / 1e9:.0f} GFLOP/s"))
+    rows.append(("GEMM rate, fp32, (b*n, d) x (d, V)", head_flops / gemm["fp32"], f"{gemm['fp32'] / 1e9:.0f} GFLOP/s"))
 
     when = datetime.date.today().isoformat()
     dev_name = torch.cuda.get_device_name(0) if dev.type == "cuda" else f"{platform.processor() or 'CPU'}, {torch.get_num_threads()} threads"
+    load = " ".join(f"{x:.1f}" for x in os.getloadavg())
     md = [f"# Benchmark: where a training step spends its time\n",
           f"`python benchmarks/bench_train.py{' --preset ' + a.preset if a.preset else ''} --batch {b}` ({when}, {dev_name}, "
           f"torch {torch.__version__}, {a.precision}{' autocast' if a.precision == 'bf16' else ''}). Model: {'preset ' + a.preset if a.preset else 'params.yaml'} "
           f"(V = {V}, LM width {d}, {n_patches} patches); batch {b} from {source}. "
-          f"Best of {a.reps} after a warm-up; each part runs forward + backward on its own.\n",
+          f"Best of {a.reps} after a warm-up; each part runs forward + backward on its own. Load average at the end: {load} "
+          f"({os.cpu_count()} CPUs).\n",
           "| part | time per batch | note |", "|---|---|---|"]
     md += [f"| {n} | {t * 1000:.1f} ms | {note} |" for n, t, note in rows]
     md += ["", "| model | step time | images/s |", "|---|---|---|",
