@@ -68,8 +68,10 @@ class LexVLA(nn.Module):
         super().__init__()
         self.config, self.variant, self.seed = config, variant, seed
         self.lexical = variant != "dense"
+        # the CPU generator only: `torch.manual_seed` would also reseed every CUDA generator, which
+        # `fork_rng(devices=[])` does not restore: all processes would share one CUDA stream (one LoRA dropout mask)
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
+            torch.default_generator.manual_seed(seed)
             self.tokenizer = load_tokenizer(config)
             self.vocab = build_vocabulary(self.tokenizer, config.vocab.filter, config.vocab.min_len, config.vocab.allow)
             if self.vocab.size == 0:
@@ -92,7 +94,7 @@ class LexVLA(nn.Module):
                     else: lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
                 self.lm = lm
             with torch.random.fork_rng(devices=[]):  # the ViT's init depends on the seed alone (not on the LM or
-                torch.manual_seed(seed)                # LoRA drawn before it), so every variant shares a random ViT
+                torch.default_generator.manual_seed(seed)  # LoRA drawn before it): every variant has one random ViT
                 self.vision = create_vision(config.vision)
             if config.vision.frozen: self.vision.requires_grad_(False).eval()
             self.data_config = vision_data_config(self.vision)

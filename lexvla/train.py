@@ -39,9 +39,9 @@ from .runtime import (environment_record, repo_relative, resolve_device, resolve
 from .sparse import threshold_for
 
 # %% auto #0
-__all__ = ['TRAINING_CODE', 'CheckpointError', 'fault_point', 'Checkpointer', 'NonFiniteLoss', 'run_fingerprint', 'regularised',
-           'param_groups', 'make_optimizer', 'resume', 'train_step', 'scalars', 'log_step', 'train', 'launch_command',
-           'main']
+__all__ = ['TRAINING_CODE', 'CheckpointError', 'fault_point', 'Checkpointer', 'NonFiniteLoss', 'run_fingerprint', 'agree',
+           'regularised', 'param_groups', 'make_optimizer', 'resume', 'save_checkpoint', 'train_step', 'scalars',
+           'log_step', 'train', 'launch_command', 'main']
 
 # %% ../notebooks/12_train.ipynb #7a1bb3be
 class CheckpointError(RuntimeError):
@@ -146,8 +146,11 @@ class Checkpointer:
     def load(self, path: Path) -> tuple[dict, dict, dict]:
         "(tensors, objects, info) of a checkpoint folder."
         try:
-            return (load_file(str(path / "weights.safetensors")), torch.load(path / "objects.pt", weights_only=False),
-                    json.loads((path / "state.json").read_text()))
+            # map_location: process 0 wrote the optimiser state from cuda:0; restored where it was saved, every
+            # process would deserialise it onto GPU 0 (8 x the AdamW state there, and a CUDA context each). On the
+            # CPU, `Optimizer.load_state_dict` then moves each state tensor to its parameter's own device
+            objects = torch.load(path / "objects.pt", map_location="cpu", weights_only=False)
+            return load_file(str(path / "weights.safetensors")), objects, json.loads((path / "state.json").read_text())
         except Exception as e:
             raise CheckpointError(f"{path}: unreadable checkpoint ({e})") from None
 
@@ -170,6 +173,21 @@ def run_fingerprint(params: LoadedParams, variant: str, data_dir: Path,
     report = Path(data_dir) / "train" / "report.json"  # the training part only: a new eval set changes nothing
     rec["data"] = hashlib.sha256(report.read_bytes()).hexdigest() if report.is_file() else str(data_dir)
     return hashlib.sha256(json.dumps(rec, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+# %% ../notebooks/12_train.ipynb #a9e3c0d2
+def agree(acc: Accelerator,            # the run's accelerator
+          error: Exception | None,     # this process's failure at this point, or None
+          kind: type = RuntimeError,   # what the processes that did not fail raise
+          what: str = "",              # prefix of their message
+         ):
+    "Raise on every process when any one failed here (one flag all-gathered), instead of hanging the others."
+    if acc.num_processes > 1:
+        flag = torch.tensor([0.0 if error is None else 1.0], device=acc.device)
+        failed = [i for i, f in enumerate(acc.gather(flag).tolist()) if f]
+        if error is None and failed:
+            raise kind(f"{what}process {failed[0]} failed (its own message says why); every process stops")
+    if error is not None: raise error
+
 
 # %% ../notebooks/12_train.ipynb #197fa751
 class _Epochs(torch.utils.data.Dataset):
@@ -243,6 +261,22 @@ def resume(ck: Checkpointer, # this run's checkpoints
     say(f"resuming from {last} (step {info['step']})")
     return info["step"], info["epoch"], info["batch_in_epoch"], str(last)
 
+# %% ../notebooks/12_train.ipynb #b2a8428d
+def save_checkpoint(acc: Accelerator, ck: Checkpointer, step: int,
+                    raw, opt, sched,   # the unwrapped model, its optimiser and scheduler
+                    info: dict,        # where the data order stands (epoch, batch_in_epoch, stream, ...)
+                   ) -> None:
+    "Every process: gather the RNG states; process 0 writes the checkpoint; a write error stops every process."
+    rngs = gather_object([rng_state()])  # one process: the list itself
+    acc.wait_for_everyone()
+    err = None
+    if acc.is_main_process:
+        try: ck.save(step, trainable_state(raw), {"optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                                                  "rng": rngs}, info)
+        except CheckpointError as e: err = e
+    agree(acc, err, CheckpointError, f"checkpoint at step {step}: ")
+
+
 # %% ../notebooks/12_train.ipynb #74579888
 def train_step(model, batch: dict, # a collated micro-batch: pixels, captions, keys
                loss_fn, step: int, acc: Accelerator, opt, sched, tp: TrainParams,
@@ -263,10 +297,12 @@ def train_step(model, batch: dict, # a collated micro-batch: pixels, captions, k
         parts = loss_fn(out["image_features"], out["text_features"], out["logit_scale"], step,
                         **regularised(out, tp.reg_on))
         if loss_hook is not None: loss_hook(step, parts)
+        err = None
         if not torch.isfinite(parts["loss"]):
             shown = ", ".join(f"{k}={float(v.detach()):.4g}" for k, v in parts.items()
                               if torch.is_tensor(v) and v.numel() == 1)
-            raise NonFiniteLoss(f"{where}non-finite loss at step {step} ({shown}); stopped")
+            err = NonFiniteLoss(f"{where}non-finite loss at step {step} ({shown}); stopped")
+        agree(acc, err, NonFiniteLoss, f"{where}non-finite loss at step {step}: ")  # before backward's all-reduce
         acc.backward(parts["loss"])
         fault_point(f"step-{step + 1}-backward")  # mid-step: gradients computed, weights not yet updated
         if acc.sync_gradients and tp.grad_clip > 0: acc.clip_grad_norm_(model.parameters(), tp.grad_clip)
@@ -325,10 +361,15 @@ def train(params: LoadedParams,           # the loaded params file
     seed_everything(base.seed + acc.process_index, base.deterministic)
 
     ck = Checkpointer(out_dir / "checkpoints", run_fingerprint(params, variant, data_dir))
-    ck.check_writable()
-    for d in (out_dir / "model", results_dir):
-        try: d.mkdir(parents=True, exist_ok=True)
-        except OSError as e: raise CheckpointError(f"{d}: cannot create output folder ({e.strerror or e})") from None
+    err = None
+    try:
+        ck.check_writable()
+        for d in (out_dir / "model", results_dir):
+            try: d.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise CheckpointError(f"{d}: cannot create output folder ({e.strerror or e})") from None
+    except CheckpointError as e: err = e
+    agree(acc, err, CheckpointError, "output folders: ")
 
     model = create_model_from_params(params, variant=spec.model)
     lam_img, lam_txt = (tp.lambda_img, tp.lambda_txt) if spec.lam is None else (spec.lam, spec.lam)
@@ -368,9 +409,12 @@ def train(params: LoadedParams,           # the loaded params file
     if streaming: model, opt = acc.prepare(model, opt)  # the stream is split by process already
     else: model, opt, dl = acc.prepare(model, opt, dl)  # not the scheduler: see "The optimiser"
     raw = acc.unwrap_model(model)
-    step, epoch, batch_in_epoch, resumed_from = resume(ck, raw, opt, sched, tp.steps,
-                                                       say=lambda s: acc.print(f"{variant}: {s}"),
-                                                       rank=acc.process_index)
+    err = None
+    try: step, epoch, batch_in_epoch, resumed_from = resume(ck, raw, opt, sched, tp.steps,
+                                                            say=lambda s: acc.print(f"{variant}: {s}"),
+                                                            rank=acc.process_index)
+    except CheckpointError as e: err = e
+    agree(acc, err, CheckpointError, "resume: ")
     if streaming:
         saved = json.loads((Path(resumed_from) / "state.json").read_text()).get("stream") if resumed_from else None
         loader = StreamLoader(ds, num_workers=tp.num_workers, position=saved[acc.process_index] if saved else None)
@@ -423,14 +467,10 @@ def train(params: LoadedParams,           # the loaded params file
                                     img_s=f"{seen / max(time.perf_counter() - t0, 1e-9):.1f}")
                 t0, seen = time.perf_counter(), 0
             if step % tp.checkpoint_every == 0 or step == tp.steps:
-                rngs = gather_object([rng_state()])  # one process: the list itself
                 info = {"epoch": epoch, "batch_in_epoch": batch_in_epoch, "variant": variant,
                         "processes": acc.num_processes}
                 if streaming: info["stream"] = gather_object([loader.position])  # each process's place in its stream
-                acc.wait_for_everyone()
-                if acc.is_main_process:
-                    ck.save(step, trainable_state(raw),
-                            {"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "rng": rngs}, info)
+                save_checkpoint(acc, ck, step, raw, opt, sched, info)
             if step >= tp.steps: break
     bar.close()
     if live is not None: live.end()

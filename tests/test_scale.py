@@ -1,0 +1,58 @@
+"""Paper scale, second pass (issue 23): what 8 GPUs, Llama-2-7B and CC-12M would break, checked at tiny sizes.
+
+The multi-process checks run tests/distributed_failures.py under `accelerate launch` with 2 gloo processes."""
+import json
+
+import pytest
+import torch
+from conftest import ROOT, run
+
+from lexvla.train import launch_command
+
+
+def _launch(tmp_path, phase: str, timeout: int = 240) -> list[dict]:
+    "Run one phase of tests/distributed_failures.py in 2 processes; each process's JSON."
+    cmd = launch_command([], 2)
+    cmd = cmd[:cmd.index("-m", 3)] + [str(ROOT / "tests" / "distributed_failures.py"), phase, str(tmp_path)]
+    run(cmd, cwd=tmp_path, timeout=timeout)
+    return [json.loads((tmp_path / f"{phase}-{r}.json").read_text()) for r in range(2)]
+
+
+def test_resume_loads_checkpoints_onto_the_cpu(tmp_path):
+    "A checkpoint written from cuda:0 resumes on every process (old code: torch.load put it back on cuda:0)."
+    r = _launch(tmp_path, "resume")
+    for x in r:
+        assert x["error"] is None, x["error"]
+        assert x["resumed"] == [1, 0, 1] and x["state_devices"] == ["cpu"]
+    assert r[0]["logit_scale"] == r[1]["logit_scale"]
+
+
+def test_one_process_nonfinite_loss_stops_both(tmp_path):
+    "A NaN loss on process 1 alone: both raise NonFiniteLoss (old code: process 0 waited in backward's all-reduce)."
+    r = _launch(tmp_path, "nonfinite", timeout=180)
+    assert [x["raised"] for x in r] == ["NonFiniteLoss", "NonFiniteLoss"]
+    assert "process 1 failed" in r[0]["message"] and "non-finite loss at step 0" in r[1]["message"]
+
+
+def test_checkpoint_error_on_process_0_stops_both(tmp_path):
+    r = _launch(tmp_path, "checkpoint", timeout=180)
+    assert [x["raised"] for x in r] == ["CheckpointError", "CheckpointError"]
+    assert "disk full" in r[0]["message"] and "process 0 failed" in r[1]["message"]
+
+
+def test_each_process_has_its_own_rng_stream(tmp_path):
+    "After seeding (seed + rank) and the model build, the streams differ, and the build left the CUDA seeds alone."
+    r = _launch(tmp_path, "rng")
+    assert r[0]["draw"] != r[1]["draw"]
+    assert r[0]["cuda_reseeded_by_build"] == [] and r[1]["cuda_reseeded_by_build"] == []
+
+
+def test_model_build_does_not_reseed_cuda(monkeypatch):
+    "`torch.manual_seed` in the build reseeded every CUDA generator: one dropout stream for all GPUs (old code)."
+    from lexvla.model import create_model
+    calls = []
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", lambda s: calls.append(s))
+    a = create_model("tiny", seed=0)
+    assert calls == []
+    b = create_model("tiny", seed=0)  # still seeded: the same weights
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
