@@ -127,17 +127,24 @@ class LexVLA(nn.Module):
 # %% ../notebooks/06c_model.ipynb #ef28f4ba
 def _lexical_activation(self, logits: torch.Tensor, # (..., v) codebook logits (pooled over patches for images)
                         modality: str = "text",  # text | image: which `model.logit_shift` applies
+                        pooled: torch.Tensor | None = None, # (b, v) the image's pooled logits, when `logits` are
+                                                            # its (b, n, v) patch logits: they take its shift
                        ) -> torch.Tensor:
     "ELU1p of the logits after `model.logit_shift` (none: the paper's literal ELU1p(x); mean: centred; lse)."
     cfg = self.config.logit_shift
     shift = getattr(cfg, modality)
-    if shift == "lse": logits = logits - logits.logsumexp(-1, keepdim=True)  # all <= 0: ELU1p = exp = softmax
-    elif shift == "mean": logits = logits - logits.mean(-1, keepdim=True)
+    ref = logits if pooled is None else pooled
+    if shift == "lse": c = ref.logsumexp(-1, keepdim=True)  # all <= 0: ELU1p = exp = softmax
+    elif shift == "mean": c = ref.mean(-1, keepdim=True)
+    else: c = None
+    # patches: the image's one shift for all of them, so the image's weights are the max of its patches' (method §4)
+    if c is not None: logits = logits - (c if pooled is None else c.unsqueeze(-2))
     if cfg.bias_scale:  # a learnable knee: lowering it moves words into ELU1p's exponential branch (sparser)
         logits = logits + cfg.bias_scale * self.logit_bias[0 if modality == "text" else 1].to(logits.dtype)
     return elu1p(logits)
 
 LexVLA.lexical_activation = _lexical_activation
+
 
 # %% ../notebooks/06c_model.ipynb #2866b874
 def _truncate(self, captions: list[str]) -> list[str]:
@@ -235,16 +242,21 @@ def _encode_image(self, pixels: torch.Tensor | None = None, # (b, 3, h, w), or
         return l2norm(self.image_proj(reduce(self.patch_hidden(pixels, tokens), "b n d -> b d", "mean")))
     return l2norm(self.image_weights(pixels, tokens))
 
+def _patch_weights(self, pixels: torch.Tensor | None = None, tokens: torch.Tensor | None = None) -> torch.Tensor:
+    "(b, n, v) each patch's lexical weights, shifted as its image's: their max over patches is `image_weights`."
+    scores = einsum(self.patch_hidden(pixels, tokens), self.visual_codebook, "b n d, v d -> b n v")
+    return self.lexical_activation(scores, "image", pooled=scores.amax(1))
+
 def _encode_image_patches(self, pixels: torch.Tensor | None = None, tokens: torch.Tensor | None = None,
                          ) -> torch.Tensor:
     "(b, n, dim) L2-normalised per-patch vectors (PatchDis, heat maps); materialises b x n x V, so batch small."
-    h = self.patch_hidden(pixels, tokens)
-    if not self.lexical: return l2norm(self.image_proj(h))
-    return l2norm(self.lexical_activation(einsum(h, self.visual_codebook, "b n d, v d -> b n v"), "image"))
+    if not self.lexical: return l2norm(self.image_proj(self.patch_hidden(pixels, tokens)))
+    return l2norm(self.patch_weights(pixels, tokens))
 
 LexVLA.vision_tokens = _vision_tokens
 LexVLA.patch_hidden = _patch_hidden
 LexVLA.image_weights = _image_weights
+LexVLA.patch_weights = _patch_weights
 LexVLA.encode_image = _encode_image
 LexVLA.encode_image_patches = LexVLA.encode_patches = _encode_image_patches
 

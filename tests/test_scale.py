@@ -56,3 +56,16 @@ def test_model_build_does_not_reseed_cuda(monkeypatch):
     assert calls == []
     b = create_model("tiny", seed=0)  # still seeded: the same weights
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+
+
+@pytest.mark.parametrize("shift", ["none", "mean", "lse"])
+def test_image_weights_are_the_max_of_patch_weights(shift):
+    "PatchDis's patch vectors and the image vector come from one P (method §4); old code: a per-patch mean shift."
+    from lexvla.model import LexVLA, l2norm
+    from lexvla.params import model_config
+    m = LexVLA(model_config("tiny", logit_shift={"text": shift, "image": shift, "bias_scale": 100.0}))
+    with torch.no_grad():
+        m.logit_bias.fill_(-0.01)
+        px = torch.randn(2, 3, 32, 32)
+        torch.testing.assert_close(m.patch_weights(px).amax(1), m.image_weights(px), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(m.encode_image_patches(px), l2norm(m.patch_weights(px)))
