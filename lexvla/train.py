@@ -378,7 +378,7 @@ def train(params: LoadedParams,           # the loaded params file
     use_cache = tp.text_cache and spec.model != "bow"
     cache = TextPrefixCache.load(resolve_path(cache_dir, "data/textcache") / "train") if use_cache else None
     if cache is not None: check_cache(cache, model)
-    # a frozen ViT sees one fixed view of each image (no augmentation), so its tokens are cached (imagecache)
+    # a frozen ViT's tokens can be cached (imagecache), one fixed view of each image
     frozen = model.config.vision.frozen
     icache = None
     if tp.image_cache and frozen:
@@ -389,7 +389,9 @@ def train(params: LoadedParams,           # the loaded params file
         raise ParamsError(f"train.batch_size: {tp.batch_size} is not a multiple of grad_accum x processes = "
                           f"{tp.grad_accum} x {acc.num_processes}")
     micro = tp.batch_size // tp.grad_accum // acc.num_processes
-    transform = image_transform(model.data_config, train=not frozen)
+    # augmentation goes with the cache, not with frozenness: without the cache (the paper profile), a frozen ViT still
+    # sees a new view of each image every epoch; with it, the one view the cache holds
+    transform = image_transform(model.data_config, train=icache is None)
     streaming = tp.loader == "streaming"
     if streaming:  # CC-12M scale: no index, one open shard per worker, split by process and worker (datasets)
         ds = StreamingPairs(shards, transform, seed=base.seed, captions_per_image=tp.captions_per_image,

@@ -69,3 +69,28 @@ def test_image_weights_are_the_max_of_patch_weights(shift):
         px = torch.randn(2, 3, 32, 32)
         torch.testing.assert_close(m.patch_weights(px).amax(1), m.image_weights(px), rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(m.encode_image_patches(px), l2norm(m.patch_weights(px)))
+
+
+def test_augmentation_follows_the_image_cache(tmp_path, monkeypatch):
+    "A frozen ViT without the image cache (the paper profile) trains on augmented views (old code: centre crops)."
+    import lexvla.train as T
+    from test_pipeline import tiny_params
+
+    from lexvla.params import params_from_dict
+    p = tiny_params(variants=("lexvla",))
+    p["train"].update(image_cache=False, text_cache=False)
+    (tmp_path / "data" / "train").mkdir(parents=True)
+    (tmp_path / "data" / "train" / "00000.tar").write_bytes(b"")  # never read: the run stops at the transform
+    seen = []
+
+    class Stop(Exception): pass
+
+    def transform(cfg, train=False, **kw):
+        seen.append(train)
+        raise Stop
+
+    monkeypatch.setattr(T, "image_transform", transform)
+    with pytest.raises(Stop):
+        T.train(params_from_dict(p), "lexvla", data_dir=tmp_path / "data", out_dir=tmp_path / "out",
+                results_dir=tmp_path / "res", progress=False)
+    assert seen == [True]
