@@ -94,3 +94,28 @@ def test_augmentation_follows_the_image_cache(tmp_path, monkeypatch):
         T.train(params_from_dict(p), "lexvla", data_dir=tmp_path / "data", out_dir=tmp_path / "out",
                 results_dir=tmp_path / "res", progress=False)
     assert seen == [True]
+
+
+def test_textcache_runs_on_the_device_and_skips_an_embedding_lookup(tmp_path, monkeypatch):
+    "LoRA on every block (the paper profile): no frozen layer, so no cache; the model goes to base.device first."
+    import lexvla.textcache as TC
+    from test_pipeline import tiny_params
+
+    from lexvla.caches import TextPrefixCache
+    from lexvla.params import params_from_dict
+    p = tiny_params(variants=("lexvla",))
+    p["model"]["lora"] = {"layers": None}  # merged over the tiny preset: LoRA on every block
+    moved, real = [], TC.create_model_from_params
+
+    def spy(*a, **k):
+        m = real(*a, **k)
+        to = m.to
+        m.to = lambda *x, **y: (moved.append(x), to(*x, **y))[1]
+        return m
+
+    monkeypatch.setattr(TC, "create_model_from_params", spy)
+    TC.build(params_from_dict(p), data_dir=tmp_path / "no-data", out=tmp_path / "tc", progress=False)
+    assert moved == [("cpu",)]
+    for part in ("train", "eval"):
+        c = TextPrefixCache.load(tmp_path / "tc" / part)
+        assert len(c) == 0 and "every block" in c.meta["disabled"]
