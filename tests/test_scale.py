@@ -119,3 +119,32 @@ def test_textcache_runs_on_the_device_and_skips_an_embedding_lookup(tmp_path, mo
     for part in ("train", "eval"):
         c = TextPrefixCache.load(tmp_path / "tc" / part)
         assert len(c) == 0 and "every block" in c.meta["disabled"]
+
+
+def test_hub_weights_get_dinov2_position_resampling(tmp_path, monkeypatch):
+    "Hub weights (pretrained, no local checkpoint: the paper profile) are resampled without antialiasing, as DINOv2."
+    import timm
+    from safetensors.torch import save_file
+    from timm.layers import resample_abs_pos_embed
+
+    from lexvla.params import model_config
+    from lexvla.vision import create_vision
+    arch = dict(patch_size=8, embed_dim=48, depth=2, num_heads=3, num_classes=0)
+    native = timm.create_model("vit_small_patch14_reg4_dinov2", pretrained=False, **arch)  # 518 px: a 64 x 64 grid
+    with torch.no_grad(): native.pos_embed.normal_()  # high frequencies: antialiasing changes them visibly
+    f = tmp_path / "hub.safetensors"
+    save_file({k: v.contiguous() for k, v in native.state_dict().items()}, str(f))
+    real = timm.create_model
+
+    def hub(name, pretrained=False, **kw):  # the hub, served from the stand-in file (no network)
+        if pretrained: kw.setdefault("pretrained_cfg_overlay", {"file": str(f)})
+        return real(name, pretrained=pretrained, **kw)
+
+    monkeypatch.setattr(timm, "create_model", hub)
+    v = model_config("tiny", vision={"pretrained": True, "checkpoint": None, "img_size": 64}).vision
+    vit = create_vision(v)
+    want = {aa: resample_abs_pos_embed(native.pos_embed.detach(), new_size=[8, 8], num_prefix_tokens=0,
+                                       interpolation="bicubic", antialias=aa) for aa in (False, True)}
+    assert float((want[True] - want[False]).abs().max()) > 0.1
+    torch.testing.assert_close(vit.pos_embed.detach(), want[False])
+    torch.testing.assert_close(vit.blocks[0].attn.qkv.weight, native.blocks[0].attn.qkv.weight)
