@@ -261,29 +261,52 @@ LexVLA.encode_image = _encode_image
 LexVLA.encode_image_patches = LexVLA.encode_patches = _encode_image_patches
 
 # %% ../notebooks/06c_model.ipynb #aadeb363
+def _by_length(self, fn, x: torch.Tensor, # (b, t, ...) token ids or prefix states, left-padded
+               mask: torch.Tensor,        # (b, t) their attention mask
+               buckets: int = 1,          # length-sorted groups (1: one call on the padded batch)
+              ) -> torch.Tensor:
+    "`fn(x, mask)` run on `buckets` groups of similar length, each cut to its own longest row; rows in order."
+    # left padding: a row's tokens are its last `length` columns, and its positions skip the padding, so a row's
+    # output does not depend on the group it is in (the text-tower tests above); only the padded work shrinks
+    if buckets <= 1 or len(mask) <= 1: return fn(x, mask)
+    lengths = mask.sum(-1)
+    groups = lengths.argsort(stable=True).tensor_split(min(buckets, len(mask)))
+    outs = []
+    for idx in groups:
+        n = int(lengths[idx].max())
+        outs.append(fn(x[idx.to(x.device), -n:], mask[idx, -n:]))
+    order = torch.cat(groups).to(outs[0].device)
+    return torch.cat(outs)[order.argsort()]
+
 def _forward(self, pixels: torch.Tensor | None = None, # (b, 3, h, w), or
              captions: list[str] | None = None,       # b captions, or
              text_prefix: tuple[torch.Tensor, torch.Tensor] | None = None, # their cached `text_prefix` output
              image_tokens: torch.Tensor | None = None, # (b, n, d_vit) cached ViT tokens instead of pixels
+             text_buckets: int = 1,                    # the text tower in this many length groups (train.text_buckets)
             ) -> dict:
     "Image and text vectors and the clamped logit scale 1/T (open_clip's convention)."
     if (captions is None) == (text_prefix is None): raise ValueError("give exactly one of captions and text_prefix")
     scale = self.logit_scale.clamp(max=math.log(100)).exp()  # CLIP: 1/T at most 100
+    if self.variant == "bow":
+        if text_prefix is not None: raise ValueError("the bow variant takes captions, not a text prefix")
+        tw = bow_targets(captions, self.vocab).to(self.device)
+    else:
+        # lexical: the weights before normalisation too, for a regulariser that acts on them (`train.reg_on`)
+        fn = self.text_weights_from_prefix if self.lexical else self.encode_text_from_prefix
+        if text_prefix is not None: tw = self._by_length(fn, *text_prefix, text_buckets)
+        else:
+            tok = self.tokenize(captions)
+            tw = self._by_length(lambda ids, m: fn(*self.text_prefix({"input_ids": ids, "attention_mask": m})),
+                                 tok["input_ids"], tok["attention_mask"], text_buckets)
     if not self.lexical:
-        text = self.encode_text_from_prefix(*text_prefix) if text_prefix is not None else self.encode_text(captions)
-        return {"image_features": self.encode_image(pixels, image_tokens), "text_features": text,
-                "logit_scale": scale}
-    # lexical: the weights before normalisation too, for a regulariser that acts on them (`train.reg_on`)
-    if text_prefix is not None:
-        if self.variant == "bow": raise ValueError("the bow variant takes captions, not a text prefix")
-        tw = self.text_weights_from_prefix(*text_prefix)
-    elif self.variant == "bow": tw = bow_targets(captions, self.vocab).to(self.device)
-    else: tw = self.text_weights_from_prefix(*self.text_prefix(self.tokenize(captions)))
+        return {"image_features": self.encode_image(pixels, image_tokens), "text_features": tw, "logit_scale": scale}
     iw = self.image_weights(pixels, image_tokens)
     return {"image_features": l2norm(iw), "text_features": l2norm(tw), "image_weights": iw, "text_weights": tw,
             "logit_scale": scale}
 
+LexVLA._by_length = _by_length
 LexVLA.forward = _forward
+
 
 # %% ../notebooks/06c_model.ipynb #1a120cad
 def _similarity(self, image_features: torch.Tensor, text_features: torch.Tensor) -> torch.Tensor:

@@ -211,6 +211,8 @@ class TrainParams:
     checkpoint_every: int             # steps between checkpoints (atomic)
     log_every: int                    # steps between dvclive records
     text_cache: bool                  # use the cached frozen LM prefix (exact; see textcache)
+    text_buckets: int                 # the text tower runs each micro-batch as this many length-sorted groups,
+                                      # each padded to its own longest caption (same vectors; 1 = one padded batch)
     image_cache: bool                 # use the frozen ViT's cached patch tokens (exact; see imagecache)
     overuse_share: Literal["mean", "sum"]  # overuse weight p̄_j / mean_k p̄_k (= FLOPs at uniform use) or / Σ_k p̄_k
     reg_on: Literal["max", "weights", "vectors"]  # penalise each vector over its largest entry, the raw ELU1p weights,
@@ -218,7 +220,8 @@ class TrainParams:
 
     def validate(self, prefix):
         "Cross-field checks, named like the rest."
-        for k in ("steps", "batch_size", "grad_accum", "checkpoint_every", "log_every", "captions_per_image"):
+        for k in ("steps", "batch_size", "grad_accum", "checkpoint_every", "log_every", "captions_per_image",
+                  "text_buckets"):
             if getattr(self, k) < 1: raise ParamsError(f"{prefix}.{k}: got {getattr(self, k)}, expected >= 1")
         for name, v in self.variants.items():
             if v.lam is not None and not v.lam >= 0:

@@ -286,14 +286,15 @@ def train_step(model, batch: dict, # a collated micro-batch: pixels, captions, k
                where: str = "",                       # named in a non-finite loss's message
               ) -> tuple[dict, dict]:
     "One micro-batch forward, loss and backward (and the optimiser step when the window closes): `(out, parts)`."
+    buckets = getattr(tp, "text_buckets", 1)  # length groups of the text tower (the same vectors, less padding)
     with acc.accumulate(model):
         image = ({"image_tokens": icache.lookup(batch["keys"]).to(acc.device)} if icache is not None
                  else {"pixels": batch["pixels"].to(acc.device)})
         if cache is not None:
             h, m = cache.lookup(batch["captions"])
-            out = model(**image, text_prefix=(h.to(acc.device), m.to(acc.device)))
+            out = model(**image, text_prefix=(h.to(acc.device), m.to(acc.device)), text_buckets=buckets)
         else:
-            out = model(**image, captions=batch["captions"])
+            out = model(**image, captions=batch["captions"], text_buckets=buckets)
         parts = loss_fn(out["image_features"], out["text_features"], out["logit_scale"], step,
                         **regularised(out, tp.reg_on))
         if loss_hook is not None: loss_hook(step, parts)

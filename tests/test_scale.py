@@ -148,3 +148,35 @@ def test_hub_weights_get_dinov2_position_resampling(tmp_path, monkeypatch):
     assert float((want[True] - want[False]).abs().max()) > 0.1
     torch.testing.assert_close(vit.pos_embed.detach(), want[False])
     torch.testing.assert_close(vit.blocks[0].attn.qkv.weight, native.blocks[0].attn.qkv.weight)
+
+
+def test_length_buckets_give_the_padded_batch_loss_and_gradients():
+    "`train.text_buckets`: the same samples in length groups give the loss and gradients of one padded batch."
+    from lexvla.losses import create_loss
+    from lexvla.model import create_model
+    from lexvla.text import TINY_WORDS
+    from lexvla.train import regularised
+    words = [w for w in TINY_WORDS if w.isalpha()]
+    g = torch.Generator().manual_seed(0)
+    caps = [" ".join(words[int(i)] for i in torch.randint(len(words), (int(n),), generator=g))
+            for n in torch.randint(1, 25, (8,), generator=g)]
+    px = torch.randn(8, 3, 32, 32, generator=g)
+    loss_fn = create_loss("overuse", lambda_img=0.5, lambda_txt=0.5, warmup_steps=0)
+    res = {}
+    for buckets in (1, 3):
+        m = create_model("tiny", seed=0)
+        tok = m.tokenize(caps)["attention_mask"]
+        assert tok.shape[1] > int(tok.sum(1).min())  # the batch carries padding
+        for via in ("captions", "prefix"):
+            m.zero_grad(set_to_none=True)
+            kw = {"captions": caps} if via == "captions" else {"text_prefix": m.text_prefix(m.tokenize(caps))}
+            out = m(px, text_buckets=buckets, **kw)
+            parts = loss_fn(out["image_features"], out["text_features"], out["logit_scale"], 0,
+                            **regularised(out, "max"))
+            parts["loss"].backward()
+            res[buckets, via] = (float(parts["loss"].detach()), {k: p.grad.clone() for k, p in m.named_parameters()
+                                                        if p.grad is not None})
+    for via in ("captions", "prefix"):
+        (l1, g1), (l3, g3) = res[1, via], res[3, via]
+        assert l3 == pytest.approx(l1, rel=1e-6) and set(g1) == set(g3)
+        for k in g1: torch.testing.assert_close(g3[k], g1[k], rtol=1e-4, atol=1e-6)
