@@ -40,8 +40,9 @@ from .sparse import threshold_for
 
 # %% auto #0
 __all__ = ['TRAINING_CODE', 'CheckpointError', 'fault_point', 'Checkpointer', 'NonFiniteLoss', 'run_fingerprint', 'agree',
-           'regularised', 'param_groups', 'make_optimizer', 'resume', 'save_checkpoint', 'train_step', 'scalars',
-           'log_step', 'train', 'launch_command', 'main']
+           'NearUniformVectors', 'mean_pairwise_cosine', 'uniform_check', 'regularised', 'param_groups',
+           'make_optimizer', 'resume', 'save_checkpoint', 'train_step', 'scalars', 'log_step', 'train',
+           'launch_command', 'main']
 
 # %% ../notebooks/12_train.ipynb #7a1bb3be
 class CheckpointError(RuntimeError):
@@ -187,6 +188,30 @@ def agree(acc: Accelerator,            # the run's accelerator
         if error is None and failed:
             raise kind(f"{what}process {failed[0]} failed (its own message says why); every process stops")
     if error is not None: raise error
+
+
+# %% ../notebooks/12_train.ipynb #b1c0d002
+class NearUniformVectors(RuntimeError):
+    "The caption vectors are near-uniform early in training: the logit shift (`model.logit_shift`) must change."
+
+def mean_pairwise_cosine(x: torch.Tensor, # (b, v) L2-normalised vectors
+                        ) -> float:
+    "Mean cosine over the b(b-1) ordered pairs of distinct rows."
+    x = x.detach().float()
+    b = len(x)
+    return float(((x @ x.T).sum() - x.pow(2).sum()) / max(b * (b - 1), 1))
+
+def uniform_check(out: dict, limit: float, step: int,
+                  shift: str, # model.logit_shift.text, named in the message
+                 ) -> NearUniformVectors | None:
+    "The error to raise when a batch's caption vectors are near-uniform (mean pairwise cosine above `limit`)."
+    c = mean_pairwise_cosine(out["text_features"])
+    if limit >= 1 or len(out["text_features"]) < 2 or c <= limit: return None
+    return NearUniformVectors(
+        f"caption vectors are near-uniform at step {step}: mean pairwise cosine {c:.4f} > train.uniform_cosine "
+        f"{limit} (ELU1p sees logits that are nearly all positive; model.logit_shift.text is {shift!r}). Set "
+        "model.logit_shift.text and .image to mean (what trains on SmolLM2; it departs from the paper's literal "
+        "ELU1p), or train.uniform_cosine: 1 to train anyway")
 
 
 # %% ../notebooks/12_train.ipynb #197fa751
@@ -460,6 +485,9 @@ def train(params: LoadedParams,           # the loaded params file
                 raw.logit_scale.clamp_(0, math.log(100))
             bar.update(1)
             bar.set_postfix(loss=f"{float(parts['loss'].detach()):.3f}")
+            if step == min(tp.log_every, tp.steps) and raw.lexical and raw.variant != "bow":  # every process
+                agree(acc, uniform_check(out, tp.uniform_cosine, step, raw.config.logit_shift.text),
+                      NearUniformVectors, "near-uniform caption vectors: ")
             if step % tp.log_every == 0 or step == tp.steps:
                 if acc.num_processes > 1:  # local_loss: each process has its own part; the mean is the global loss
                     parts = {k: acc.reduce(v.detach(), "mean") if torch.is_tensor(v) and v.numel() == 1 else v
@@ -533,7 +561,7 @@ def main(argv: list[str] | None = None) -> int:
                       out="model folder (default models/<variant>)",
                       results="metrics folder (default results/train/<variant>)")
     ap.add_argument("--variant", required=True, help="a key of train.variants")
-    return run_cli(ap, _run, argv, errors=(CheckpointError, NonFiniteLoss))
+    return run_cli(ap, _run, argv, errors=(CheckpointError, NonFiniteLoss, NearUniformVectors))
 
 # %% ../notebooks/12_train.ipynb #96637778
 if __name__ == "__main__": raise SystemExit(main())
