@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedDataParallelKwargs, gather_object
+from accelerate.utils import DistributedDataParallelKwargs, DistributedType, gather_object
 from dvclive import Live
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
@@ -380,6 +380,10 @@ def train(params: LoadedParams,           # the loaded params file
     # no broadcast of buffers: the only one is the frozen text codebook (V x d), identical on every process
     acc = Accelerator(cpu=device == "cpu", mixed_precision=precision, gradient_accumulation_steps=tp.grad_accum,
                       kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)])
+    if acc.distributed_type == DistributedType.FSDP:  # checkpoints and the model are read from the unwrapped module
+        raise ParamsError("FSDP is not supported: checkpoints and the trained model are read on process 0 from the "
+                          "unwrapped module, which FSDP shards; launch with --multi_gpu (DDP: the frozen bf16 7B LM, "
+                          "13.5 GB, fits each GPU)")
     if acc.num_processes != tp.num_processes:
         warnings.warn(f"train.num_processes is {tp.num_processes} but {acc.num_processes} process(es) run; the "
                       "batches and the result are those of train.batch_size either way")

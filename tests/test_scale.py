@@ -180,3 +180,46 @@ def test_length_buckets_give_the_padded_batch_loss_and_gradients():
         (l1, g1), (l3, g3) = res[1, via], res[3, via]
         assert l3 == pytest.approx(l1, rel=1e-6) and set(g1) == set(g3)
         for k in g1: torch.testing.assert_close(g3[k], g1[k], rtol=1e-4, atol=1e-6)
+
+
+def test_prepare_keeps_clean_jpegs_byte_for_byte(tmp_path):
+    "CC-12M: a JPEG that decodes cleanly at its stored size is copied, not re-encoded; others are converted."
+    import io
+
+    from PIL import Image
+
+    from lexvla.prepare import _clean
+    cfg = {"store_size": 256, "quality": 95, "min_side": 8, "max_pixels": 10**8, "max_caption_chars": 1000,
+           "mask_id_offset": 0}
+
+    def encoded(size, fmt, mode="RGB"):
+        b = io.BytesIO()
+        Image.effect_noise(size, 40).convert(mode).save(b, fmt)
+        return b.getvalue()
+
+    for size, fmt, mode, kept in (((200, 180), "JPEG", "RGB", True), ((400, 300), "JPEG", "RGB", False),
+                                  ((200, 180), "PNG", "RGB", False), ((200, 180), "JPEG", "L", False)):
+        data = encoded(size, fmt, mode)
+        (tmp_path / "img").write_bytes(data)
+        name, out, caps, _, log, ext = _clean(("k", tmp_path / "img", ["a caption"], None, cfg))
+        assert (out == data) == kept and ext == ".jpg" and caps == ["a caption"], (size, fmt, mode)
+        with Image.open(io.BytesIO(out)) as im: assert min(im.size) <= 256 and im.mode == "RGB"
+
+
+def test_train_refuses_fsdp(tmp_path, monkeypatch):
+    "FSDP would checkpoint a shard as the whole model: refused with the reason (README: DDP only)."
+    import lexvla.train as T
+    from accelerate.utils import DistributedType
+    from test_pipeline import tiny_params
+
+    from lexvla.params import ParamsError, params_from_dict
+
+    class FSDPAccelerator(T.Accelerator):
+        distributed_type = DistributedType.FSDP
+
+    monkeypatch.setattr(T, "Accelerator", FSDPAccelerator)
+    (tmp_path / "data" / "train").mkdir(parents=True)
+    (tmp_path / "data" / "train" / "00000.tar").write_bytes(b"")
+    with pytest.raises(ParamsError, match="FSDP is not supported"):
+        T.train(params_from_dict(tiny_params(variants=("lexvla",))), "lexvla", data_dir=tmp_path / "data",
+                out_dir=tmp_path / "out", results_dir=tmp_path / "res", progress=False)
