@@ -18,7 +18,7 @@ from .caches import ImageTokenCache, vision_cache_meta
 from .datasets import PARTS, image_transform, load_karpathy, prepared_paths, train_dataset
 from .model import create_model_from_params
 from .params import LoadedParams, load_params, save_resolved
-from .runtime import replace_dir, resolve_path, run_cli, stage_parser, temp_dir
+from .runtime import replace_dir, resolve_device, resolve_path, run_cli, stage_parser, temp_dir
 
 # %% auto #0
 __all__ = ['build_image_cache', 'train_images', 'split_images', 'build', 'main']
@@ -79,7 +79,8 @@ def build(params: LoadedParams,           # the loaded params file
         key = "train.image_cache" if p == "train" else "evaluate.image_cache"
         wanted = params.train.image_cache if p == "train" else params.evaluate.image_cache
         if wanted and params.model.vision.frozen:
-            model = model or create_model_from_params(params, variant="lexvla").eval()
+            if model is None:  # the frozen ViT on the run's device (ViT-L over 5K COCO images is slow on a CPU)
+                model = create_model_from_params(params, variant="lexvla").eval().to(resolve_device(params.base.device))
             tf = image_transform(model.data_config, train=False)
             bs = params.imagecache.batch_size
             if p == "train":

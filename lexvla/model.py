@@ -68,8 +68,10 @@ class LexVLA(nn.Module):
         super().__init__()
         self.config, self.variant, self.seed = config, variant, seed
         self.lexical = variant != "dense"
+        # the CPU generator only: `torch.manual_seed` would also reseed every CUDA generator, which
+        # `fork_rng(devices=[])` does not restore: all processes would share one CUDA stream (one LoRA dropout mask)
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
+            torch.default_generator.manual_seed(seed)
             self.tokenizer = load_tokenizer(config)
             self.vocab = build_vocabulary(self.tokenizer, config.vocab.filter, config.vocab.min_len, config.vocab.allow,
                                           config.vocab.min_zipf)
@@ -93,7 +95,7 @@ class LexVLA(nn.Module):
                     else: lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
                 self.lm = lm
             with torch.random.fork_rng(devices=[]):  # the ViT's init depends on the seed alone (not on the LM or
-                torch.manual_seed(seed)                # LoRA drawn before it), so every variant shares a random ViT
+                torch.default_generator.manual_seed(seed)  # LoRA drawn before it): every variant has one random ViT
                 self.vision = create_vision(config.vision)
             if config.vision.frozen: self.vision.requires_grad_(False).eval()
             self.data_config = vision_data_config(self.vision)
@@ -126,17 +128,24 @@ class LexVLA(nn.Module):
 # %% ../notebooks/06c_model.ipynb #ef28f4ba
 def _lexical_activation(self, logits: torch.Tensor, # (..., v) codebook logits (pooled over patches for images)
                         modality: str = "text",  # text | image: which `model.logit_shift` applies
+                        pooled: torch.Tensor | None = None, # (b, v) the image's pooled logits, when `logits` are
+                                                            # its (b, n, v) patch logits: they take its shift
                        ) -> torch.Tensor:
     "ELU1p of the logits after `model.logit_shift` (none: the paper's literal ELU1p(x); mean: centred; lse)."
     cfg = self.config.logit_shift
     shift = getattr(cfg, modality)
-    if shift == "lse": logits = logits - logits.logsumexp(-1, keepdim=True)  # all <= 0: ELU1p = exp = softmax
-    elif shift == "mean": logits = logits - logits.mean(-1, keepdim=True)
+    ref = logits if pooled is None else pooled
+    if shift == "lse": c = ref.logsumexp(-1, keepdim=True)  # all <= 0: ELU1p = exp = softmax
+    elif shift == "mean": c = ref.mean(-1, keepdim=True)
+    else: c = None
+    # patches: the image's one shift for all of them, so the image's weights are the max of its patches' (method §4)
+    if c is not None: logits = logits - (c if pooled is None else c.unsqueeze(-2))
     if cfg.bias_scale:  # a learnable knee: lowering it moves words into ELU1p's exponential branch (sparser)
         logits = logits + cfg.bias_scale * self.logit_bias[0 if modality == "text" else 1].to(logits.dtype)
     return elu1p(logits)
 
 LexVLA.lexical_activation = _lexical_activation
+
 
 # %% ../notebooks/06c_model.ipynb #2866b874
 def _truncate(self, captions: list[str]) -> list[str]:
@@ -234,43 +243,71 @@ def _encode_image(self, pixels: torch.Tensor | None = None, # (b, 3, h, w), or
         return l2norm(self.image_proj(reduce(self.patch_hidden(pixels, tokens), "b n d -> b d", "mean")))
     return l2norm(self.image_weights(pixels, tokens))
 
+def _patch_weights(self, pixels: torch.Tensor | None = None, tokens: torch.Tensor | None = None) -> torch.Tensor:
+    "(b, n, v) each patch's lexical weights, shifted as its image's: their max over patches is `image_weights`."
+    scores = einsum(self.patch_hidden(pixels, tokens), self.visual_codebook, "b n d, v d -> b n v")
+    return self.lexical_activation(scores, "image", pooled=scores.amax(1))
+
 def _encode_image_patches(self, pixels: torch.Tensor | None = None, tokens: torch.Tensor | None = None,
                          ) -> torch.Tensor:
     "(b, n, dim) L2-normalised per-patch vectors (PatchDis, heat maps); materialises b x n x V, so batch small."
-    h = self.patch_hidden(pixels, tokens)
-    if not self.lexical: return l2norm(self.image_proj(h))
-    return l2norm(self.lexical_activation(einsum(h, self.visual_codebook, "b n d, v d -> b n v"), "image"))
+    if not self.lexical: return l2norm(self.image_proj(self.patch_hidden(pixels, tokens)))
+    return l2norm(self.patch_weights(pixels, tokens))
 
 LexVLA.vision_tokens = _vision_tokens
 LexVLA.patch_hidden = _patch_hidden
 LexVLA.image_weights = _image_weights
+LexVLA.patch_weights = _patch_weights
 LexVLA.encode_image = _encode_image
 LexVLA.encode_image_patches = LexVLA.encode_patches = _encode_image_patches
 
 # %% ../notebooks/06c_model.ipynb #aadeb363
+def _by_length(self, fn, x: torch.Tensor, # (b, t, ...) token ids or prefix states, left-padded
+               mask: torch.Tensor,        # (b, t) their attention mask
+               buckets: int = 1,          # length-sorted groups (1: one call on the padded batch)
+              ) -> torch.Tensor:
+    "`fn(x, mask)` run on `buckets` groups of similar length, each cut to its own longest row; rows in order."
+    # left padding: a row's tokens are its last `length` columns, and its positions skip the padding, so a row's
+    # output does not depend on the group it is in (the text-tower tests above); only the padded work shrinks
+    if buckets <= 1 or len(mask) <= 1: return fn(x, mask)
+    lengths = mask.sum(-1)
+    groups = lengths.argsort(stable=True).tensor_split(min(buckets, len(mask)))
+    outs = []
+    for idx in groups:
+        n = int(lengths[idx].max())
+        outs.append(fn(x[idx.to(x.device), -n:], mask[idx, -n:]))
+    order = torch.cat(groups).to(outs[0].device)
+    return torch.cat(outs)[order.argsort()]
+
 def _forward(self, pixels: torch.Tensor | None = None, # (b, 3, h, w), or
              captions: list[str] | None = None,       # b captions, or
              text_prefix: tuple[torch.Tensor, torch.Tensor] | None = None, # their cached `text_prefix` output
              image_tokens: torch.Tensor | None = None, # (b, n, d_vit) cached ViT tokens instead of pixels
+             text_buckets: int = 1,                    # the text tower in this many length groups (train.text_buckets)
             ) -> dict:
     "Image and text vectors and the clamped logit scale 1/T (open_clip's convention)."
     if (captions is None) == (text_prefix is None): raise ValueError("give exactly one of captions and text_prefix")
     scale = self.logit_scale.clamp(max=math.log(100)).exp()  # CLIP: 1/T at most 100
+    if self.variant == "bow":
+        if text_prefix is not None: raise ValueError("the bow variant takes captions, not a text prefix")
+        tw = bow_targets(captions, self.vocab).to(self.device)
+    else:
+        # lexical: the weights before normalisation too, for a regulariser that acts on them (`train.reg_on`)
+        fn = self.text_weights_from_prefix if self.lexical else self.encode_text_from_prefix
+        if text_prefix is not None: tw = self._by_length(fn, *text_prefix, text_buckets)
+        else:
+            tok = self.tokenize(captions)
+            tw = self._by_length(lambda ids, m: fn(*self.text_prefix({"input_ids": ids, "attention_mask": m})),
+                                 tok["input_ids"], tok["attention_mask"], text_buckets)
     if not self.lexical:
-        text = self.encode_text_from_prefix(*text_prefix) if text_prefix is not None else self.encode_text(captions)
-        return {"image_features": self.encode_image(pixels, image_tokens), "text_features": text,
-                "logit_scale": scale}
-    # lexical: the weights before normalisation too, for a regulariser that acts on them (`train.reg_on`)
-    if text_prefix is not None:
-        if self.variant == "bow": raise ValueError("the bow variant takes captions, not a text prefix")
-        tw = self.text_weights_from_prefix(*text_prefix)
-    elif self.variant == "bow": tw = bow_targets(captions, self.vocab).to(self.device)
-    else: tw = self.text_weights_from_prefix(*self.text_prefix(self.tokenize(captions)))
+        return {"image_features": self.encode_image(pixels, image_tokens), "text_features": tw, "logit_scale": scale}
     iw = self.image_weights(pixels, image_tokens)
     return {"image_features": l2norm(iw), "text_features": l2norm(tw), "image_weights": iw, "text_weights": tw,
             "logit_scale": scale}
 
+LexVLA._by_length = _by_length
 LexVLA.forward = _forward
+
 
 # %% ../notebooks/06c_model.ipynb #1a120cad
 def _similarity(self, image_features: torch.Tensor, text_features: torch.Tensor) -> torch.Tensor:

@@ -211,20 +211,27 @@ class TrainParams:
     checkpoint_every: int             # steps between checkpoints (atomic)
     log_every: int                    # steps between dvclive records
     text_cache: bool                  # use the cached frozen LM prefix (exact; see textcache)
+    text_buckets: int                 # the text tower runs each micro-batch as this many length-sorted groups,
+                                      # each padded to its own longest caption (same vectors; 1 = one padded batch)
     image_cache: bool                 # use the frozen ViT's cached patch tokens (exact; see imagecache)
     overuse_share: Literal["mean", "sum"]  # overuse weight p̄_j / mean_k p̄_k (= FLOPs at uniform use) or / Σ_k p̄_k
+    uniform_cosine: float             # stop at the first logged step when the caption vectors' mean pairwise cosine
+                                      # is above this (near-uniform: change model.logit_shift); 1 = no check
     reg_on: Literal["max", "weights", "vectors"]  # penalise each vector over its largest entry, the raw ELU1p weights,
                                                   # or the unit vectors (see the losses notebook)
 
     def validate(self, prefix):
         "Cross-field checks, named like the rest."
-        for k in ("steps", "batch_size", "grad_accum", "checkpoint_every", "log_every", "captions_per_image"):
+        for k in ("steps", "batch_size", "grad_accum", "checkpoint_every", "log_every", "captions_per_image",
+                  "text_buckets"):
             if getattr(self, k) < 1: raise ParamsError(f"{prefix}.{k}: got {getattr(self, k)}, expected >= 1")
         for name, v in self.variants.items():
             if v.lam is not None and not v.lam >= 0:
                 raise ParamsError(f"{prefix}.variants.{name}.lam: got {v.lam}, expected a weight >= 0 or null")
         if self.num_processes < 1:
             raise ParamsError(f"{prefix}.num_processes: got {self.num_processes}, expected >= 1")
+        if not 0 < self.uniform_cosine <= 1:
+            raise ParamsError(f"{prefix}.uniform_cosine: got {self.uniform_cosine}, expected a cosine in (0, 1]")
         if self.codebook_weight_decay < 0:
             raise ParamsError(f"{prefix}.codebook_weight_decay: got {self.codebook_weight_decay}, expected >= 0")
         if self.batch_size % (self.grad_accum * self.num_processes):

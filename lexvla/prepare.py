@@ -129,7 +129,7 @@ def build_embedded(pp,          # the prepare section
 _FORMATS = {"JPEG": ".jpg", "PNG": ".png", "WEBP": ".webp", "BMP": ".bmp", "GIF": ".gif", "TIFF": ".tif"}
 
 def _clean(job: tuple) -> tuple:
-    "Decode, repair, resize and re-encode one real image (+ its mask): (name, image bytes, captions, mask, log, ext)."
+    "Decode, repair, resize, re-encode (when needed) one real image + mask: (name, bytes, captions, mask, log, ext)."
     # cfg["store_size"] None (evaluation images): checked by decoding, then kept byte for byte at full resolution
     name, src, raw_caps, mask, cfg = job
     log = SkipLog()
@@ -166,6 +166,10 @@ def _clean(job: tuple) -> tuple:
         with Image.open(io.BytesIO(raw)) as im: ext = _FORMATS.get(im.format)
         if ext is not None: return name, raw, caps, m, log, ext
         return name, encode_jpeg(img, cfg["quality"]), caps, m, log, ".jpg"  # a format browsers do not read
+    if scale >= 1 and not log.converted:  # a clean JPEG at its stored size: its bytes as they are (CC-12M's from
+        raw = data.read_bytes() if isinstance(data, Path) else data  # img2dataset mostly), never re-encoded
+        with Image.open(io.BytesIO(raw)) as im:
+            if im.format == "JPEG": return name, raw, caps, m, log, ".jpg"
     if scale < 1: img = img.resize(size, Image.BICUBIC, reducing_gap=3.0)
     return name, encode_jpeg(img, cfg["quality"]), caps, m, log, ".jpg"
 

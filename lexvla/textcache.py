@@ -16,7 +16,7 @@ from .caches import TextPrefixCache, cache_meta
 from .datasets import PARTS, load_karpathy, prepared_paths, read_categories, train_dataset
 from .model import create_model_from_params
 from .params import LoadedParams, load_params, save_resolved
-from .runtime import replace_dir, resolve_path, run_cli, stage_parser, temp_dir
+from .runtime import replace_dir, resolve_device, resolve_path, run_cli, stage_parser, temp_dir
 
 # %% auto #0
 __all__ = ['build_text_cache', 'cache_captions', 'build', 'main']
@@ -38,7 +38,7 @@ def build_text_cache(model,                 # a LexVLA model with `tokenize` and
         hidden, mask = model.text_prefix(model.tokenize(batch))
         for i in range(len(batch)):
             keep = mask[i].bool()
-            chunks.append(hidden[i, keep].float().cpu())
+            chunks.append(hidden[i, keep].cpu())  # the LM's dtype: what the LoRA layers read (bf16 for a 7B LM)
             lengths.append(int(keep.sum()))
             ordered.append(batch[i])
     offsets = torch.zeros(len(ordered) + 1, dtype=torch.long)
@@ -75,8 +75,12 @@ def build(params: LoadedParams,           # the loaded params file
     model, said = None, []
     for p in (PARTS if part == "all" else (part,)):
         wanted = params.train.text_cache if p == "train" else params.evaluate.text_cache
-        if wanted:
-            model = model or create_model_from_params(params, variant="lexvla").eval()
+        if wanted and model is None:  # on the run's device, in the LM's dtype (a 7B LM on the CPU would take hours)
+            model = create_model_from_params(params, variant="lexvla").eval().to(resolve_device(params.base.device))
+        if wanted and model.text_prefix_layers == 0:  # LoRA on every block (the paper profile): nothing is frozen
+            cache = TextPrefixCache(torch.zeros(0, 1), torch.zeros(1, dtype=torch.long), [],
+                                    {"disabled": "model.lora covers every block: the prefix is an embedding lookup"})
+        elif wanted:
             cache = build_text_cache(model, cache_captions(params, data, p), batch_size=params.textcache.batch_size,
                                      progress=progress)
             cache.meta.update(cache_meta(model))

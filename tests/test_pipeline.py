@@ -281,3 +281,12 @@ def test_image_cache_equals_the_live_vision_tower(tiny_root):
                                    model.encode_image(s["pixels"][None]), atol=1e-5, rtol=1e-5)
     other = create_model_from_params(params, variant="lexvla", seed=3)  # another random frozen ViT
     with pytest.raises(ValueError, match="rebuild it"): check_image_cache(test, other)
+
+
+def test_near_uniform_caption_vectors_stop_training(tiny_root, tmp_path):
+    "train.uniform_cosine (the paper profile's 0.95): the tiny random LM's caption vectors (cosine ~0.998) stop the run."
+    from lexvla.train import NearUniformVectors
+    p = tiny_params(steps=4, variants=("lexvla",))
+    p["train"].update(uniform_cosine=0.95, log_every=2)
+    with pytest.raises(NearUniformVectors, match="model.logit_shift.text and .image to mean"):
+        _train_here(tiny_root, p, tmp_path / "out")
