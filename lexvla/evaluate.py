@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from .caches import ImageTokenCache, TextPrefixCache, usable_image_cache, usable_text_cache
 from .datasets import image_transform, load_karpathy, load_masks, mask_transform, prepared_paths
-from .encode import class_vectors, encode_images, encode_texts
+from .vectors import class_vectors, encode_images, encode_texts
 from .metrics import patchdis, patchdis_from_labels, retrieval_metrics, sparsity_sweep, upsample_nearest
 from .model import load_trained
 from .oracle import scene_oracle
