@@ -1,4 +1,4 @@
-"""`python -m lexvla.export onnx`: the image and text encoders of a trained model as ONNX graphs, checked against PyTorch with onnxruntime.
+"""`python -m lexvla.export onnx`: both encoders of a trained model as ONNX, checked against PyTorch.
 
 Docs: https://github.com/lexvla/lexvla/export.html.md"""
 

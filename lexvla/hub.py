@@ -1,4 +1,4 @@
-"""Share a trained LexVLA the Hugging Face way: `save_pretrained`, `from_pretrained` (a folder or a hub id), `push_to_hub`, a model card.
+"""Share a trained LexVLA the Hugging Face way: save_pretrained, from_pretrained, push_to_hub, a model card.
 
 Docs: https://github.com/lexvla/lexvla/hub.html.md"""
 
@@ -54,6 +54,7 @@ def _flat(d: dict, prefix: str = "") -> dict:
         elif isinstance(v, (int, float)) and not isinstance(v, bool): out[f"{prefix}{k}"] = v
     return out
 
+# %% ../notebooks/06d_hub.ipynb #24963b26
 def model_card(model: LexVLA,
                repo_id: str | None = None, # the hub id it will have (shown in the usage lines)
                params: dict | None = None, # the training parameters (e.g. params.yaml's train and model sections)
@@ -133,7 +134,8 @@ def from_pretrained(name_or_path: str | Path, # a model folder, or a hub id ("us
         if p.exists() or str(name_or_path).count("/") != 1:
             raise FileNotFoundError(f"{name_or_path}: neither a model folder nor a hub id (user/name)")
         p = Path(snapshot_download(str(name_or_path), revision=revision, cache_dir=cache_dir, token=token,
-                                   local_files_only=local_files_only, allow_patterns=["*.json", "*.safetensors", "*.md"]))
+                                   local_files_only=local_files_only,
+                                   allow_patterns=["*.json", "*.safetensors", "*.md"]))
     return load_trained(p, device)
 
 def push_to_hub(model: LexVLA, repo_id: str,

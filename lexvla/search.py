@@ -22,8 +22,8 @@ from .model import load_trained
 from .params import load_params, record_run, save_resolved
 from .runtime import repo_relative, repo_root, resolve_device, resolve_path, run_cli, write_json
 from .sparse import SparseVectors, VectorShards, load_vectors, threshold_for
-from .vectors import (check_texts, checkpoint_digest, cut_notes, encode_collection, encode_texts, image_collection,
-                            list_images)
+from .vectors import (check_texts, checkpoint_digest, cut_notes, encode_collection, encode_texts,
+                            image_collection, list_images)
 
 # %% auto #0
 __all__ = ['STAGE_KEYS', 'run_search', 'build_command', 'query_command', 'parser', 'main']
@@ -234,6 +234,7 @@ def _query_options(q: argparse.ArgumentParser):
     q.add_argument("--json", help="write the results here as JSON")
     q.add_argument("--print", action="store_true", help="print the results even with --json")
 
+# %% ../notebooks/14_search.ipynb #aa4ea62b
 def parser() -> argparse.ArgumentParser:
     "`python -m lexvla.search [--params ...]` (the stage) and `python -m lexvla.search index build|query ...`."
     ap = argparse.ArgumentParser(prog="python -m lexvla.search",

@@ -301,46 +301,57 @@ class VectorShards:
     def __len__(self) -> int: return self.n_shards
     def __repr__(self): return f"VectorShards({self.folder}, n={self.manifest['n']}, shards={self.n_shards})"
 
-    def words(self) -> list[str]:
-        "The vocabulary the vectors are over (`words.json`)."
-        w = read_checked_json(self.folder / "words.json", "a JSON list of words", REBUILD_SHARDS, kind=list)
-        if len(w) != self.V: raise DamagedFile(f"{self.folder / 'words.json'}: {len(w)} words, manifest says "
-                                               f"V={self.V}; {REBUILD_SHARDS}")
-        return [str(x) for x in w]
 
-    def ids(self) -> list:
-        "Every input id, in input order (`ids.json`; unreadable inputs are in no shard)."
-        return read_checked_json(self.folder / "ids.json", "a JSON list of ids", REBUILD_SHARDS, kind=list)
+# %% ../notebooks/07_sparse.ipynb #8c5cae46
+def _vs_words(self) -> list[str]:
+    "The vocabulary the vectors are over (`words.json`)."
+    w = read_checked_json(self.folder / "words.json", "a JSON list of words", REBUILD_SHARDS, kind=list)
+    if len(w) != self.V: raise DamagedFile(f"{self.folder / 'words.json'}: {len(w)} words, manifest says "
+                                           f"V={self.V}; {REBUILD_SHARDS}")
+    return [str(x) for x in w]
 
-    def missing(self) -> list[int]:
-        "The shards not written yet."
-        return [i for i in range(self.n_shards) if not shard_file(self.folder, i).is_file()]
+def _vs_ids(self) -> list:
+    "Every input id, in input order (`ids.json`; unreadable inputs are in no shard)."
+    return read_checked_json(self.folder / "ids.json", "a JSON list of ids", REBUILD_SHARDS, kind=list)
 
-    def shard(self, i: int) -> SparseVectors:
-        "Shard `i`, checked."
-        sv = SparseVectors.load(shard_file(self.folder, i), REBUILD_SHARDS)
-        if sv.dim != self.V: raise DamagedFile(f"{shard_file(self.folder, i)}: vectors over V={sv.dim} words, the "
-                                               f"manifest says V={self.V}; {REBUILD_SHARDS}")
-        return sv
+def _vs_missing(self) -> list[int]:
+    "The shards not written yet."
+    return [i for i in range(self.n_shards) if not shard_file(self.folder, i).is_file()]
 
-    def __iter__(self):
-        "The shards in order (refused while any is missing: an unfinished encoding)."
-        if miss := self.missing():
-            raise FileNotFoundError(f"{shard_file(self.folder, miss[0])}: missing ({len(miss)} of {self.n_shards} "
-                                    f"shards not written, the encoding is unfinished); {REBUILD_SHARDS}")
-        for i in range(self.n_shards): yield self.shard(i)
+def _vs_shard(self, i: int) -> SparseVectors:
+    "Shard `i`, checked."
+    sv = SparseVectors.load(shard_file(self.folder, i), REBUILD_SHARDS)
+    if sv.dim != self.V: raise DamagedFile(f"{shard_file(self.folder, i)}: vectors over V={sv.dim} words, the "
+                                           f"manifest says V={self.V}; {REBUILD_SHARDS}")
+    return sv
 
-    def load(self) -> SparseVectors:
-        "All shards as one `SparseVectors` (small collections; an index reads them one by one)."
-        return SparseVectors.concat(list(self))
+def _vs_iter(self):
+    "The shards in order (refused while any is missing: an unfinished encoding)."
+    if miss := self.missing():
+        raise FileNotFoundError(f"{shard_file(self.folder, miss[0])}: missing ({len(miss)} of {self.n_shards} "
+                                f"shards not written, the encoding is unfinished); {REBUILD_SHARDS}")
+    for i in range(self.n_shards): yield self.shard(i)
 
-    def skipped(self) -> dict:
-        "{id: reason} of the inputs that could not be encoded."
-        out = {}
-        for i in range(self.n_shards):
-            f = shard_file(self.folder, i).with_suffix(".json")
-            if f.is_file(): out.update(read_checked_json(f, "a shard record", REBUILD_SHARDS, ("skipped",))["skipped"])
-        return out
+def _vs_load(self) -> SparseVectors:
+    "All shards as one `SparseVectors` (small collections; an index reads them one by one)."
+    return SparseVectors.concat(list(self))
+
+def _vs_skipped(self) -> dict:
+    "{id: reason} of the inputs that could not be encoded."
+    out = {}
+    for i in range(self.n_shards):
+        f = shard_file(self.folder, i).with_suffix(".json")
+        if f.is_file(): out.update(read_checked_json(f, "a shard record", REBUILD_SHARDS, ("skipped",))["skipped"])
+    return out
+
+VectorShards.words = _vs_words
+VectorShards.ids = _vs_ids
+VectorShards.missing = _vs_missing
+VectorShards.shard = _vs_shard
+VectorShards.__iter__ = _vs_iter
+VectorShards.load = _vs_load
+VectorShards.skipped = _vs_skipped
+
 
 # %% ../notebooks/07_sparse.ipynb #652fca7d
 def start_shards(folder: str | Path, # the shards folder (created)

@@ -1,4 +1,4 @@
-"""LexVLA as a sentence-transformers `SparseEncoder`: `encode_query` (texts) and `encode_document` (images, or texts) give this repository's sparse vectors.
+"""LexVLA as a sentence-transformers `SparseEncoder`: encode_query / encode_document give this repo's vectors.
 
 Docs: https://github.com/lexvla/lexvla/sparse_encoder.html.md"""
 
