@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save
 
-from .runtime import atomic_write, write_json
+from .runtime import DamagedFile, atomic_write, checked_load, read_checked_json, write_json
 
 # %% auto #0
 __all__ = ['TextPrefixCache', 'cache_meta', 'check_cache', 'usable_text_cache', 'ImageTokenCache', 'vision_fingerprint',
@@ -68,8 +68,12 @@ class TextPrefixCache:
         for f in ("prefix.safetensors", "captions.json"):
             if not (path / f).is_file():
                 raise FileNotFoundError(f"{path / f}: text cache file missing (run `dvc repro textcache`)")
-        t = load_file(str(path / "prefix.safetensors"))
-        j = json.loads((path / "captions.json").read_text())
+        rebuild = "rebuild it (`dvc repro textcache`)"
+        with checked_load(path / "prefix.safetensors", "a text-prefix cache", rebuild) as f: t = load_file(str(f))
+        if not {"hidden", "offsets"} <= set(t):
+            raise DamagedFile(f"{path / 'prefix.safetensors'}: no 'hidden'/'offsets' tensors, not a text-prefix cache; "
+                              f"{rebuild}")
+        j = read_checked_json(path / "captions.json", "a text-cache record", rebuild, ("captions",))
         stored = (j.get("meta") or {}).get("stored_dtype")
         if stored is not None and stored != str(t["hidden"].dtype):
             raise ValueError(f"{path / 'prefix.safetensors'}: holds {t['hidden'].dtype} states, but its "
@@ -136,8 +140,11 @@ class ImageTokenCache:
         for f in (f"{name}.safetensors", f"{name}.json"):
             if not (folder / f).is_file():
                 raise FileNotFoundError(f"{folder / f}: image cache file missing (run `dvc repro imagecache`)")
-        j = json.loads((folder / f"{name}.json").read_text())
-        return cls(load_file(str(folder / f"{name}.safetensors"))["tokens"], j["keys"], j.get("meta"))
+        rebuild = "rebuild it (`dvc repro imagecache`)"
+        j = read_checked_json(folder / f"{name}.json", "an image-cache record", rebuild, ("keys",))
+        with checked_load(folder / f"{name}.safetensors", "an image-token cache", rebuild) as f:
+            tokens = load_file(str(f))["tokens"]  # (a file without "tokens" is named too)
+        return cls(tokens, j["keys"], j.get("meta"))
 
     @staticmethod
     def has(folder: str | Path, name: str) -> bool:

@@ -18,7 +18,6 @@ from tqdm.auto import tqdm
 
 from .caches import ImageTokenCache, TextPrefixCache, usable_image_cache, usable_text_cache
 from .datasets import image_transform, load_karpathy, load_masks, mask_transform, prepared_paths
-from .encode import class_vectors, encode_images, encode_texts
 from .metrics import (patchdis, patchdis_from_labels, retrieval_metrics, save_per_query, sparsity_sweep,
                             upsample_nearest)
 from .model import load_trained
@@ -27,6 +26,7 @@ from .params import EvaluateParams, LoadedParams, ParamsError, load_params, reco
 from .runtime import (environment_record, repo_relative, resolve_device, resolve_path, run_cli,
                             seed_everything, stage_parser, write_json)
 from .sparse import SparseVectors, save_vectors, threshold_for
+from .vectors import class_vectors, encode_images, encode_texts
 
 # %% auto #0
 __all__ = ['chance_levels', 'word_use', 'evaluate', 'Split', 'load_split', 'patch_grid', 'grid_majority', 'run_patchdis',

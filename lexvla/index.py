@@ -11,18 +11,18 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Iterable, Sequence
 
 import numpy as np
 import scipy.sparse as sps
 from numba import njit, prange, types
 from numba.extending import overload
 
-from .runtime import replace_dir, temp_dir
+from .runtime import DamagedFile, checked_load, read_checked_json, replace_dir, temp_dir
 from .sparse import SparseVectors, _as_numpy, explain
 
 # %% auto #0
-__all__ = ['SHARD', 'FORMAT', 'VocabularyMismatch', 'words_fingerprint', 'Hit', 'InvertedIndex', 'topk_agrees']
+__all__ = ['SHARD', 'FORMAT', 'REBUILD_INDEX', 'VocabularyMismatch', 'words_fingerprint', 'Hit', 'InvertedIndex', 'topk_agrees']
 
 # %% ../notebooks/09_index.ipynb #bccb4411
 class VocabularyMismatch(ValueError):
@@ -118,13 +118,14 @@ def _build(cls,
            dtype: str = "float32",     # posting weights: float32 (exact) or float16 (less memory)
            shard: int = SHARD,         # items per shard (a power of two, at most 65536)
            meta: dict | None = None,   # recorded with the index (e.g. how the vectors were sparsified)
+           shrink: bool = True,        # a collection smaller than `shard` gets one smaller shard
           ) -> "InvertedIndex":
     "Build the sharded posting lists of `sv`, each (shard, word) list sparse or dense, whichever is smaller."
     if sv.dim != len(words):
         raise VocabularyMismatch(f"vectors have V={sv.dim} words, the vocabulary has {len(words)}")
     if dtype not in ("float32", "float16"): raise ValueError(f"dtype must be float32 or float16, got {dtype!r}")
     V, n = sv.dim, len(sv)
-    shard = min(shard, 1 << max(n - 1, 0).bit_length())            # a small collection: one small shard
+    if shrink: shard = min(shard, 1 << max(n - 1, 0).bit_length())  # a small collection: one small shard
     S, wb = -(-n // shard), np.dtype(dtype).itemsize
     r0 = np.arange(S, dtype=np.int64) * shard
     m = np.minimum(shard, n - r0)                                  # items per shard (the last may be short)
@@ -180,6 +181,44 @@ def _from_csc(cls, word_ptr, docs, weights, words, ids=None, n=None, shard: int 
 InvertedIndex.build = classmethod(_build)
 InvertedIndex.to_csc = _to_csc
 InvertedIndex.from_csc = classmethod(_from_csc)
+
+# %% ../notebooks/09_index.ipynb #06877d98
+def _join(cls, pieces: list, words, meta) -> "InvertedIndex":
+    "One index from indexes of consecutive rows, each built with the same shard (all full but the last)."
+    L = pieces[0].shard
+    sparse_off = np.cumsum([0] + [len(p.offsets) for p in pieces[:-1]])
+    cols = [len(p.dense) // L for p in pieces]
+    col_off = np.cumsum([0] + cols[:-1])
+    shard_ptr = np.concatenate([p.shard_ptr + o for p, o in zip(pieces, sparse_off)])
+    dense_of = np.concatenate([np.where(p.dense_of >= 0, p.dense_of + o, -1) for p, o in zip(pieces, col_off)])
+    ids = None if pieces[0].ids is None else [i for p in pieces for i in p.ids]
+    return cls(shard_ptr, np.concatenate([p.offsets for p in pieces]), np.concatenate([p.weights for p in pieces]),
+               dense_of, np.concatenate([p.dense for p in pieces]), words, ids, sum(p.n for p in pieces), L, meta)
+
+def _build_stream(cls,
+                  parts: Iterable[SparseVectors], # consecutive row blocks (e.g. `VectorShards`), any sizes
+                  words: Sequence[str], dtype: str = "float32", shard: int = SHARD, meta: dict | None = None,
+                 ) -> "InvertedIndex":
+    "`build` over the rows of `parts` in order, one index shard at a time (never all rows in memory)."
+    pieces, pending, count, block = [], [], 0, None
+    def flush():
+        nonlocal pending, count, block
+        block = SparseVectors.concat(pending)
+        pieces.append(cls.build(block, words, dtype, shard, shrink=False))
+        pending, count = [], 0
+    for p in parts:
+        s = 0
+        while s < len(p):
+            take = min(shard - count, len(p) - s)
+            pending.append(p.rows(s, s + take))
+            count, s = count + take, s + take
+            if count == shard: flush()
+    if pending: flush()
+    if not pieces: raise ValueError("no vectors to index")
+    if len(pieces) == 1: return cls.build(block, words, dtype, shard, meta)  # exactly `build` (a smaller shard)
+    return _join(cls, pieces, words, {"dtype": dtype, **(meta or {})})
+
+InvertedIndex.build_stream = classmethod(_build_stream)
 
 # %% ../notebooks/09_index.ipynb #5b35efc6
 def _query(q, V: int) -> tuple[np.ndarray, np.ndarray]:
@@ -432,31 +471,35 @@ def _save(self, folder) -> Path:
 InvertedIndex.save = _save
 
 # %% ../notebooks/09_index.ipynb #e63d8dbd
+REBUILD_INDEX = "rebuild the index (`python -m lexvla.search index build`)"
+
 def _load(cls, folder, words: Sequence[str] | None = None, # the vocabulary you will query with (checked)
          ) -> "InvertedIndex":
-    "Read `save`'s folder (format 2, or format 1's single CSC); with `words`, refuse another vocabulary's index."
+    "Read `save`'s folder (format 2, or 1's single CSC), each file checked; with `words`, refuse another vocabulary."
     folder = Path(folder)
     info_path = folder / "index.json"
     if not info_path.is_file():
         raise FileNotFoundError(f"{info_path}: not an index folder "
                                 "(build one with `python -m lexvla.search index build`)")
-    info = json.loads(info_path.read_text())
+    info = read_checked_json(info_path, "an index record", REBUILD_INDEX, ("format", "n", "V", "vocab_fingerprint"))
     if info.get("format") not in (FORMAT, "lexvla.index/1"):
-        raise ValueError(f"{info_path}: format {info.get('format')!r}, expected {FORMAT!r}")
-    saved_words = json.loads((folder / "words.json").read_text())
+        raise DamagedFile(f"{info_path}: format {info.get('format')!r}, expected {FORMAT!r}; {REBUILD_INDEX}")
+    saved_words = read_checked_json(folder / "words.json", "a JSON list of words", REBUILD_INDEX, kind=list)
     if words_fingerprint(saved_words) != info["vocab_fingerprint"]:
-        raise ValueError(f"{folder / 'words.json'}: does not match the fingerprint in index.json (a corrupt index)")
+        raise ValueError(f"{folder / 'words.json'}: does not match the fingerprint in index.json (a corrupt index); "
+                         f"{REBUILD_INDEX}")
     if words is not None and words_fingerprint(words) != info["vocab_fingerprint"]:
         raise VocabularyMismatch(
             f"{folder}: the index was built over vocabulary {info['vocab_fingerprint'][:12]} (V={info['V']}), but the "
             f"given vocabulary is {words_fingerprint(words)[:12]} (V={len(words)}): its scores would be meaningless. "
             "Query with the model the index was built with, or rebuild the index.")
-    ids = json.loads((folder / "ids.json").read_text())
-    with np.load(folder / "postings.npz", allow_pickle=False) as z:
-        if info["format"] == "lexvla.index/1":
-            return cls.from_csc(z["word_ptr"], z["docs"], z["weights"], saved_words, ids, info["n"],
-                                meta=info.get("meta"))
-        arrays = [z[a] for a in _ARRAYS]
-    return cls(*arrays, saved_words, ids, info["n"], info["shard"], info.get("meta"))
+    ids = read_checked_json(folder / "ids.json", "a JSON list of item ids", REBUILD_INDEX, kind=(list, type(None)))
+    with checked_load(folder / "postings.npz", "an index's postings", REBUILD_INDEX) as f:
+        with np.load(f, allow_pickle=False) as z:
+            if info["format"] == "lexvla.index/1":
+                return cls.from_csc(z["word_ptr"], z["docs"], z["weights"], saved_words, ids, info["n"],
+                                    meta=info.get("meta"))
+            arrays = [z[a] for a in _ARRAYS]
+        return cls(*arrays, saved_words, ids, info["n"], info.get("shard", SHARD), info.get("meta"))
 
 InvertedIndex.load = classmethod(_load)

@@ -22,7 +22,8 @@ from tqdm.auto import tqdm
 
 from .index import Hit, VocabularyMismatch, words_fingerprint
 from .runtime import repo_root, write_json
-from .sparse import SparseVectors, explain
+from .sparse import SparseVectors, VectorShards, explain, threshold_for
+from .vectors import check_texts, encode_texts
 
 # %% auto #0
 __all__ = ['DEFAULT_COLLECTION', 'ID_FIELD', 'VECTOR_FIELD', 'RECORD_FORMAT', 'MAX_TOPK', 'IMPACT_SCALE', 'vocab_words',
@@ -340,6 +341,31 @@ def _search(self,
 
 MilvusIndex._search = _batch_search
 MilvusIndex.search = _search
+
+# %% ../notebooks/10_milvus.ipynb #4671fddd
+def _search_texts(self, model,                       # a LexVLA model (its vocabulary must be the collection's)
+                  texts: Sequence[str] | str,        # text queries
+                  k: int = 10, explain: int | None = 5,
+                  threshold: float | None = None,    # query sparsification (default 1/√V, method §5)
+                 ) -> list[list[Hit]]:
+    "Top-`k` items of each text query, through `model`'s text tower; empty or blank queries are refused."
+    texts = check_texts(texts, "query")
+    if list(model.vocab.words) != self.words:
+        raise VocabularyMismatch(f"the model's vocabulary (V={model.dim}) is not collection {self.collection!r}'s")
+    thr = threshold_for(self.V) if threshold is None else threshold
+    return self.search(SparseVectors.from_dense(encode_texts(model, texts), threshold=thr), k=k, explain=explain)
+
+def _ingest_shards(self, shards: VectorShards, progress: bool = True) -> dict[str, int]:
+    "Ingest every shard of a vector-shards folder in order (resumable); the summed `written`/`skipped` counts."
+    if shards.words() != self.words:
+        raise VocabularyMismatch(f"{shards.folder}: its vectors are not over collection {self.collection!r}'s words")
+    total = {"written": 0, "skipped": 0}
+    for sv in shards:
+        for key, n in self.ingest(sv, progress=progress).items(): total[key] += n
+    return total
+
+MilvusIndex.search_texts = _search_texts
+MilvusIndex.ingest_shards = _ingest_shards
 
 # %% ../notebooks/10_milvus.ipynb #fdcd4797
 def _to_sparse(rows: list, dim: int, ids: list) -> SparseVectors:

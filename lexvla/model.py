@@ -22,14 +22,14 @@ from torch import nn
 from .losses import elu1p
 from .maxpool import lexical_maxpool
 from .params import LoadedParams, ModelParams, ParamsError, from_dict, list_models, model_config
-from .runtime import atomic_write, write_json
+from .runtime import atomic_write, checked_load, read_checked_json, write_json
 from .text import apply_lora, decoder_parts, load_lm, load_tokenizer, run_decoder_layers
 from .vision import Adapter, create_vision, vision_data_config
 from .vocab import Vocabulary, build_vocabulary
 
 # %% auto #0
-__all__ = ['STOPWORDS', 'VARIANTS', 'l2norm', 'bow_targets', 'LexVLA', 'create_model', 'create_model_from_params',
-           'trainable_state', 'save_trained', 'load_trained']
+__all__ = ['STOPWORDS', 'VARIANTS', 'REBUILD_MODEL', 'l2norm', 'bow_targets', 'LexVLA', 'create_model',
+           'create_model_from_params', 'trainable_state', 'save_trained', 'load_trained']
 
 # %% ../notebooks/06c_model.ipynb #6b43893f
 def l2norm(x: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
@@ -389,22 +389,28 @@ def save_trained(model: LexVLA, folder: str | Path) -> Path:
                                        "seed": model.seed, "vocab_fingerprint": model.vocab.fingerprint()})
     return folder
 
+REBUILD_MODEL = "retrain it (`dvc repro train`) or copy the model folder again"
+
 def load_trained(folder: str | Path, # a `save_trained` folder, e.g. models/lexvla/model
                  device: str = "cpu",
                 ) -> LexVLA:
-    "Rebuild a model saved by `save_trained`, on `device`, in eval mode."
+    "Rebuild a model saved by `save_trained`, on `device`, in eval mode; a damaged file is one line naming it."
     folder = Path(folder)
     for name in ("model.json", "weights.safetensors"):
         if not (folder / name).is_file():
             raise FileNotFoundError(f"{folder / name}: missing, not a trained model folder (run `dvc repro train`)")
-    rec = json.loads((folder / "model.json").read_text())
+    rec = read_checked_json(folder / "model.json", "a LexVLA model record", REBUILD_MODEL,
+                            ("model", "variant", "seed", "vocab_fingerprint"))
     config = from_dict(ModelParams, rec["model"], f"{folder / 'model.json'}: model")
+    # the weights are read (and their header checked) before the towers are built: a damaged file fails fast
+    with checked_load(folder / "weights.safetensors", "a LexVLA weights file", REBUILD_MODEL) as f:
+        weights = safetensors.torch.load_file(str(f))
     model = LexVLA(config, rec["variant"], rec["seed"])
     if model.vocab.fingerprint() != rec["vocab_fingerprint"]:
         raise ValueError(f"{folder}: the tokenizer now gives another vocabulary than the one the model was "
                          "trained with")
-    weights = safetensors.torch.load_file(str(folder / "weights.safetensors"))
-    _, unexpected = model.load_state_dict(weights, strict=False)
+    with checked_load(folder / "weights.safetensors", "this model's weights", REBUILD_MODEL):
+        _, unexpected = model.load_state_dict(weights, strict=False)  # a shape mismatch: another model's weights
     if unexpected: raise ValueError(f"{folder}: weights this model does not have: {unexpected[:3]}")
     lost = set(trainable_state(model)) - set(weights)
     if lost: raise ValueError(f"{folder}: trained weights missing: {sorted(lost)[:3]}")

@@ -14,15 +14,16 @@ import platform
 import random
 import shutil
 import sys
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
 # %% auto #0
-__all__ = ['repo_root', 'resolve_path', 'repo_relative', 'atomic_write', 'write_json', 'temp_dir', 'replace_dir',
-           'seed_everything', 'rng_state', 'set_rng_state', 'resolve_device', 'environment_record', 'run_cli',
-           'stage_parser']
+__all__ = ['repo_root', 'resolve_path', 'repo_relative', 'atomic_write', 'write_json', 'temp_dir', 'replace_dir', 'DamagedFile',
+           'checked_load', 'read_checked_json', 'seed_everything', 'rng_state', 'set_rng_state', 'resolve_device',
+           'environment_record', 'run_cli', 'stage_parser']
 
 # %% ../notebooks/00a_runtime.ipynb #6564c0c2
 def repo_root(start: str | Path | None = None, # folder to start from (default: the cwd, then this file's)
@@ -86,6 +87,40 @@ def replace_dir(tmp: str | Path,  # the finished folder (from `temp_dir`)
     if dest.exists(): shutil.rmtree(dest)
     Path(tmp).rename(dest)
     return dest
+
+# %% ../notebooks/00a_runtime.ipynb #6231e860
+class DamagedFile(ValueError):
+    "A file a command loads is empty, truncated, foreign or malformed; the message names it and how to rebuild it."
+
+def _reason(e: BaseException) -> str:
+    "The first line of what an exception says, with its type."
+    lines = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {lines[0][:160]}" if lines else type(e).__name__
+
+@contextmanager
+def checked_load(path: str | Path, # the file read inside the block
+                 what: str,        # what it should be, e.g. "a LexVLA weights file"
+                 rebuild: str,     # how to make it again, e.g. "rerun `dvc repro train`"
+                ):
+    "Read `path` in this block: a missing or empty file, or any error while reading it, is one line naming the file."
+    path = Path(path)
+    if not path.is_file(): raise FileNotFoundError(f"{path}: missing (expected {what}); {rebuild}")
+    if path.stat().st_size == 0: raise DamagedFile(f"{path}: empty (expected {what}); {rebuild}")
+    try: yield path
+    except (DamagedFile, FileNotFoundError): raise
+    except Exception as e: raise DamagedFile(f"{path}: damaged or not {what} ({_reason(e)}); {rebuild}") from None
+
+def read_checked_json(path: str | Path, what: str, rebuild: str, # as in `checked_load`
+                      keys: Sequence[str] = (),  # keys the object must have
+                      kind: type = dict,         # the JSON type the file must hold
+                     ):
+    "A JSON file's content: valid JSON of type `kind` with every key in `keys`, else one `DamagedFile` line."
+    with checked_load(path, what, rebuild) as p: obj = json.loads(p.read_text(encoding="utf-8"))
+    if not isinstance(obj, kind):
+        raise DamagedFile(f"{path}: holds a JSON {type(obj).__name__}, not {what}; {rebuild}")
+    missing = [k for k in keys if k not in obj]
+    if missing: raise DamagedFile(f"{path}: has no key {missing[0]!r}, so it is not {what}; {rebuild}")
+    return obj
 
 # %% ../notebooks/00a_runtime.ipynb #4cc8ba2e
 def seed_everything(seed: int, deterministic: bool = True):

@@ -8,7 +8,6 @@ Docs: https://github.com/lexvla/lexvla/search.html.md"""
 from __future__ import annotations
 
 import argparse
-import csv
 import hashlib
 import json
 import sys
@@ -17,17 +16,17 @@ from pathlib import Path
 
 import numpy as np
 
-from .datasets import image_transform
-from .encode import encode_images, encode_texts
 from .index import Hit, InvertedIndex, topk_agrees
 from .milvus import MilvusIndex, connect, export_jsonl, is_embedded
 from .model import load_trained
 from .params import load_params, record_run, save_resolved
-from .runtime import repo_relative, repo_root, resolve_path, run_cli, write_json
-from .sparse import SparseVectors, load_vectors, threshold_for
+from .runtime import repo_relative, repo_root, resolve_device, resolve_path, run_cli, write_json
+from .sparse import SparseVectors, VectorShards, load_vectors, threshold_for
+from .vectors import (check_texts, checkpoint_digest, cut_notes, encode_collection, encode_texts,
+                            image_collection, list_images)
 
 # %% auto #0
-__all__ = ['IMAGE_SUFFIXES', 'STAGE_KEYS', 'run_search', 'list_images', 'build_command', 'query_command', 'parser', 'main']
+__all__ = ['STAGE_KEYS', 'run_search', 'build_command', 'query_command', 'parser', 'main']
 
 # %% ../notebooks/14_search.ipynb #d5698589
 def _variant_vectors(evaluate_dir: str | Path, sp) -> tuple[Path, dict]:
@@ -102,39 +101,6 @@ def run_search(params,                       # LoadedParams (search section)
     record_run("search", timing, results=out.parent)
     return {**summary, **timing}
 
-# %% ../notebooks/14_search.ipynb #bb7e62dd
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
-
-def list_images(source: str | Path) -> tuple[list[Path], list[str]]:
-    "Image paths and ids (paths relative to the folder/manifest) of a folder or a manifest."
-    src = Path(source)
-    if src.is_dir():
-        paths = sorted(p for p in src.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
-        return paths, [p.relative_to(src).as_posix() for p in paths]
-    if not src.is_file(): raise FileNotFoundError(f"{src}: no such image folder or manifest")
-    suf = src.suffix.lower()
-    if suf == ".txt":
-        rels = [l.strip() for l in src.read_text().splitlines() if l.strip() and not l.startswith("#")]
-    elif suf in (".csv", ".tsv"):
-        with open(src, newline="", encoding="utf-8") as f:
-            rows = list(csv.DictReader(f, delimiter="\t" if suf == ".tsv" else ","))
-        if rows and "image" not in rows[0]:
-            raise ValueError(f"{src}: no 'image' column (columns: {', '.join(rows[0])})")
-        rels = [r["image"] for r in rows]
-    elif suf in (".jsonl", ".ndjson"):
-        rels = []
-        for n, line in enumerate(src.read_text().splitlines(), 1):
-            if not line.strip(): continue
-            row = json.loads(line)
-            if "image" not in row: raise ValueError(f"{src}:{n}: no 'image' key")
-            rels.append(row["image"])
-    else: raise ValueError(f"{src}: a manifest must be .txt, .csv, .tsv or .jsonl")
-    rels = list(dict.fromkeys(rels))  # each image once
-    paths = [src.parent / r for r in rels]
-    missing = [str(p) for p in paths if not p.is_file()]
-    if missing: raise FileNotFoundError(f"{missing[0]}: listed in {src} but not found ({len(missing)} missing)")
-    return paths, rels
-
 # %% ../notebooks/14_search.ipynb #a68e2399
 def _threshold(arg: str, V: int) -> float | None:
     "--threshold: auto (1/√V, method §5), none, or a number."
@@ -154,26 +120,44 @@ def _read_words(path: str | Path) -> list[str]:
         return [str(x) for x in w]
     return text.splitlines()
 
-def _load_model(checkpoint: str | Path):
-    "The trained model of `checkpoint`, on the CPU."
-    return load_trained(checkpoint, "cpu")
+def _load_model(checkpoint: str | Path, device: str = "cpu"):
+    "The trained model of `checkpoint`, on `device`."
+    return load_trained(checkpoint, device)
 
 def _model_words(model) -> list[str]:
     return list(model.vocab.words)
-
-def _encode_images(model, paths: list[Path], batch_size: int):
-    "(n, V) dense image vectors of `paths`."
-    return encode_images(model, [str(p) for p in paths], image_transform(model.data_config, train=False), batch_size,
-                         progress=True)
 
 def _encode_texts(model, texts: list[str]):
     return encode_texts(model, texts)
 
 # %% ../notebooks/14_search.ipynb #40046829
+def _shards_for(a: argparse.Namespace) -> Path:
+    "The shards folder `index build` reads: `--shards`, or the one it encodes `--images` into first."
+    if a.shards:
+        if a.threshold != "none" or a.topk:
+            raise ValueError("--shards are sparsified already (their manifest says how); re-encode to change that")
+        return Path(a.shards)
+    if not a.checkpoint: raise ValueError("--images needs --checkpoint (the trained model that encodes them)")
+    coll = image_collection(a.images)
+    if not len(coll): raise ValueError(f"{a.images}: no images found")
+    model = _load_model(a.checkpoint, resolve_device(a.device))
+    folder = Path(a.shards_out or f"{a.out}.shards")
+    encode_collection(model, coll, folder, a.shard_size, a.batch_size, _threshold(a.threshold, model.dim), a.topk,
+                      extra={"model_sha256": checkpoint_digest(a.checkpoint)}, progress=True)
+    return folder
+
 def build_command(a: argparse.Namespace) -> dict:
-    "`index build`: from precomputed vectors, or from images embedded with a trained model; returns a summary."
+    "`index build`: from vector shards, from images (encode + build), or from precomputed vectors; a summary."
     t0 = time.perf_counter()
-    if a.vectors:
+    extra = {}
+    if a.shards or a.images:
+        vs = VectorShards(_shards_for(a))
+        words = vs.words()
+        settings = {"source": vs.manifest["source"], "shards": str(vs.folder), **vs.manifest["sparsify"]}
+        if "model_sha256" in vs.manifest: settings["model_sha256"] = vs.manifest["model_sha256"]
+        index = InvertedIndex.build_stream(vs, words, dtype=a.dtype, meta={"sparsify": settings})
+        extra = {"shards": str(vs.folder), "skipped": len(vs.skipped())}
+    elif a.vectors:
         if not a.words: raise ValueError("--vectors needs --words (the vocabulary the vectors are over)")
         words, sv = _read_words(a.words), SparseVectors.load(a.vectors)
         settings = {"source": str(a.vectors)}
@@ -181,21 +165,12 @@ def build_command(a: argparse.Namespace) -> dict:
             thr = _threshold(a.threshold, sv.dim)
             sv = SparseVectors.from_dense(sv.to_dense(), threshold=thr, topk=a.topk, ids=sv.ids)
             settings.update(threshold=thr, topk=a.topk)
-    else:
-        if not (a.images and a.checkpoint): raise ValueError("give --vectors FILE, or --images and --checkpoint")
-        paths, ids = list_images(a.images)
-        if not paths: raise ValueError(f"{a.images}: no images found")
-        model = _load_model(a.checkpoint)
-        words = _model_words(model)
-        thr = _threshold(a.threshold, len(words))
-        dense = _encode_images(model, paths, a.batch_size)
-        sv = SparseVectors.from_dense(dense, threshold=thr, topk=a.topk, ids=ids)
-        settings = {"source": str(a.images), "checkpoint": str(a.checkpoint), "threshold": thr, "topk": a.topk}
-    index = InvertedIndex.build(sv, words, dtype=a.dtype, meta={"sparsify": settings})
+        index = InvertedIndex.build(sv, words, dtype=a.dtype, meta={"sparsify": settings})
+    else: raise ValueError("give --shards DIR, --images and --checkpoint, or --vectors FILE")
     index.save(a.out)
     return {"index": str(a.out), "items": len(index), "V": index.V, "postings": index.nnz,
-            "mean_active": round(sv.mean_active(), 1), "MiB": round(index.nbytes / 2**20, 1),
-            "seconds": round(time.perf_counter() - t0, 2)}
+            "mean_active": round(index.nnz / max(len(index), 1), 1), "MiB": round(index.nbytes / 2**20, 1),
+            **extra, "seconds": round(time.perf_counter() - t0, 2)}
 
 # %% ../notebooks/14_search.ipynb #ee5ae08e
 def _print_hits(name: str, hits: list[Hit]):
@@ -213,7 +188,9 @@ def query_command(a: argparse.Namespace) -> list[dict]:
         names = [str(i) for i in (qs.ids if qs.ids is not None else range(len(qs)))]
     else:
         if not (a.text and a.checkpoint): raise ValueError("give --text and --checkpoint, or --query-vectors FILE")
+        texts = check_texts(a.text, "--text")  # before the model is loaded: a blank query fails at once
         model = _load_model(a.checkpoint)
+        for note in cut_notes(model, texts, "--text"): print(f"note: {note}", file=sys.stderr)
         index = InvertedIndex.load(a.index, words=_model_words(model))
         sp = index.meta.get("sparsify", {})
         if a.threshold is not None: thr = _threshold(a.threshold, index.V)
@@ -230,12 +207,17 @@ def query_command(a: argparse.Namespace) -> list[dict]:
 # %% ../notebooks/14_search.ipynb #aef54370
 def _build_options(b: argparse.ArgumentParser):
     b.add_argument("--out", required=True, help="index folder to write")
-    b.add_argument("--images", help="image folder, or manifest (.txt / .csv / .tsv / .jsonl with an 'image' column)")
+    b.add_argument("--shards", help="vector shards folder (written by `python -m lexvla.encode`)")
+    b.add_argument("--images", help="image folder, manifest (.txt / .csv / .tsv / .jsonl with an 'image' column) or "
+                   "webdataset shards: encoded with --checkpoint, then indexed")
+    b.add_argument("--shards-out", help="with --images: where the vector shards go (default <out>.shards)")
+    b.add_argument("--shard-size", type=int, default=4096, help="with --images: items per vector shard")
+    b.add_argument("--device", default="auto", help="with --images: auto (a GPU when there is one), cuda or cpu")
     b.add_argument("--checkpoint", help="trained model folder (models/<variant>/model)")
     b.add_argument("--vectors", help="precomputed SparseVectors .npz (instead of --images/--checkpoint)")
     b.add_argument("--words", help="with --vectors: the vocabulary (JSON list, or one word per line)")
     b.add_argument("--threshold", default=None, help="keep weights above: auto (1/sqrt(V), method §5), none, or a "
-                   "number (default: auto for images, none for --vectors)")
+                   "number (default: auto for images, none for --vectors and --shards)")
     b.add_argument("--topk", type=int, default=None, help="keep at most K words per item")
     b.add_argument("--dtype", choices=["float32", "float16"], default="float32", help="posting weights")
     b.add_argument("--batch-size", type=int, default=32, help="images per forward pass")
@@ -252,6 +234,7 @@ def _query_options(q: argparse.ArgumentParser):
     q.add_argument("--json", help="write the results here as JSON")
     q.add_argument("--print", action="store_true", help="print the results even with --json")
 
+# %% ../notebooks/14_search.ipynb #aa4ea62b
 def parser() -> argparse.ArgumentParser:
     "`python -m lexvla.search [--params ...]` (the stage) and `python -m lexvla.search index build|query ...`."
     ap = argparse.ArgumentParser(prog="python -m lexvla.search",
@@ -277,7 +260,7 @@ def _run(a: argparse.Namespace) -> dict | None:
         s = run_search(params, a.evaluate or root / "results" / "evaluate", a.out or root / "results" / "search")
         return {k: s[k] for k in STAGE_KEYS}
     if a.index_cmd == "build":
-        if a.threshold is None: a.threshold = "none" if a.vectors else "auto"
+        if a.threshold is None: a.threshold = "none" if a.vectors or a.shards else "auto"
         return build_command(a)
     query_command(a)  # prints its hits itself
     return None

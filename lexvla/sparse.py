@@ -7,15 +7,21 @@ Docs: https://github.com/lexvla/lexvla/sparse.html.md"""
 # %% ../notebooks/07_sparse.ipynb #b9a46296
 from __future__ import annotations
 
+import json
 import math
+import zipfile
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import scipy.sparse as sps
 
+from .runtime import DamagedFile, checked_load, read_checked_json, write_json
+
 # %% auto #0
-__all__ = ['SparseVectors', 'explain', 'threshold_for', 'sparsity_stats', 'save_vectors', 'load_vectors']
+__all__ = ['REBUILD_VECTORS', 'SHARDS_FORMAT', 'REBUILD_SHARDS', 'SparseVectors', 'write_npz', 'explain', 'threshold_for',
+           'sparsity_stats', 'save_vectors', 'load_vectors', 'shard_file', 'VectorShards', 'start_shards',
+           'write_shard']
 
 # %% ../notebooks/07_sparse.ipynb #7775d49b
 def _as_numpy(x) -> np.ndarray:
@@ -155,34 +161,52 @@ def _concat(cls, parts: Sequence["SparseVectors"]) -> "SparseVectors":
     return cls(indptr, np.concatenate([p.indices for p in parts]), np.concatenate([p.data for p in parts]),
                parts[0].dim, ids, check=False)
 
-def _save(self, path) -> Path:
-    "Write an .npz (no pickles; ids as a unicode or int64 array); atomically."
+SparseVectors.from_scipy = classmethod(_from_scipy)
+SparseVectors.to_scipy, SparseVectors.to_dense = _to_scipy, _to_dense
+SparseVectors.concat = classmethod(_concat)
+
+# %% ../notebooks/07_sparse.ipynb #c18cfb36
+def _rows(self, start: int, stop: int) -> "SparseVectors":
+    "Rows `start:stop` (a view of the arrays; ids sliced alike)."
+    a, b = self.indptr[start], self.indptr[stop]
+    ids = None if self.ids is None else self.ids[start:stop]
+    return type(self)(self.indptr[start:stop + 1] - a, self.indices[a:b], self.data[a:b], self.dim, ids, check=False)
+
+def write_npz(path, arrays: dict) -> Path:
+    "An uncompressed .npz with fixed member times (the same arrays give the same bytes), written atomically."
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    # np.savez stamps each member with the current time: two runs of the same vectors would differ in bytes
+    with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED) as z:
+        for k, v in arrays.items():
+            with z.open(zipfile.ZipInfo(f"{k}.npy", date_time=(1980, 1, 1, 0, 0, 0)), "w", force_zip64=True) as f:
+                np.lib.format.write_array(f, np.asanyarray(v), allow_pickle=False)
+    tmp.replace(path)
+    return path
+
+def _save(self, path) -> Path:
+    "Write an .npz (no pickles; ids as a unicode or int64 array), atomically; the same vectors give the same bytes."
     kind = "none" if self.ids is None else ("int" if all(isinstance(i, int) for i in self.ids) else "str")
     if kind == "none": ids = np.zeros(0, np.int64)
     elif kind == "int": ids = np.asarray(self.ids, dtype=np.int64)
     else: ids = np.asarray([str(i) for i in self.ids], dtype=np.str_)
-    # not runtime.atomic_write: np.savez streams the archive to a file instead of holding it all in memory; the
-    # temporary name ends in .npz, or np.savez would append it
-    tmp = path.with_name(path.name + ".tmp.npz")
-    np.savez(tmp, indptr=self.indptr, indices=self.indices, data=self.data, dim=np.int64(self.dim), ids=ids,
-             ids_kind=np.str_(kind), format=np.str_("lexvla.sparse/1"))
-    tmp.replace(path)
-    return path
+    return write_npz(path, dict(indptr=self.indptr, indices=self.indices, data=self.data, dim=np.int64(self.dim),
+                                ids=ids, ids_kind=np.str_(kind), format=np.str_("lexvla.sparse/1")))
 
-def _load(cls, path) -> "SparseVectors":
-    "Read `save`'s .npz (allow_pickle=False)."
-    with np.load(path, allow_pickle=False) as z:
-        missing = {"indptr", "indices", "data", "dim", "ids", "ids_kind"} - set(z.files)
-        if missing: raise ValueError(f"{path}: not a SparseVectors file (missing {', '.join(sorted(missing))})")
-        kind = str(z["ids_kind"])
-        ids = None if kind == "none" else z["ids"].tolist()
-        return cls(z["indptr"], z["indices"], z["data"], int(z["dim"]), ids)
+REBUILD_VECTORS = "re-create it (`python -m lexvla.encode`, or the command that wrote it)"
 
-SparseVectors.from_scipy = classmethod(_from_scipy)
-SparseVectors.to_scipy, SparseVectors.to_dense = _to_scipy, _to_dense
-SparseVectors.concat = classmethod(_concat)
+def _load(cls, path, rebuild: str = REBUILD_VECTORS) -> "SparseVectors":
+    "Read `save`'s .npz (allow_pickle=False); a damaged or foreign file is one line naming it."
+    with checked_load(path, "a SparseVectors .npz", rebuild):
+        with np.load(path, allow_pickle=False) as z:
+            missing = {"indptr", "indices", "data", "dim", "ids", "ids_kind"} - set(z.files)
+            if missing: raise ValueError(f"not a SparseVectors file: missing {', '.join(sorted(missing))}")
+            kind = str(z["ids_kind"])
+            ids = None if kind == "none" else z["ids"].tolist()
+            return cls(z["indptr"], z["indices"], z["data"], int(z["dim"]), ids)
+
+SparseVectors.rows = _rows
 SparseVectors.save, SparseVectors.load = _save, classmethod(_load)
 
 # %% ../notebooks/07_sparse.ipynb #eb353ee1
@@ -250,3 +274,107 @@ def load_vectors(path: str | Path) -> dict:
         out[name] = sps.csr_matrix((d[f"{name}.values"], d[f"{name}.indices"], d[f"{name}.indptr"]),
                                    shape=tuple(d[f"{name}.shape"]))
     return out
+
+# %% ../notebooks/07_sparse.ipynb #5fca80ff
+SHARDS_FORMAT = "lexvla.shards/1"
+REBUILD_SHARDS = "re-run the `python -m lexvla.encode` command that wrote this folder (it resumes where it stopped)"
+_MANIFEST_KEYS = ("format", "kind", "n", "shard_size", "shards", "V", "vocab_fingerprint", "sparsify")
+
+def shard_file(folder: str | Path, i: int) -> Path:
+    "The path of shard `i` of a shards folder."
+    return Path(folder) / f"shard-{i:05d}.npz"
+
+class VectorShards:
+    "A folder of numbered `SparseVectors` shards with its manifest, ids and words; read one shard at a time."
+    def __init__(self, folder: str | Path):
+        self.folder = Path(folder)
+        m = read_checked_json(self.folder / "manifest.json", "a vector-shards manifest", REBUILD_SHARDS, _MANIFEST_KEYS)
+        if m["format"] != SHARDS_FORMAT:
+            raise DamagedFile(f"{self.folder / 'manifest.json'}: format {m['format']!r}, expected {SHARDS_FORMAT!r}; "
+                              f"{REBUILD_SHARDS}")
+        self.manifest = m
+
+    @property
+    def n_shards(self) -> int: return int(self.manifest["shards"])
+    @property
+    def V(self) -> int: return int(self.manifest["V"])
+    def __len__(self) -> int: return self.n_shards
+    def __repr__(self): return f"VectorShards({self.folder}, n={self.manifest['n']}, shards={self.n_shards})"
+
+
+# %% ../notebooks/07_sparse.ipynb #8c5cae46
+def _vs_words(self) -> list[str]:
+    "The vocabulary the vectors are over (`words.json`)."
+    w = read_checked_json(self.folder / "words.json", "a JSON list of words", REBUILD_SHARDS, kind=list)
+    if len(w) != self.V: raise DamagedFile(f"{self.folder / 'words.json'}: {len(w)} words, manifest says "
+                                           f"V={self.V}; {REBUILD_SHARDS}")
+    return [str(x) for x in w]
+
+def _vs_ids(self) -> list:
+    "Every input id, in input order (`ids.json`; unreadable inputs are in no shard)."
+    return read_checked_json(self.folder / "ids.json", "a JSON list of ids", REBUILD_SHARDS, kind=list)
+
+def _vs_missing(self) -> list[int]:
+    "The shards not written yet."
+    return [i for i in range(self.n_shards) if not shard_file(self.folder, i).is_file()]
+
+def _vs_shard(self, i: int) -> SparseVectors:
+    "Shard `i`, checked."
+    sv = SparseVectors.load(shard_file(self.folder, i), REBUILD_SHARDS)
+    if sv.dim != self.V: raise DamagedFile(f"{shard_file(self.folder, i)}: vectors over V={sv.dim} words, the "
+                                           f"manifest says V={self.V}; {REBUILD_SHARDS}")
+    return sv
+
+def _vs_iter(self):
+    "The shards in order (refused while any is missing: an unfinished encoding)."
+    if miss := self.missing():
+        raise FileNotFoundError(f"{shard_file(self.folder, miss[0])}: missing ({len(miss)} of {self.n_shards} "
+                                f"shards not written, the encoding is unfinished); {REBUILD_SHARDS}")
+    for i in range(self.n_shards): yield self.shard(i)
+
+def _vs_load(self) -> SparseVectors:
+    "All shards as one `SparseVectors` (small collections; an index reads them one by one)."
+    return SparseVectors.concat(list(self))
+
+def _vs_skipped(self) -> dict:
+    "{id: reason} of the inputs that could not be encoded."
+    out = {}
+    for i in range(self.n_shards):
+        f = shard_file(self.folder, i).with_suffix(".json")
+        if f.is_file(): out.update(read_checked_json(f, "a shard record", REBUILD_SHARDS, ("skipped",))["skipped"])
+    return out
+
+VectorShards.words = _vs_words
+VectorShards.ids = _vs_ids
+VectorShards.missing = _vs_missing
+VectorShards.shard = _vs_shard
+VectorShards.__iter__ = _vs_iter
+VectorShards.load = _vs_load
+VectorShards.skipped = _vs_skipped
+
+
+# %% ../notebooks/07_sparse.ipynb #652fca7d
+def start_shards(folder: str | Path, # the shards folder (created)
+                 manifest: dict,     # `SHARDS_FORMAT`'s keys (without format)
+                 words: Sequence[str], ids: Sequence,
+                ) -> VectorShards:
+    "Open a shards folder to write: a new one gets its manifest; an old one must hold the same run, else refused."
+    folder = Path(folder)
+    m = {"format": SHARDS_FORMAT, **manifest}
+    if (folder / "manifest.json").is_file():
+        old = VectorShards(folder).manifest
+        diff = sorted(k for k in set(m) | set(old) if m.get(k) != old.get(k))
+        if diff:
+            raise ValueError(f"{folder}: holds the shards of another run (differs in {', '.join(diff)}); "
+                             "use another output folder, or delete this one to start over")
+        if VectorShards(folder).ids() != list(ids): raise ValueError(f"{folder}: holds the shards of other inputs")
+        return VectorShards(folder)
+    write_json(folder / "words.json", [str(w) for w in words], indent=None, ensure_ascii=False)
+    write_json(folder / "ids.json", list(ids), indent=None, ensure_ascii=False)
+    write_json(folder / "manifest.json", m)  # last: a folder with a manifest is complete apart from its shards
+    return VectorShards(folder)
+
+def write_shard(folder: str | Path, i: int, sv: SparseVectors, skipped: dict) -> Path:
+    "Write shard `i` and its record of skipped inputs (the .npz last: it marks the shard done)."
+    write_json(shard_file(folder, i).with_suffix(".json"), {"rows": len(sv), "skipped": skipped}, ensure_ascii=False)
+    return sv.save(shard_file(folder, i))

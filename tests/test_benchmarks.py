@@ -86,3 +86,15 @@ def test_data_benchmark_loads_every_sample_once(tmp_path):
     for name, seen in d["seen"].items():
         assert len(seen) == len(set(seen)) and set(seen) <= keys, name  # no sample twice, none foreign
         assert len(seen) == (48 if name == "streaming_dataset" else 48 // 8 * 8), (name, len(seen))
+
+
+def test_encode_benchmark_memory_flat_and_resume_identical(tmp_path):
+    "bench_encode at toy size: the sharded path's peak RSS does not grow with n; a killed run resumes to the same bytes."
+    js = tmp_path / "encode.json"
+    # five short processes (each loads torch and the tiny model): about a minute idle, several on a loaded machine
+    run([sys.executable, str(ROOT / "benchmarks" / "bench_encode.py"), "--sizes", "40", "80", "--dense-sizes",
+         "--resume-n", "80", "--shard-size", "16", "--V", "2000", "--images", str(tmp_path / "scenes"),
+         "--out", str(tmp_path / "encode.md"), "--json", str(js)], timeout=900)
+    r = json.loads(js.read_text())
+    assert r["resume"]["identical"] and r["resume"]["shards_before_kill"] >= 2
+    assert r["spread"] < 0.1, r["rows"]

@@ -133,18 +133,32 @@ def test_cli_with_precomputed_vectors(tmp_path, capsys):
 
 
 class FakeModel:
-    "Stands in for a trained model: fixed image vectors by file name, text vectors from word matches."
-    def __init__(self, words): self.vocab = type("Vocab", (), {"words": words})(); self.data_config = {}
+    "Stands in for a trained model: image vectors from the image's colour, text vectors from word matches."
+    def __init__(self, words):
+        import torch
+        self.vocab = type("Vocab", (), {"words": words, "fingerprint": lambda self: "fake"})()
+        self.dim, self.device = len(words), torch.device("cpu")
+        self.data_config = {"input_size": (3, 8, 8), "interpolation": "bicubic", "mean": (0, 0, 0), "std": (1, 1, 1),
+                            "crop_pct": 1.0, "crop_mode": "center"}
+        self.config = type("Config", (), {"max_text_tokens": 77})()
+        self.tokenizer = lambda texts, add_special_tokens: {"input_ids": [t.split() for t in texts]}
+
+    def encode_image(self, pixels):  # red images: red ring; green ones: green square
+        import torch
+        red = pixels[:, 0].mean((1, 2)) > pixels[:, 1].mean((1, 2))
+        return torch.stack([torch.tensor([0.9, 0.0, 0.5, 0.0] if r else [0.0, 0.8, 0.0, 0.6]) for r in red])
 
 
 def test_cli_model_path(tmp_path, monkeypatch, capsys):
     import torch
+    from PIL import Image
     words = ["red", "green", "ring", "square"]
     folder = tmp_path / "imgs"; (folder / "sub").mkdir(parents=True)
-    for name in ("a.png", "sub/b.jpg", "c.txt"): (folder / name).write_bytes(b"x")
-    vecs = {"a.png": [0.9, 0.0, 0.5, 0.0], "b.jpg": [0.0, 0.8, 0.0, 0.6]}
-    monkeypatch.setattr(ls, "_load_model", lambda ckpt: FakeModel(words))
-    monkeypatch.setattr(ls, "_encode_images", lambda m, paths, bs: torch.tensor([vecs[p.name] for p in paths]))
+    Image.new("RGB", (16, 16), (200, 0, 0)).save(folder / "a.png")
+    Image.new("RGB", (16, 16), (0, 200, 0)).save(folder / "sub" / "b.jpg")
+    (folder / "c.txt").write_bytes(b"x")
+    monkeypatch.setattr(ls, "_load_model", lambda ckpt, device="cpu": FakeModel(words))
+    monkeypatch.setattr(ls, "checkpoint_digest", lambda ckpt: "fake")
     monkeypatch.setattr(ls, "_encode_texts", lambda m, texts: torch.tensor(
         [[1.0 if w in t.split() else 0.0 for w in words] for t in texts]))
     assert main(["index", "build", "--images", str(folder), "--checkpoint", "ckpt", "--out", str(tmp_path / "ix")]) == 0
@@ -157,7 +171,7 @@ def test_cli_model_path(tmp_path, monkeypatch, capsys):
     assert got[0]["query"] == "a red ring" and [h["id"] for h in got[0]["hits"]] == ["a.png"]
     assert [e["word"] for e in got[0]["hits"][0]["explanation"]] == ["red"]  # ring 0.5 is not above 0.5
     assert [h["id"] for h in got[1]["hits"]] == ["sub/b.jpg"]
-    monkeypatch.setattr(ls, "_load_model", lambda ckpt: FakeModel(["other"] * 4))
+    monkeypatch.setattr(ls, "_load_model", lambda ckpt, device="cpu": FakeModel(["other"] * 4))
     assert main(["index", "query", "--index", str(tmp_path / "ix"), "--checkpoint", "ckpt", "--text", "red"]) == 2
     assert "built over vocabulary" in capsys.readouterr().err
 

@@ -257,7 +257,7 @@ def test_image_cache_equals_the_live_vision_tower(tiny_root):
     "The imagecache stage's tokens give the live ViT's image and patch vectors, for training and evaluation images."
     from lexvla.datasets import image_transform, prepared_paths, train_dataset
     from lexvla.caches import ImageTokenCache, check_image_cache
-    from lexvla.encode import encode_images
+    from lexvla.vectors import encode_images
     from lexvla.evaluate import load_split
     from lexvla.model import create_model_from_params
     params = params_from_dict(tiny_params(), source="test")

@@ -11,7 +11,8 @@ from conftest import ROOT
 
 PKG = ROOT / "lexvla"
 # the modules that are DVC stages (`python -m lexvla.<stage>`): nothing may import them
-STAGES = {"prepare", "convert", "imagecache", "textcache", "train", "evaluate", "search", "report"}
+STAGES = {"prepare", "convert", "imagecache", "textcache", "train", "evaluate", "search", "report",
+          "encode", "export"}  # and the commands (`python -m lexvla.encode`, `.export`)
 MAX_FLOORS = 5
 
 
