@@ -80,6 +80,11 @@ def export_onnx(model: LexVLA, out: str | Path, # a model in eval mode; the fold
     size = model.data_config["input_size"]
     px = torch.rand(2, *size, generator=torch.Generator().manual_seed(0))
     report = {"opset": opset, "graphs": []}
+    batches = (list(captions), list(captions[-1:]))  # other lengths and paddings than the traced ones
+    with torch.no_grad():  # the references first: tracing may leave state behind in the modules it runs
+        ref_img = {b: model.encode_image(torch.rand(b, *size, generator=torch.Generator().manual_seed(b))).float()
+                   for b in (1, 3)}
+        ref_txt = [model.encode_text(batch).float() for batch in batches] if model.lm is not None else []
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the tracer's notes on Python branches: the checks below are what counts
         torch.onnx.export(ImageEncoder(model), (px,), str(out / "image_encoder.onnx"), input_names=["pixels"],
@@ -88,7 +93,7 @@ def export_onnx(model: LexVLA, out: str | Path, # a model in eval mode; the fold
         sess = ort.InferenceSession(str(out / "image_encoder.onnx"), providers=["CPUExecutionProvider"])
         for b in (1, 3):  # other batch sizes than the traced one
             x = torch.rand(b, *size, generator=torch.Generator().manual_seed(b))
-            report["graphs"].append(_check(sess, {"pixels": x.numpy()}, model.encode_image(x).float().numpy(),
+            report["graphs"].append(_check(sess, {"pixels": x.numpy()}, ref_img[b].numpy(),
                                            f"image_encoder (batch {b})"))
         if model.lm is not None:
             tok = model.tokenize(list(captions[:2]))
@@ -98,11 +103,10 @@ def export_onnx(model: LexVLA, out: str | Path, # a model in eval mode; the fold
                               dynamic_axes={"input_ids": {0: "b", 1: "t"}, "attention_mask": {0: "b", 1: "t"},
                                             "vectors": {0: "b"}})
             sess = ort.InferenceSession(str(out / "text_encoder.onnx"), providers=["CPUExecutionProvider"])
-            for batch in (list(captions), list(captions[-1:])):  # other lengths and paddings than the traced ones
+            for batch, ref in zip(batches, ref_txt):
                 t = model.tokenize(batch)
                 feeds = {k: t[k].numpy() for k in ("input_ids", "attention_mask")}
-                report["graphs"].append(_check(sess, feeds, model.encode_text(batch).float().numpy(),
-                                               f"text_encoder ({len(batch)} texts)"))
+                report["graphs"].append(_check(sess, feeds, ref.numpy(), f"text_encoder ({len(batch)} texts)"))
     model.tokenizer.save_pretrained(str(out / "tokenizer"))
     write_json(out / "lexvla_onnx.json", {
         "variant": model.variant, "opset": opset, "prompt": model.config.prompt, "padding_side": "left",
