@@ -56,7 +56,8 @@ def fresh_copy(dest: Path, profile: str = "tiny") -> Path:
                            check=True).stdout.decode().split("\0")
     for f in filter(None, files):
         src = ROOT / f
-        if f == "dvc.lock" or not src.is_file(): continue  # the committed lock is the default's full run
+        # the committed lock and metrics are the default's full run, not the copy's
+        if f == "dvc.lock" or (f.startswith("results/") and f != "results/.gitkeep") or not src.is_file(): continue
         (dest / f).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(src, dest / f)
     merged = apply_profile(ROOT / "profiles" / f"{profile}.yaml", ROOT / "params.yaml")

@@ -43,8 +43,9 @@ def test_vocabulary_filter_sentencepiece_known_answer():
     tok = _tok(pieces, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
     want = {"alpha2": ["the", "The", "the", "ab", "red", "ing", "ring", "RING"],
             "word_start": ["the", "The", "ab", "red", "ring", "RING"],
-            "word_start_lower": ["the", "ab", "red", "ring"]}
-    ids = {"alpha2": [5, 6, 7, 9, 10, 11, 15, 16], "word_start": [5, 6, 9, 10, 15, 16], "word_start_lower": [5, 9, 10, 15]}
+            "word_start_lower": ["the", "ab", "red", "ring"], "words": ["the", "ab", "red", "ring"]}
+    ids = {"alpha2": [5, 6, 7, 9, 10, 11, 15, 16], "word_start": [5, 6, 9, 10, 15, 16], "word_start_lower": [5, 9, 10, 15],
+           "words": [5, 9, 10, 15]}  # words: all four are listed English words (wordfreq Zipf >= 3)
     for f in FILTERS:
         v = build_vocabulary(tok, f)
         assert v.words == want[f] and v.ids.tolist() == ids[f] and v.size == len(ids[f]), f

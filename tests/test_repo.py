@@ -111,3 +111,19 @@ def test_ci_runs_the_readme_test_command():
     assert cmds[:2] == ["make repro", "make test"], cmds
     ci = [l.strip() for l in (ROOT / ".ci" / "run").read_text().splitlines() if l.strip() and not l.startswith("#")]
     assert ci[-1] == "make test"
+
+
+def test_metrics_are_committed_so_a_fresh_clone_has_a_baseline():
+    """The evaluate metrics, the dvclive summaries and the report's summary are committed (cache: false outputs), so
+    `dvc metrics show` on a fresh clone prints the README's numbers and `dvc exp show` has a baseline."""
+    tracked = set(run(["git", "ls-files", "results"]).stdout.split())
+    variants = yaml.safe_load((ROOT / "params.yaml").read_text())["train"]["variants"]
+    want = {"results/reports/summary.md", "results/reports/summary.json"}
+    want |= {f"results/evaluate/{v}.json" for v in variants} | {f"results/train/{v}/live/metrics.json" for v in variants}
+    assert want <= tracked, sorted(want - tracked)
+    shown = json.loads(run([tool("dvc"), "metrics", "show", "--json"]).stdout)
+    files = next(iter(shown.values()))["data"]
+    for v in variants:
+        got = files[f"results/evaluate/{v}.json"]["data"]
+        assert got["dense"]["image_to_text_R@1"] == json.loads((ROOT / f"results/evaluate/{v}.json").read_text())[
+            "dense"]["image_to_text_R@1"]
