@@ -41,8 +41,8 @@ from .sparse import threshold_for
 # %% auto #0
 __all__ = ['TRAINING_CODE', 'CheckpointError', 'fault_point', 'Checkpointer', 'NonFiniteLoss', 'run_fingerprint', 'agree',
            'NearUniformVectors', 'mean_pairwise_cosine', 'uniform_check', 'regularised', 'param_groups',
-           'make_optimizer', 'resume', 'save_checkpoint', 'train_step', 'scalars', 'log_step', 'train',
-           'launch_command', 'main']
+           'make_optimizer', 'resume', 'save_checkpoint', 'train_step', 'scalars', 'log_step', 'native_bf16',
+           'mixed_precision', 'train', 'launch_command', 'main']
 
 # %% ../notebooks/12_train.ipynb #7a1bb3be
 class CheckpointError(RuntimeError):
@@ -353,6 +353,29 @@ def log_step(live: Live, parts: dict, out: dict, lr: float, raw) -> dict[str, fl
     live.next_step()
     return rec
 
+# %% ../notebooks/12_train.ipynb #60074a89
+def native_bf16(device: str # "cpu" or "cuda"
+               ) -> bool:
+    "Whether bf16 matmuls run natively on `device`: a bf16-capable GPU, or a CPU with AVX512-BF16 / AMX (oneDNN)."
+    if device == "cuda": return torch.cuda.is_bf16_supported()
+    try: return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError): return False
+
+def mixed_precision(precision: str, # train.precision: auto | fp32 | bf16
+                    device: str,    # the resolved device
+                    native: bool | None = None, # whether bf16 is native here (default: `native_bf16(device)`)
+                   ) -> str:
+    "accelerate's `mixed_precision` for `train.precision` on `device`; bf16 without native kernels on CPU: fp32, warned."
+    if precision not in ("auto", "fp32", "bf16"):
+        raise ParamsError(f"train.precision: got {precision!r}, expected 'auto', 'fp32' or 'bf16'")
+    if precision == "fp32" or (precision == "auto" and device != "cuda"): return "no"
+    if device == "cpu" and not (native_bf16(device) if native is None else native):
+        warnings.warn("train.precision: bf16 asked for, but this CPU has no native bf16 matmuls (AVX512-BF16/AMX): "
+                      "torch's fallback runs them ~400x slower than fp32, so this run trains in fp32 (its numbers "
+                      "differ from a bf16 machine's in the last digits; set train.precision: fp32 to silence this)")
+        return "no"
+    return "bf16"
+
 # %% ../notebooks/12_train.ipynb #7daaa14e
 def train(params: LoadedParams,           # the loaded params file
           variant: str,                   # a key of train.variants
@@ -377,7 +400,7 @@ def train(params: LoadedParams,           # the loaded params file
     if not shards: raise FileNotFoundError(f"{data_dir / 'train'}: no training shards (*.tar); run `dvc repro prepare`")
 
     device = resolve_device(base.device)
-    precision = {"auto": "bf16" if device == "cuda" else "no", "fp32": "no", "bf16": "bf16"}[tp.precision]
+    precision = mixed_precision(tp.precision, device)
     # no broadcast of buffers: the only one is the frozen text codebook (V x d), identical on every process
     acc = Accelerator(cpu=device == "cpu", mixed_precision=precision, gradient_accumulation_steps=tp.grad_accum,
                       kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)])
