@@ -44,6 +44,33 @@ VARIANTS = {"lexvla": {"model": "lexvla", "reg": "overuse", "lam": None},
             "nopenalty": {"model": "lexvla", "reg": "none", "lam": 0.0}}
 
 
+def machine() -> str:
+    "The CPU this ran on, in words (for the results' provenance: machines differ by up to 2x)."
+    import os
+    name = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
+                 if ln.startswith("model name")), platform.processor() or platform.machine()) \
+        if Path("/proc/cpuinfo").is_file() else platform.processor() or platform.machine()
+    return f"{name}, {os.cpu_count()} cores"
+
+
+def commit() -> str:
+    "The repository's commit (short), '+dirty' when the work tree has changes."
+    import subprocess
+    run = lambda *a: subprocess.run(["git", *a], capture_output=True, text=True, cwd=repo_root()).stdout.strip()
+    return run("rev-parse", "--short", "HEAD") + ("+dirty" if run("status", "--porcelain", "--untracked-files=no") else "")
+
+
+def effective_precision(d: dict) -> str:
+    "What `train.precision` trains in on this machine (bf16 falls back to fp32 on CPUs without native bf16)."
+    from lexvla.runtime import resolve_device
+    from lexvla.train import mixed_precision
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        mp = mixed_precision(d["train"]["precision"], resolve_device(d["base"]["device"]))
+    return "fp32" if mp == "no" else mp
+
+
 def experiment_params(params_file: Path, variants: list[str], steps: int, eval_every: int, split: str) -> dict:
     "params.yaml with the experiment's variants, horizon, checkpoints at the evaluation points, and `split` evaluated."
     d = yaml.safe_load(params_file.read_text())
@@ -157,7 +184,8 @@ def report(rec: dict) -> None:
     HERE.mkdir(parents=True, exist_ok=True)
     (HERE / "results.json").write_text(json.dumps(rec, indent=1) + "\n")
     f = lambda v: "" if v is None else f"{v:.3f}"
-    md = [f"Convergence on the **val** split ({rec['machine']}). Horizon {rec['steps']} steps (cosine), evaluated "
+    md = [f"Convergence on the **val** split ({rec['machine']}; commit {rec.get('commit', '?')}, trained in "
+          f"{rec.get('precision', '?')}). Horizon {rec['steps']} steps (cosine), evaluated "
           f"every {rec['eval_every']}; every other setting as in params.yaml. Plateau rule: {rec['rule']}", "",
           "| variant | step | i->t R@1 | t->i R@1 | active words / image (caption) | top-64 R@1 | top-256 R@1 | "
           "top-20 share | PatchDis | train s |", "|---|---|---|---|---|---|---|---|---|---|"]
@@ -178,6 +206,7 @@ def report(rec: dict) -> None:
                "bootstrap over images:", "", "| claim | estimate | 95 % interval | verdict |", "|---|---|---|---|"]
         md += [f"| {c['claim']} | {c['estimate']:+.3f} | [{c['low']:+.3f}, {c['high']:+.3f}] | **{c['verdict']}** |"
                for c in rec["claims"]]
+    if rec.get("note"): md += ["", rec["note"]]
     (HERE / "results.md").write_text("\n".join(md) + "\n")
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     for v, curve in rec["curves"].items():
@@ -204,6 +233,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--plateau-gain", type=float, default=0.005, help="mean R@1 gained over the last third")
     ap.add_argument("--only-report", action="store_true", help="redraw from finished points")
     ap.add_argument("--no-test", action="store_true", help="skip the test evaluation and the claims")
+    ap.add_argument("--note", default="", help="a paragraph of provenance for results.md (kept in results.json)")
     a = ap.parse_args(argv)
     names = [v.strip() for v in a.variants.split(",") if v.strip()]
     bad = [v for v in names if v not in VARIANTS]
@@ -223,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
     rule = (f"a run has plateaued when the last third of its steps gained < {a.plateau_gain} mean R@1 "
             "(mean of i->t and t->i) on val.")
     rec = {"steps": a.steps, "eval_every": a.eval_every, "split": "val", "rule": rule, "plateau_gain": a.plateau_gain,
-           "machine": f"{platform.machine()}, {platform.processor() or 'CPU'}, 2 cores",
+           "machine": machine(), "commit": commit(), "note": a.note, "precision": effective_precision(d),
            "curves": curves, "plateaus": {v: plateau(c, a.plateau_gain) for v, c in curves.items()}}
     finished = [v for v, c in curves.items() if c and c[-1]["step"] == a.steps]
     if finished and not a.no_test:

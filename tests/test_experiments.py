@@ -52,3 +52,28 @@ def test_plateau_rule_reads_the_last_third():
     rising = conv.plateau(_curve([0.1, 0.2, 0.3, 0.4, 0.5, 0.6]), gain=0.005)
     assert not rising["reached"] and rising["gain_last_third"] == pytest.approx(0.2)
     assert not conv.plateau(_curve([0.1, 0.1]), gain=0.005)["reached"]
+
+
+spec = importlib.util.spec_from_file_location("sparse_robustness", ROOT / "experiments" / "sparse_robustness.py")
+robust = importlib.util.module_from_spec(spec); spec.loader.exec_module(robust)
+
+
+def test_sparse_robustness_agrees_with_the_evaluate_stage_protocol():
+    """The `both` rule is the evaluate stage's top-k sparsification (metrics.sparsity_sweep); `both+renorm` is the
+    same cut renormalised; k = V keeps everything; the self-score share is the kept squared norm."""
+    import torch
+    from lexvla.metrics import sparsity_sweep
+    g = torch.Generator().manual_seed(0)
+    img = torch.nn.functional.normalize(torch.rand(40, 200, generator=g) ** 6, dim=1)
+    t2i = torch.arange(40).repeat_interleave(3)
+    txt = torch.nn.functional.normalize(img[t2i] + 0.3 * torch.rand(120, 200, generator=g) ** 6, dim=1)
+    a = robust.analyse(img, txt, t2i, [8, 200])
+    ref = {r["topk"]: r for r in sparsity_sweep(img, txt, t2i, 200, [8], threshold=False, ks=(1,))}
+    cut, full = a["rows"]
+    assert cut["both"]["R@1"] == pytest.approx((ref[8]["image_to_text_R@1"], ref[8]["text_to_image_R@1"]))
+    r = robust.r_at_1(robust.cut(img, 8, True), robust.cut(txt, 8, True), t2i)
+    assert cut["both+renorm"]["R@1"] == pytest.approx(r) and cut["both"]["R@1"] != pytest.approx(r)
+    kept = img * robust.topk_mask(img, 8)
+    assert cut["image_self_share"] == pytest.approx(float((kept ** 2).sum(1).mean()))
+    assert full["both"]["share_of_full"] == [1.0, 1.0] and full["matched_score_share"] == pytest.approx(1.0)
+    assert 1 <= a["matched_score_words"]["50%"] <= a["matched_score_words"]["90%"] <= 200
