@@ -27,8 +27,12 @@ def test_gathered_step_equals_one_process(tmp_path, local_loss):
     r = json.loads(out.read_text())
     assert r["processes"] == 2 and not r["missing"]
     assert r["loss"] == pytest.approx(r["ref_loss"], rel=1e-6)
-    for k, d in r["grad_max_diff"].items():  # fp32: the sums run in another order, nothing else differs
-        assert d <= 1e-5 * max(r["grad_max"][k], 1e-3), (k, d, r["grad_max"][k])
+    # fp32: the sums run in another order, nothing else differs. A reordered fp32 sum errs relative to its terms, not
+    # to its result: the logit scale's gradient is a near-cancelling sum of O(1) terms (1e-5 out of terms of ~1;
+    # measured 2.3e-7 apart on a 2-core AVX2 EPYC), hence the absolute floor of ~10 fp32 ulps of 1 (a dropped or
+    # doubled process part moves the other gradients by far more than the relative bound).
+    for k, d in r["grad_max_diff"].items():
+        assert d <= 1e-5 * max(r["grad_max"][k], 1e-3) + 1e-6, (k, d, r["grad_max"][k])
     assert any(v > 0 for v in r["grad_max"].values())
     assert r["broadcast_buffers"] is False  # the frozen text codebook is not sent on every forward
 
