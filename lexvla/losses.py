@@ -7,7 +7,7 @@ Docs: https://github.com/lexvla/lexvla/losses.html.md"""
 # %% ../notebooks/05_losses.ipynb #875d79c2
 from __future__ import annotations
 
-from typing import Callable, Literal
+from typing import Callable, Literal, NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -17,7 +17,8 @@ from torch import nn
 
 # %% auto #0
 __all__ = ['REGULARIZERS', 'elu1p', 'word_activation', 'flops_regularizer', 'overuse_penalty', 'quadratic_warmup',
-           'clip_contrastive', 'world_size', 'gather_features', 'local_contrastive', 'LexicalLoss', 'create_loss']
+           'clip_contrastive', 'world_size', 'gather_features', 'local_contrastive', 'Regularizer',
+           'register_regularizer', 'LexicalLoss', 'create_loss']
 
 # %% ../notebooks/05_losses.ipynb #d197bb92
 def elu1p(x: torch.Tensor # logits, any shape
@@ -113,12 +114,28 @@ def local_contrastive(image_features: torch.Tensor, text_features: torch.Tensor,
             + F.cross_entropy(scale * text_features @ all_image.T, labels)) / 2
 
 # %% ../notebooks/05_losses.ipynb #8ddff313
-REGULARIZERS: dict[str, Callable[[torch.Tensor], torch.Tensor] | None] = {
-    "overuse": overuse_penalty,   # LexVLA (method §5)
-    "flops": flops_regularizer,   # the FLOPs ablation
-    "none": None,                 # no-penalty ablation and the dense CLIP-style baseline
-}
+class Regularizer(NamedTuple):
+    "A registered sparsity regulariser: `fn(s, **options)` on (b, v) vectors, a scalar (None: no penalty)."
+    fn: Callable[..., torch.Tensor] | None
+    options: tuple[str, ...] = ()  # the `LexicalLoss` attributes passed to `fn` by name
 
+REGULARIZERS: dict[str, Regularizer] = {}
+
+def register_regularizer(name: str,  # the name `train.variants.*.reg` selects
+                         fn: Callable[..., torch.Tensor] | None, # (b, v) vectors -> scalar; None: no penalty
+                         options: tuple[str, ...] = (), # `LexicalLoss` attributes `fn` takes by name
+                        ) -> Regularizer:
+    "Register a regulariser: `LexicalLoss(reg=name)` calls exactly this `fn` (timm-style registry)."
+    if name in REGULARIZERS: raise ValueError(f"regulariser {name!r} is already registered")
+    REGULARIZERS[name] = Regularizer(fn, tuple(options))
+    return REGULARIZERS[name]
+
+register_regularizer("overuse", overuse_penalty, ("detach_share", "share"))  # LexVLA (method §5)
+register_regularizer("flops", flops_regularizer)  # the FLOPs ablation
+register_regularizer("none", None)                # no-penalty ablation and the dense CLIP-style baseline
+
+
+# %% ../notebooks/05_losses.ipynb #2b3019be
 class LexicalLoss(nn.Module):
     "`L = InfoNCE + λ_img w(step) Ω(s_img) + λ_txt w(step) Ω(s_txt)`, returned as named parts (method §5)."
     def __init__(self,
@@ -151,8 +168,9 @@ class LexicalLoss(nn.Module):
     def penalty(self, s: torch.Tensor # (b, v) lexical vectors
                ) -> torch.Tensor:
         "The unweighted regulariser of this loss on `s` (0 for kind `none`)."
-        if self.reg == "none": return s.new_zeros(())
-        return overuse_penalty(s, self.detach_share, self.share) if self.reg == "overuse" else flops_regularizer(s)
+        r = REGULARIZERS[self.reg]
+        if r.fn is None: return s.new_zeros(())
+        return r.fn(s, **{k: getattr(self, k) for k in r.options})
 
     def forward(self, image_features: torch.Tensor, # (b, v) image vectors
                 text_features: torch.Tensor,        # (b, v) text vectors
@@ -173,12 +191,14 @@ class LexicalLoss(nn.Module):
             on_txt = all_txt if text_weights is None else gather_features(text_weights)[0]
         else:
             contrastive = clip_contrastive(image_features, text_features, logit_scale)
-        w = 0.0 if self.reg == "none" else quadratic_warmup(step, self.warmup_steps, 1.0)
+        w = 0.0 if REGULARIZERS[self.reg].fn is None else quadratic_warmup(step, self.warmup_steps, 1.0)
         img = self.lambda_img * w * self.penalty(on_img).to(contrastive.dtype)
         txt = self.lambda_txt * w * self.penalty(on_txt).to(contrastive.dtype)
         return {"contrastive_loss": contrastive, "image_reg_loss": img, "text_reg_loss": txt,
                 "loss": contrastive + img + txt, "reg_weight": contrastive.new_tensor(w)}
 
+
+# %% ../notebooks/05_losses.ipynb #f51e4cc6
 def create_loss(kind: Literal["overuse", "flops", "none"] = "overuse", # the sparsity regulariser (train.variants.*.reg)
                 **kwargs, # `LexicalLoss` arguments: lambda_img, lambda_txt, warmup_steps, detach_share, share, gather,
                           # local_loss
