@@ -428,7 +428,7 @@ def train(params: LoadedParams,           # the loaded params file
     model = create_model_from_params(params, variant=spec.model)
     lam_img, lam_txt = (tp.lambda_img, tp.lambda_txt) if spec.lam is None else (spec.lam, spec.lam)
     loss_fn = create_loss(spec.reg, lambda_img=lam_img, lambda_txt=lam_txt, warmup_steps=tp.reg_warmup_steps,
-                          local_loss=tp.local_loss, **({"share": tp.overuse_share} if spec.reg == "overuse" else {}))
+                          local_loss=tp.local_loss, share=tp.overuse_share)  # read by the regularisers naming it
     use_cache = tp.text_cache and spec.model != "bow" and bool(model.text_prefix_layers)  # 0: LoRA on every block
     cache = TextPrefixCache.load(resolve_path(cache_dir, "data/textcache") / "train") if use_cache else None
     if cache is not None: check_cache(cache, model)
