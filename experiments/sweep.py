@@ -23,11 +23,20 @@ import yaml
 from lexvla.params import params_from_dict, repo_root
 
 HERE = Path(__file__).resolve().parent / "sweep"
+# Regulariser -> λ values. Every key must be registered in `lexvla.losses.REGULARIZERS` (and listed in the params
+# schema's `VariantSpec.reg`); "none" is the λ = 0 end that every penalised curve shares. A new regulariser is one
+# more key here: the runs, the matched-sparsity table and the plot follow.
 GRID = {"overuse": (1e-4, 3e-4, 1e-3, 3e-3), "flops": (1e-4, 3e-4, 1e-3, 3e-3), "none": (0.0,)}
+BASELINE = "none"
+
+
+def penalised() -> list[str]:
+    "GRID's regularisers that have a λ to sweep (all but the shared λ = 0 baseline)."
+    return [g for g in GRID if g != BASELINE]
 
 
 def run_name(reg: str, lam: float) -> str:
-    return "none" if reg == "none" else f"{reg}-{lam:g}"
+    return BASELINE if reg == BASELINE else f"{reg}-{lam:g}"
 
 
 def sweep_params(params_file: Path, steps: int | None) -> dict:
@@ -82,8 +91,9 @@ def row(name: str, reg: str, lam: float, r: dict) -> dict:
 def at_matched(rows: list[dict], key: str, targets: list[float]) -> dict:
     "Each regulariser's `key`, linearly interpolated in log(active words) at each target (None outside its range)."
     out = {}
-    for reg in ("overuse", "flops"):
-        pts = sorted((math.log(r["image_active_words"]), r[key]) for r in rows if r["reg"] in (reg, "none"))
+    for reg in penalised():
+        pts = sorted((math.log(r["image_active_words"]), r[key]) for r in rows if r["reg"] in (reg, BASELINE))
+        if not pts: continue
         xs, ys = [p[0] for p in pts], [p[1] for p in pts]
         out[reg] = [float(np.interp(math.log(t), xs, ys)) if xs[0] <= math.log(t) <= xs[-1] else None
                     for t in targets]
@@ -94,8 +104,9 @@ def report(rows: list[dict], steps: int) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    lo = max(min(r["image_active_words"] for r in rows if r["reg"] == g) for g in ("overuse", "flops"))
-    hi = min(max(r["image_active_words"] for r in rows if r["reg"] in (g, "none")) for g in ("overuse", "flops"))
+    regs = [g for g in penalised() if any(r["reg"] == g for r in rows)]
+    lo = max((min(r["image_active_words"] for r in rows if r["reg"] == g) for g in regs), default=0)
+    hi = min((max(r["image_active_words"] for r in rows if r["reg"] in (g, BASELINE)) for g in regs), default=0)
     targets = [float(t) for t in np.geomspace(lo, hi, 5)] if lo < hi else []
     matched = {k: at_matched(rows, k, targets) for k in ("mean_R@1", "top20_mass_share")} if targets else {}
     HERE.mkdir(parents=True, exist_ok=True)
@@ -112,17 +123,18 @@ def report(rows: list[dict], steps: int) -> None:
                   f"{f(r['i2t_R@1'])} | {f(r['t2i_R@1'])} | {f(r['top20_mass_share'])} | {f(r['patchdis_mIoU'])} | "
                   f"{', '.join(r['top20_words'][:6])} |")
     if targets:
-        md += ["", "At matched sparsity (interpolated in log active words; `none` is the λ = 0 end of both curves):",
-               "", "| active words / image | overuse mean R@1 | FLOPs mean R@1 | overuse top-20 share | "
-               "FLOPs top-20 share |", "|---|---|---|---|---|"]
+        r1, top = matched["mean_R@1"], matched["top20_mass_share"]
+        md += ["", f"At matched sparsity (interpolated in log active words; `{BASELINE}` is the λ = 0 end of every "
+               "curve):", "", "| active words / image | " + " | ".join(f"{g} mean R@1" for g in regs) + " | "
+               + " | ".join(f"{g} top-20 share" for g in regs) + " |", "|---" * (1 + 2 * len(regs)) + "|"]
         for i, t in enumerate(targets):
-            r1, top = matched["mean_R@1"], matched["top20_mass_share"]
-            md.append(f"| {t:.0f} | {f(r1['overuse'][i])} | {f(r1['flops'][i])} | {f(top['overuse'][i])} | "
-                      f"{f(top['flops'][i])} |")
+            md.append(f"| {t:.0f} | " + " | ".join(f(r1[g][i]) for g in regs) + " | "
+                      + " | ".join(f(top[g][i]) for g in regs) + " |")
     (HERE / "results.md").write_text("\n".join(md) + "\n")
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for reg, colour in (("overuse", "C0"), ("flops", "C1")):
-        pts = sorted((r for r in rows if r["reg"] in (reg, "none")), key=lambda r: r["image_active_words"])
+    for i, reg in enumerate(regs):
+        colour = f"C{i}"
+        pts = sorted((r for r in rows if r["reg"] in (reg, BASELINE)), key=lambda r: r["image_active_words"])
         x = [r["image_active_words"] for r in pts]
         for ax, key in zip(axes, ("mean_R@1", "top20_mass_share")):
             ax.plot(x, [r[key] for r in pts], "o-", color=colour, label=reg)
@@ -142,6 +154,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--only-report", action="store_true", help="redraw the table and plot from finished runs")
     a = ap.parse_args(argv)
     root = repo_root()
+    from lexvla.losses import REGULARIZERS
+    unknown = sorted(set(GRID) - set(REGULARIZERS))
+    if unknown: raise SystemExit(f"experiments/sweep.py: GRID names unregistered regularisers {unknown}; "
+                                 f"registered: {sorted(REGULARIZERS)} (lexvla.losses.register_regularizer)")
     d = sweep_params(root / a.params, a.steps)
     data, cache = root / "data" / "prepared", HERE / "cache"
     if not a.only_report: build_caches(d, data, cache)

@@ -32,6 +32,18 @@ def test_matched_sparsity_interpolates_in_log_active_words():
     assert m["flops"][0] == pytest.approx(0.05 + 0.05 * math.log(4) / math.log(8))
 
 
+def test_the_grid_keys_drive_the_matched_comparison(monkeypatch):
+    "A regulariser added to GRID gets its own matched-sparsity column (nothing names overuse/FLOPs but GRID)."
+    monkeypatch.setattr(sweep, "GRID", {**sweep.GRID, "l1": (1e-3,)})
+    rows = [{"reg": "none", "image_active_words": 4000.0, "mean_R@1": 0.10},
+            {"reg": "overuse", "image_active_words": 1000.0, "mean_R@1": 0.20},
+            {"reg": "l1", "image_active_words": 1000.0, "mean_R@1": 0.30}]
+    assert sweep.penalised() == ["overuse", "flops", "l1"]
+    m = sweep.at_matched(rows, "mean_R@1", [2000.0])
+    assert set(m) == {"overuse", "flops", "l1"} and m["l1"][0] == pytest.approx(0.20)
+    assert m["flops"] == [None]  # only the shared λ = 0 point: nothing to interpolate between
+
+
 def test_convergence_params_are_valid_and_evaluate_val():
     d = conv.experiment_params(ROOT / "params.yaml", list(conv.VARIANTS), steps=900, eval_every=300, split="val")
     p = params_from_dict(d, source="convergence")
