@@ -184,9 +184,12 @@ def report(rec: dict) -> None:
     HERE.mkdir(parents=True, exist_ok=True)
     (HERE / "results.json").write_text(json.dumps(rec, indent=1) + "\n")
     f = lambda v: "" if v is None else f"{v:.3f}"
-    md = [f"Convergence on the **val** split ({rec['machine']}; commit {rec.get('commit', '?')}, trained in "
-          f"{rec.get('precision', '?')}). Horizon {rec['steps']} steps (cosine), evaluated "
-          f"every {rec['eval_every']}; every other setting as in params.yaml. Plateau rule: {rec['rule']}", "",
+    prov = rec.get("provenance") or {}
+    md = [f"Convergence on the **val** split. Horizon {rec['steps']} steps (cosine), evaluated every "
+          f"{rec['eval_every']}; every other setting as in params.yaml. Plateau rule: {rec['rule']}", "",
+          "| variant | machine | commit | trained in |", "|---|---|---|---|",
+          *(f"| {v} | {pv.get('machine', '?')} | {pv.get('commit', '?')} | {pv.get('precision', '?')} |"
+            for v, pv in prov.items()), "",
           "| variant | step | i->t R@1 | t->i R@1 | active words / image (caption) | top-64 R@1 | top-256 R@1 | "
           "top-20 share | PatchDis | train s |", "|---|---|---|---|---|---|---|---|---|---|"]
     for v, curve in rec["curves"].items():
@@ -206,7 +209,8 @@ def report(rec: dict) -> None:
                "bootstrap over images:", "", "| claim | estimate | 95 % interval | verdict |", "|---|---|---|---|"]
         md += [f"| {c['claim']} | {c['estimate']:+.3f} | [{c['low']:+.3f}, {c['high']:+.3f}] | **{c['verdict']}** |"
                for c in rec["claims"]]
-    if rec.get("note"): md += ["", rec["note"]]
+    notes = {pv["note"]: v for v, pv in reversed(list(prov.items())) if pv.get("note")}  # each note once
+    md += [ln for n in notes for ln in ("", n)]
     (HERE / "results.md").write_text("\n".join(md) + "\n")
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     for v, curve in rec["curves"].items():
@@ -224,6 +228,20 @@ def report(rec: dict) -> None:
     fig.tight_layout(); fig.savefig(HERE / "curves.png", dpi=110)
 
 
+def merge_previous(rec: dict, path: Path) -> None:
+    "Add the variants of an earlier record at the same horizon and points that `rec` lacks, with their provenance."
+    if not path.is_file(): return
+    old = json.loads(path.read_text())
+    same = {k: (old.get(k), rec[k]) for k in ("steps", "eval_every", "split")}
+    if any(o != n for o, n in same.values()):
+        raise SystemExit(f"--merge: {path} is another experiment ({same}: old, new); run without --merge")
+    for v, curve in old.get("curves", {}).items():
+        if v in rec["curves"]: continue
+        rec["curves"][v] = curve
+        rec["provenance"][v] = (old.get("provenance") or {}).get(v) or {
+            k: old.get(k, "?") for k in ("machine", "commit", "precision", "note")}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--params", default="params.yaml", help="the base params file")
@@ -234,6 +252,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--only-report", action="store_true", help="redraw from finished points")
     ap.add_argument("--no-test", action="store_true", help="skip the test evaluation and the claims")
     ap.add_argument("--note", default="", help="a paragraph of provenance for results.md (kept in results.json)")
+    ap.add_argument("--merge", action="store_true",
+                    help="keep the committed results' other variants (same horizon and points), with their provenance")
     a = ap.parse_args(argv)
     names = [v.strip() for v in a.variants.split(",") if v.strip()]
     bad = [v for v in names if v not in VARIANTS]
@@ -252,9 +272,11 @@ def main(argv: list[str] | None = None) -> int:
         else: curves[name] = run_variant(d, name, data, a.steps, a.eval_every, progress=True)
     rule = (f"a run has plateaued when the last third of its steps gained < {a.plateau_gain} mean R@1 "
             "(mean of i->t and t->i) on val.")
+    here = {"machine": machine(), "commit": commit(), "precision": effective_precision(d), "note": a.note}
     rec = {"steps": a.steps, "eval_every": a.eval_every, "split": "val", "rule": rule, "plateau_gain": a.plateau_gain,
-           "machine": machine(), "commit": commit(), "note": a.note, "precision": effective_precision(d),
-           "curves": curves, "plateaus": {v: plateau(c, a.plateau_gain) for v, c in curves.items()}}
+           "curves": curves, "provenance": {v: here for v in curves}}
+    if a.merge: merge_previous(rec, HERE / "results.json")
+    rec["plateaus"] = {v: plateau(c, a.plateau_gain) for v, c in rec["curves"].items()}
     finished = [v for v, c in curves.items() if c and c[-1]["step"] == a.steps]
     if finished and not a.no_test:
         claims, runs = test_claims(d, finished, data)

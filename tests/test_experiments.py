@@ -1,6 +1,7 @@
 """The experiment scripts: the λ sweep's grid becomes valid params, and matched-sparsity interpolation; the
 convergence experiment's params, evaluation points and plateau rule."""
 import importlib.util
+import json
 import math
 
 import pytest
@@ -89,3 +90,18 @@ def test_sparse_robustness_agrees_with_the_evaluate_stage_protocol():
     assert cut["image_self_share"] == pytest.approx(float((kept ** 2).sum(1).mean()))
     assert full["both"]["share_of_full"] == [1.0, 1.0] and full["matched_score_share"] == pytest.approx(1.0)
     assert 1 <= a["matched_score_words"]["50%"] <= a["matched_score_words"]["90%"] <= 200
+
+
+def test_merge_keeps_other_variants_with_their_provenance(tmp_path):
+    "Variants run in different sessions accumulate in one record; another horizon is refused, not mixed in."
+    old = {"steps": 600, "eval_every": 150, "split": "val", "machine": "old box", "commit": "abc1234",
+           "curves": {"lexvla": _curve([0.1, 0.2]), "dense": _curve([0.0])}}
+    (tmp_path / "results.json").write_text(json.dumps(old))
+    rec = {"steps": 600, "eval_every": 150, "split": "val", "curves": {"dense": _curve([0.3])},
+           "provenance": {"dense": {"machine": "new box", "commit": "def5678", "precision": "fp32", "note": ""}}}
+    conv.merge_previous(rec, tmp_path / "results.json")
+    assert rec["curves"]["dense"] == _curve([0.3])  # this run's curve wins
+    assert rec["curves"]["lexvla"] == old["curves"]["lexvla"]
+    assert rec["provenance"]["lexvla"] == {"machine": "old box", "commit": "abc1234", "precision": "?", "note": "?"}
+    with pytest.raises(SystemExit, match="another experiment"):
+        conv.merge_previous({**rec, "steps": 1200}, tmp_path / "results.json")
