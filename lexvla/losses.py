@@ -139,7 +139,7 @@ register_regularizer("none", None)                # no-penalty ablation and the 
 class LexicalLoss(nn.Module):
     "`L = InfoNCE + λ_img w(step) Ω(s_img) + λ_txt w(step) Ω(s_txt)`, returned as named parts (method §5)."
     def __init__(self,
-                 reg: Literal["overuse", "flops", "none"] = "overuse", # sparsity regulariser on both modalities
+                 reg: str = "overuse",       # a key of REGULARIZERS: the sparsity regulariser on both modalities
                  lambda_img: float = 1e-3,  # final weight of the image regulariser
                  lambda_txt: float = 1e-3,  # final weight of the text regulariser
                  warmup_steps: int = 0,     # steps of the quadratic warm-up of both weights (0: none)
@@ -162,7 +162,7 @@ class LexicalLoss(nn.Module):
     def extra_repr(self):
         return (f"reg={self.reg!r}, lambda_img={self.lambda_img}, lambda_txt={self.lambda_txt}, "
                 f"warmup_steps={self.warmup_steps}" + (", detach_share=True" if self.detach_share else "")
-                + (f", share={self.share!r}" if self.reg == "overuse" else "")
+                + (f", share={self.share!r}" if "share" in REGULARIZERS[self.reg].options else "")
                 + (", local_loss=True" if self.local_loss else "") + ("" if self.gather else ", gather=False"))
 
     def penalty(self, s: torch.Tensor # (b, v) lexical vectors
@@ -199,7 +199,7 @@ class LexicalLoss(nn.Module):
 
 
 # %% ../notebooks/05_losses.ipynb #f51e4cc6
-def create_loss(kind: Literal["overuse", "flops", "none"] = "overuse", # the sparsity regulariser (train.variants.*.reg)
+def create_loss(kind: str = "overuse", # a key of REGULARIZERS: the sparsity regulariser (train.variants.*.reg)
                 **kwargs, # `LexicalLoss` arguments: lambda_img, lambda_txt, warmup_steps, detach_share, share, gather,
                           # local_loss
                ) -> LexicalLoss:
