@@ -235,11 +235,11 @@ def merge_previous(rec: dict, path: Path) -> None:
     same = {k: (old.get(k), rec[k]) for k in ("steps", "eval_every", "split")}
     if any(o != n for o, n in same.values()):
         raise SystemExit(f"--merge: {path} is another experiment ({same}: old, new); run without --merge")
-    for v, curve in old.get("curves", {}).items():
-        if v in rec["curves"]: continue
-        rec["curves"][v] = curve
-        rec["provenance"][v] = (old.get("provenance") or {}).get(v) or {
-            k: old.get(k, "?") for k in ("machine", "commit", "precision", "note")}
+    # new dicts: the caller's `curves` stay this run's own (only they are finished here and evaluated on test)
+    keep = [v for v in old.get("curves", {}) if v not in rec["curves"]]
+    rec["curves"] = {**rec["curves"], **{v: old["curves"][v] for v in keep}}
+    rec["provenance"] = {**rec["provenance"], **{v: (old.get("provenance") or {}).get(v) or {
+        k: old.get(k, "?") for k in ("machine", "commit", "precision", "note")} for v in keep}}
 
 
 def main(argv: list[str] | None = None) -> int:

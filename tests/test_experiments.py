@@ -99,7 +99,9 @@ def test_merge_keeps_other_variants_with_their_provenance(tmp_path):
     (tmp_path / "results.json").write_text(json.dumps(old))
     rec = {"steps": 600, "eval_every": 150, "split": "val", "curves": {"dense": _curve([0.3])},
            "provenance": {"dense": {"machine": "new box", "commit": "def5678", "precision": "fp32", "note": ""}}}
+    mine = rec["curves"]
     conv.merge_previous(rec, tmp_path / "results.json")
+    assert set(mine) == {"dense"}  # the run's own curves (the ones evaluated on test) are left alone
     assert rec["curves"]["dense"] == _curve([0.3])  # this run's curve wins
     assert rec["curves"]["lexvla"] == old["curves"]["lexvla"]
     assert rec["provenance"]["lexvla"] == {"machine": "old box", "commit": "abc1234", "precision": "?", "note": "?"}
