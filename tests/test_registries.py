@@ -92,3 +92,61 @@ def test_a_registered_regulariser_is_the_one_that_trains(l1_registered):
     assert runs["l1"][0] != pytest.approx(runs["flops"][0], rel=1e-4)  # the new penalty, not a silent FLOPs
     moved = [k for k, v in runs["l1"][1].items() if not torch.equal(v, runs["flops"][1][k])]
     assert moved  # and the gradient it drives differs from FLOPs'
+
+
+@pytest.fixture
+def neox_lm(tmp_path):
+    """A tiny random GPT-NeoX (Pythia's architecture: `gpt_neox.embed_in`, `.layers`, `.final_layer_norm`) saved as a
+    transformers folder with the tiny tokenizer, and its text tower registered the way a researcher would."""
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+    from lexvla import text
+
+    class Tower(text.TextTower):
+        "GPT-NeoX: the Llama family's forward under other names."
+        decoder, norm = "gpt_neox", "final_layer_norm"
+
+    tok = text._left_padded(text.tiny_tokenizer())
+    cfg = GPTNeoXConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                        num_attention_heads=4, max_position_embeddings=128, pad_token_id=tok.pad_token_id)
+    import torch
+    torch.manual_seed(0)
+    GPTNeoXForCausalLM(cfg).save_pretrained(tmp_path / "neox")
+    tok.save_pretrained(tmp_path / "neox")
+    overrides = {"lm": {"source": "hf", "path": str(tmp_path / "neox"), "pretrained": True}}
+    with pytest.raises(TypeError, match="no text tower for model_type 'gpt_neox'"):
+        model.create_model("tiny", **overrides)  # before the registration: a clear error, not a wrong forward
+    text.register_text_tower("gpt_neox")(Tower)
+    yield Tower, overrides
+    del text.TEXT_TOWERS["gpt_neox"]
+
+
+def test_a_registered_text_tower_is_the_one_that_trains(neox_lm):
+    "Issue 22's third walk-through: a second LM architecture is one small class, and LexVLA trains one step on it."
+    import torch
+    from types import SimpleNamespace
+    from accelerate import Accelerator
+    from lexvla.text import positions_from_mask
+    from lexvla.train import make_optimizer, train_step
+
+    tower_cls, overrides = neox_lm
+    m = model.create_model("tiny", seed=0, **overrides)
+    assert type(m.tower) is tower_cls and m.lora_layers == [1, 2]  # LoRA on the last 2 of its 3 layers
+    caps = ["a red ring", "two small blue squares left of a green star", "a pink heart", "a big yellow circle"]
+    tok = m.tokenize(caps)
+    with torch.no_grad():  # the text vectors are the NeoX model's own last state times its LM-head rows
+        own = m.lm.gpt_neox(**tok, position_ids=positions_from_mask(tok["attention_mask"])).last_hidden_state[:, -1]
+        want = torch.nn.functional.normalize(m.lexical_activation(own @ m.text_codebook.T), dim=-1)
+        torch.testing.assert_close(m(pixels=torch.zeros(4, 3, 32, 32), captions=caps)["text_features"], want)
+    batch = {"pixels": torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0)), "keys": [],
+             "captions": caps}
+    tp = SimpleNamespace(grad_clip=0.0, reg_on="max", weight_decay=0.0, codebook_weight_decay=0.0, lr=1e-2,
+                         warmup_steps=0, steps=10)
+    acc = Accelerator(cpu=True)
+    opt, sched = make_optimizer(m, tp)
+    m, opt = acc.prepare(m, opt)
+    lora = {n: p.detach().clone() for n, p in m.named_parameters() if "lora_B" in n}
+    assert lora and all(".gpt_neox.layers." in n for n in lora)
+    _, parts = train_step(m, batch, losses.create_loss("overuse", warmup_steps=0, gather=False), 0, acc, opt, sched, tp)
+    assert torch.isfinite(parts["loss"])
+    moved = [n for n, p in m.named_parameters() if n in lora and not torch.equal(p.detach(), lora[n])]
+    assert moved  # the step trained the NeoX layers' LoRA (B starts at zero: it moves only with a gradient)
