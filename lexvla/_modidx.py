@@ -577,6 +577,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                               'lexvla.train.launch_command': ('train.html#launch_command', 'lexvla/train.py'),
                               'lexvla.train.log_step': ('train.html#log_step', 'lexvla/train.py'),
                               'lexvla.train.main': ('train.html#main', 'lexvla/train.py'),
+                              'lexvla.train.make_accelerator': ('train.html#make_accelerator', 'lexvla/train.py'),
                               'lexvla.train.make_optimizer': ('train.html#make_optimizer', 'lexvla/train.py'),
                               'lexvla.train.mean_pairwise_cosine': ('train.html#mean_pairwise_cosine', 'lexvla/train.py'),
                               'lexvla.train.mixed_precision': ('train.html#mixed_precision', 'lexvla/train.py'),

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from accelerate.utils import DistributedDataParallelKwargs, DistributedType, gather_object
 from dvclive import Live
 from safetensors.torch import load_file, save_file
@@ -40,7 +41,7 @@ from .sparse import threshold_for
 __all__ = ['TRAINING_CODE', 'CheckpointError', 'fault_point', 'Checkpointer', 'NonFiniteLoss', 'run_fingerprint', 'agree',
            'NearUniformVectors', 'mean_pairwise_cosine', 'uniform_check', 'regularised', 'param_groups',
            'make_optimizer', 'resume', 'save_checkpoint', 'train_step', 'scalars', 'log_step', 'native_bf16',
-           'mixed_precision', 'train', 'launch_command', 'main']
+           'mixed_precision', 'make_accelerator', 'train', 'launch_command', 'main']
 
 # %% ../notebooks/12_train.ipynb #7a1bb3be
 class CheckpointError(RuntimeError):
@@ -374,6 +375,18 @@ def mixed_precision(precision: str, # train.precision: auto | fp32 | bf16
         return "no"
     return "bf16"
 
+def make_accelerator(device: str,         # the resolved device
+                     precision: str,      # accelerate's mixed_precision (`mixed_precision`'s answer)
+                     grad_accum: int = 1, # micro-batches per optimiser step
+                    ) -> Accelerator:
+    "This run's accelerator, at its own precision even where the process trained before (a notebook, the tests)."
+    # accelerate keeps one precision per process: a second Accelerator silently inherits the first's bf16 or refuses
+    # another value; the process group (PartialState) is kept
+    AcceleratorState._reset_state(reset_partial_state=False)
+    # no broadcast of buffers: the only one is the frozen text codebook (V x d), identical on every process
+    return Accelerator(cpu=device == "cpu", mixed_precision=precision, gradient_accumulation_steps=grad_accum,
+                       kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)])
+
 # %% ../notebooks/12_train.ipynb #7daaa14e
 def train(params: LoadedParams,           # the loaded params file
           variant: str,                   # a key of train.variants
@@ -399,9 +412,7 @@ def train(params: LoadedParams,           # the loaded params file
 
     device = resolve_device(base.device)
     precision = mixed_precision(tp.precision, device)
-    # no broadcast of buffers: the only one is the frozen text codebook (V x d), identical on every process
-    acc = Accelerator(cpu=device == "cpu", mixed_precision=precision, gradient_accumulation_steps=tp.grad_accum,
-                      kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)])
+    acc = make_accelerator(device, precision, tp.grad_accum)
     if acc.distributed_type == DistributedType.FSDP:  # checkpoints and the model are read from the unwrapped module
         raise ParamsError("FSDP is not supported: checkpoints and the trained model are read on process 0 from the "
                           "unwrapped module, which FSDP shards; launch with --multi_gpu (DDP: the frozen bf16 7B LM, "

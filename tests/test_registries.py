@@ -60,9 +60,8 @@ def test_a_registered_regulariser_is_the_one_that_trains(l1_registered):
     "Issue 22's walk-through: one `register_regularizer` call, and `train_step` trains with it (not with FLOPs)."
     import torch
     from types import SimpleNamespace
-    from accelerate import Accelerator
     from lexvla.text import TINY_WORDS
-    from lexvla.train import make_optimizer, regularised, train_step
+    from lexvla.train import make_accelerator, make_optimizer, regularised, train_step
 
     g = torch.Generator().manual_seed(0)
     words = [w for w in TINY_WORDS if w.isalpha()]
@@ -74,7 +73,7 @@ def test_a_registered_regulariser_is_the_one_that_trains(l1_registered):
     for reg in (l1_registered, "flops"):
         m = model.create_model("tiny", seed=0)
         ref = m(pixels=batch["pixels"], captions=batch["captions"])  # the same vectors train_step will see
-        acc = Accelerator(cpu=True)
+        acc = make_accelerator("cpu", "no")  # fp32, whatever an earlier run in this process used
         opt, sched = make_optimizer(m, tp)
         m, opt = acc.prepare(m, opt)
         grads = {}  # as the optimiser sees them (its first step's learning rate is 0 in the warmup)
@@ -124,9 +123,9 @@ def test_a_registered_text_tower_is_the_one_that_trains(neox_lm):
     "Issue 22's third walk-through: a second LM architecture is one small class, and LexVLA trains one step on it."
     import torch
     from types import SimpleNamespace
-    from accelerate import Accelerator
+
     from lexvla.text import positions_from_mask
-    from lexvla.train import make_optimizer, train_step
+    from lexvla.train import make_accelerator, make_optimizer, train_step
 
     tower_cls, overrides = neox_lm
     m = model.create_model("tiny", seed=0, **overrides)
@@ -141,7 +140,7 @@ def test_a_registered_text_tower_is_the_one_that_trains(neox_lm):
              "captions": caps}
     tp = SimpleNamespace(grad_clip=0.0, reg_on="max", weight_decay=0.0, codebook_weight_decay=0.0, lr=1e-2,
                          warmup_steps=0, steps=10)
-    acc = Accelerator(cpu=True)
+    acc = make_accelerator("cpu", "no")
     opt, sched = make_optimizer(m, tp)
     m, opt = acc.prepare(m, opt)
     lora = {n: p.detach().clone() for n, p in m.named_parameters() if "lora_B" in n}
