@@ -124,7 +124,7 @@ def main(argv=None) -> int:
     from lexvla.losses import create_loss
     from lexvla.model import LexVLA
     from lexvla.params import model_config
-    from lexvla.train import make_optimizer, train_step
+    from lexvla.train import StepContext, make_optimizer, train_step
 
     t_begin = time.perf_counter()
     device, S = torch.device(a.device), SHAPES[a.shapes]
@@ -161,7 +161,7 @@ def main(argv=None) -> int:
         batch = {"pixels": torch.randn(b, 3, *raw.data_config["input_size"][1:], generator=g),
                  "captions": captions(words, b, S, g), "keys": []}
         lengths = raw.tokenize(batch["captions"])["attention_mask"].sum(-1)
-        train_step(model, batch, loss_fn, k, acc, opt, sched, tp)
+        train_step(model, batch, k, StepContext(loss_fn, acc, opt, sched, tp))
         groups = lengths.sort().values.tensor_split(min(tp.text_buckets, b))  # what the LM runs (train.text_buckets)
         return sum(len(x) * int(x.max()) for x in groups), int(lengths.sum()), b * int(lengths.max())
 

@@ -27,8 +27,8 @@ from .sparse import SparseVectors, save_vectors, threshold_for
 from .vectors import class_vectors, encode_images, encode_texts
 
 # %% auto #0
-__all__ = ['chance_levels', 'word_use', 'evaluate', 'Split', 'load_split', 'patch_grid', 'grid_majority', 'run_patchdis',
-           'split_masks', 'save_report_vectors', 'main']
+__all__ = ['chance_levels', 'word_use', 'eval_caches', 'evaluate', 'Split', 'load_split', 'patch_grid', 'grid_majority',
+           'run_patchdis', 'split_masks', 'save_report_vectors', 'main']
 
 # %% ../notebooks/13_evaluate.ipynb #253b6bd0
 def chance_levels(txt2img,               # (captions,) image index of each caption
@@ -68,6 +68,26 @@ def _dense_stats(x) -> dict:
     "Mean active (non-zero) entries of dense vectors."
     return {"active": float((x != 0).sum(-1).float().mean())} if len(x) else {"active": 0.0}
 
+# %% ../notebooks/13_evaluate.ipynb #5d272622
+def eval_caches(model, ep, # the trained model; the evaluate params
+                cache_dir: Path, image_cache_dir: Path, # data/textcache, data/imagecache
+               ) -> tuple:
+    "The evaluation parts of the caches (stages textcache_eval, imagecache_eval) the model can use, or None each."
+    cache = icache = None
+    if ep.text_cache and getattr(model, "lm", None) is not None and (cache_dir / "eval" / "captions.json").is_file():
+        cache = TextPrefixCache.load(cache_dir / "eval")
+    if ep.image_cache and model.config.vision.frozen and ImageTokenCache.has(image_cache_dir / "eval", ep.split):
+        icache = ImageTokenCache.load(image_cache_dir / "eval", ep.split)
+    return cache, icache
+
+def _oracle(data_dir: Path, ep, n_txt: int) -> dict:
+    "The retrieval the captions allow at all, `{ceiling, oracle}` (embedded scenes only; nothing on real data)."
+    orc = scene_oracle(data_dir, ep.split, max_images=ep.max_images)
+    if orc is None: return {}
+    if orc["n_captions"] != n_txt: raise ValueError(f"{data_dir}: the oracle's split differs from the evaluated one")
+    return {"ceiling": orc.pop("ceiling"), "oracle": orc}
+
+# %% ../notebooks/13_evaluate.ipynb #cfd45e7a
 def evaluate(params: LoadedParams,        # the loaded params file
              variant: str,                # a key of train.variants
              model_dir: str | Path | None = None,  # default models/<variant>/model
@@ -92,33 +112,20 @@ def evaluate(params: LoadedParams,        # the loaded params file
     device = resolve_device(params.base.device)
     seed_everything(params.base.seed, params.base.deterministic)
     t0 = time.perf_counter()
-
     model = load_trained(model_dir, device)
     split = load_split(data_dir, ep.split, ep.max_images)
     tf = image_transform(model.data_config, train=False)
-    cache = None
-    # the evaluation parts of the caches (stages textcache_eval, imagecache_eval)
-    if ep.text_cache and getattr(model, "lm", None) is not None and (cache_dir / "eval" / "captions.json").is_file():
-        cache = TextPrefixCache.load(cache_dir / "eval")
-    icache = None
-    if ep.image_cache and model.config.vision.frozen and ImageTokenCache.has(image_cache_dir / "eval", ep.split):
-        icache = ImageTokenCache.load(image_cache_dir / "eval", ep.split)
+    cache, icache = eval_caches(model, ep, cache_dir, image_cache_dir)
     img = encode_images(model, split.images, tf, ep.batch_size, progress=progress, cache=icache)
     txt = encode_texts(model, split.captions, ep.batch_size, cache, progress=progress)
     t2i = torch.as_tensor(split.txt2img, dtype=torch.long)
     n_img, n_txt = len(img), len(txt)
-
     res = {"variant": variant, "model": model.variant, "reg": params.train.variants[variant].reg,
            "lexical": bool(model.lexical), "split": ep.split, "n_images": n_img, "n_captions": n_txt,
            "dim": int(model.dim), "text_encoding": "text cache" if usable_text_cache(model, cache) else "text tower",
            "image_encoding": "image cache" if usable_image_cache(icache, model) else "vision tower",
            "chance": chance_levels(split.txt2img, n_img)}
-    if ep.oracle:  # the retrieval the captions allow at all (embedded scenes only; None on real data)
-        orc = scene_oracle(data_dir, ep.split, max_images=ep.max_images)
-        if orc is not None:
-            if orc["n_captions"] != n_txt:
-                raise ValueError(f"{data_dir}: the oracle's split differs from the evaluated one")
-            res["ceiling"], res["oracle"] = orc.pop("ceiling"), orc
+    if ep.oracle: res.update(_oracle(data_dir, ep, n_txt))
     ranks = {"dense": {}}  # every query's rank per setting: the report's paired-bootstrap intervals
     res["dense"] = {**retrieval_metrics(img @ txt.T, t2i, ranks=ranks["dense"]),
                     "image_active_words": _dense_stats(img)["active"],
@@ -131,7 +138,6 @@ def evaluate(params: LoadedParams,        # the loaded params file
         per_image = {k: pd["metrics"].pop(f"per_image_{k}") for k in ("intersection", "union")}
         res["patchdis"] = pd["metrics"]
     save_per_query(out_dir / variant / "per_query.npz", ranks, split.txt2img, per_image if pd is not None else None)
-
     save_report_vectors(out_dir / variant / "vectors.npz", model, split, img, txt, pd, data_dir=data_dir)
     save_resolved(params, out_dir / variant, extra={"variant": variant, "model_dir": repo_relative(model_dir),
                                                     "device": device})

@@ -17,6 +17,8 @@ import subprocess
 import sys
 import time
 import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -32,7 +34,8 @@ from .caches import ImageTokenCache, TextPrefixCache, check_cache, check_image_c
 from .datasets import StreamingPairs, StreamLoader, collate_pairs, image_transform, train_dataset
 from .losses import create_loss
 from .model import create_model_from_params, save_trained, trainable_state
-from .params import LoadedParams, ParamsError, TrainParams, load_params, record_run, save_resolved
+from .params import (LoadedParams, ParamsError, TrainParams, VariantSpec, load_params, record_run,
+                           save_resolved)
 from .runtime import (environment_record, repo_relative, resolve_device, resolve_path, rng_state, run_cli,
                             seed_everything, set_rng_state, stage_parser, write_json)
 from .sparse import threshold_for
@@ -40,8 +43,9 @@ from .sparse import threshold_for
 # %% auto #0
 __all__ = ['TRAINING_CODE', 'CheckpointError', 'fault_point', 'Checkpointer', 'NonFiniteLoss', 'run_fingerprint', 'agree',
            'NearUniformVectors', 'mean_pairwise_cosine', 'uniform_check', 'regularised', 'param_groups',
-           'make_optimizer', 'resume', 'save_checkpoint', 'train_step', 'scalars', 'log_step', 'native_bf16',
-           'mixed_precision', 'make_accelerator', 'train', 'launch_command', 'main']
+           'make_optimizer', 'resume', 'save_checkpoint', 'StepContext', 'train_step', 'scalars', 'log_step',
+           'native_bf16', 'mixed_precision', 'make_accelerator', 'Run', 'open_run', 'attach_model', 'BatchSource',
+           'StepLog', 'run_steps', 'finish', 'train', 'launch_command', 'main']
 
 # %% ../notebooks/12_train.ipynb #7a1bb3be
 class CheckpointError(RuntimeError):
@@ -302,38 +306,52 @@ def save_checkpoint(acc: Accelerator, ck: Checkpointer, step: int,
 
 
 # %% ../notebooks/12_train.ipynb #74579888
-def train_step(model, batch: dict, # a collated micro-batch: pixels, captions, keys
-               loss_fn, step: int, acc: Accelerator, opt, sched, tp: TrainParams,
-               cache: TextPrefixCache | None = None,  # the frozen LM prefix of the captions (exact)
-               icache: ImageTokenCache | None = None, # the frozen ViT's tokens of the images (exact)
-               loss_hook=None,                        # test hook: called with (step, parts) before backward
-               where: str = "",                       # named in a non-finite loss's message
+@dataclass
+class StepContext:
+    "What every step of a run uses, `train_step`'s one record: the loss, accelerate, the optimiser, the caches."
+    loss_fn: Callable                     # a `losses.create_loss` result
+    acc: Accelerator
+    opt: torch.optim.Optimizer            # accelerate's wrapper (it skips steps inside an accumulation window)
+    sched: object                         # the learning-rate schedule (`make_optimizer`)
+    tp: TrainParams                       # reads grad_clip, reg_on, text_buckets
+    cache: TextPrefixCache | None = None  # the frozen LM prefix of the captions (exact)
+    icache: ImageTokenCache | None = None # the frozen ViT's tokens of the images (exact)
+    loss_hook: Callable | None = None     # test hook: called with (step, parts) before backward
+    where: str = ""                       # named in a non-finite loss's message
+
+def _forward(model, batch: dict, c: StepContext) -> dict:
+    "The model on a micro-batch, from the caches where they hold it."
+    buckets = getattr(c.tp, "text_buckets", 1)  # length groups of the text tower (the same vectors, less padding)
+    dev = c.acc.device
+    image = ({"image_tokens": c.icache.lookup(batch["keys"]).to(dev)} if c.icache is not None
+             else {"pixels": batch["pixels"].to(dev)})
+    if c.cache is None: return model(**image, captions=batch["captions"], text_buckets=buckets)
+    h, m = c.cache.lookup(batch["captions"])
+    return model(**image, text_prefix=(h.to(dev), m.to(dev)), text_buckets=buckets)
+
+def train_step(model,          # the prepared model
+               batch: dict,    # a collated micro-batch: pixels, captions, keys
+               step: int,      # optimiser steps done so far
+               c: StepContext, # the loss, accelerate, optimiser, schedule, params, caches
               ) -> tuple[dict, dict]:
     "One micro-batch forward, loss and backward (and the optimiser step when the window closes): `(out, parts)`."
-    buckets = getattr(tp, "text_buckets", 1)  # length groups of the text tower (the same vectors, less padding)
-    with acc.accumulate(model):
-        image = ({"image_tokens": icache.lookup(batch["keys"]).to(acc.device)} if icache is not None
-                 else {"pixels": batch["pixels"].to(acc.device)})
-        if cache is not None:
-            h, m = cache.lookup(batch["captions"])
-            out = model(**image, text_prefix=(h.to(acc.device), m.to(acc.device)), text_buckets=buckets)
-        else:
-            out = model(**image, captions=batch["captions"], text_buckets=buckets)
-        parts = loss_fn(out["image_features"], out["text_features"], out["logit_scale"], step,
-                        **regularised(out, tp.reg_on))
-        if loss_hook is not None: loss_hook(step, parts)
+    with c.acc.accumulate(model):
+        out = _forward(model, batch, c)
+        parts = c.loss_fn(out["image_features"], out["text_features"], out["logit_scale"], step,
+                          **regularised(out, c.tp.reg_on))
+        if c.loss_hook is not None: c.loss_hook(step, parts)
         err = None
         if not torch.isfinite(parts["loss"]):
             shown = ", ".join(f"{k}={float(v.detach()):.4g}" for k, v in parts.items()
                               if torch.is_tensor(v) and v.numel() == 1)
-            err = NonFiniteLoss(f"{where}non-finite loss at step {step} ({shown}); stopped")
-        agree(acc, err, NonFiniteLoss, f"{where}non-finite loss at step {step}: ")  # before backward's all-reduce
-        acc.backward(parts["loss"])
+            err = NonFiniteLoss(f"{c.where}non-finite loss at step {step} ({shown}); stopped")
+        agree(c.acc, err, NonFiniteLoss, f"{c.where}non-finite loss at step {step}: ")  # before backward's all-reduce
+        c.acc.backward(parts["loss"])
         fault_point(f"step-{step + 1}-backward")  # mid-step: gradients computed, weights not yet updated
-        if acc.sync_gradients and tp.grad_clip > 0: acc.clip_grad_norm_(model.parameters(), tp.grad_clip)
-        opt.step()  # accelerate's optimiser skips the step until the accumulation window closes
-        if acc.sync_gradients: sched.step()  # once per optimiser step, whatever the number of processes
-        opt.zero_grad(set_to_none=True)
+        if c.acc.sync_gradients and c.tp.grad_clip > 0: c.acc.clip_grad_norm_(model.parameters(), c.tp.grad_clip)
+        c.opt.step()  # accelerate's optimiser skips the step until the accumulation window closes
+        if c.acc.sync_gradients: c.sched.step()  # once per optimiser step, whatever the number of processes
+        c.opt.zero_grad(set_to_none=True)
     return out, parts
 
 # %% ../notebooks/12_train.ipynb #5fdb26f0
@@ -387,7 +405,234 @@ def make_accelerator(device: str,         # the resolved device
     return Accelerator(cpu=device == "cpu", mixed_precision=precision, gradient_accumulation_steps=grad_accum,
                        kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)])
 
-# %% ../notebooks/12_train.ipynb #7daaa14e
+# %% ../notebooks/12_train.ipynb #5cc41632
+@dataclass
+class Run:
+    "A training run, built: the variant, accelerate, checkpoints and outputs; then the model, its loss and caches."
+    params: LoadedParams
+    variant: str
+    spec: VariantSpec
+    acc: Accelerator
+    device: str
+    ck: Checkpointer
+    shards: list[Path]
+    out_dir: Path
+    results_dir: Path
+    model: torch.nn.Module | None = None  # the unwrapped model (`attach_model`)
+    loss_fn: Callable | None = None
+    cache: TextPrefixCache | None = None
+    icache: ImageTokenCache | None = None
+
+    @property
+    def tp(self) -> TrainParams: return self.params.train
+
+def _accelerator_for(params: LoadedParams) -> tuple[Accelerator, str]:
+    "The run's accelerator and device, checked against what the params ask for."
+    tp = params.train
+    device = resolve_device(params.base.device)
+    acc = make_accelerator(device, mixed_precision(tp.precision, device), tp.grad_accum)
+    if acc.distributed_type == DistributedType.FSDP:  # checkpoints and the model are read from the unwrapped module
+        raise ParamsError("FSDP is not supported: checkpoints and the trained model are read on process 0 from the "
+                          "unwrapped module, which FSDP shards; launch with --multi_gpu (DDP: the frozen bf16 7B LM, "
+                          "13.5 GB, fits each GPU)")
+    if acc.num_processes != tp.num_processes:
+        warnings.warn(f"train.num_processes is {tp.num_processes} but {acc.num_processes} process(es) run; the "
+                      "batches and the result are those of train.batch_size either way")
+    if tp.batch_size % (tp.grad_accum * acc.num_processes):
+        raise ParamsError(f"train.batch_size: {tp.batch_size} is not a multiple of grad_accum x processes = "
+                          f"{tp.grad_accum} x {acc.num_processes}")
+    return acc, device
+
+# %% ../notebooks/12_train.ipynb #02b66af6
+def open_run(params: LoadedParams, variant: str, # the params and a key of train.variants
+             data_dir: Path,    # the prepared data
+             out_dir: Path,     # models/<variant>
+             results_dir: Path, # results/train/<variant>
+            ) -> Run:
+    "Check the variant and the data, start accelerate, seed, and make the checkpoint and output folders."
+    if variant not in params.train.variants:
+        raise ParamsError(f"train.variants: no variant {variant!r} (have: {', '.join(params.train.variants)})")
+    shards = sorted((data_dir / "train").glob("*.tar"))
+    if not shards: raise FileNotFoundError(f"{data_dir / 'train'}: no training shards (*.tar); run `dvc repro prepare`")
+    acc, device = _accelerator_for(params)
+    # each process its own dropout stream (the model's init has its own seed; DDP starts from process 0's weights)
+    seed_everything(params.base.seed + acc.process_index, params.base.deterministic)
+    ck = Checkpointer(out_dir / "checkpoints", run_fingerprint(params, variant, data_dir))
+    err = None
+    try:
+        ck.check_writable()
+        for d in (out_dir / "model", results_dir):
+            try: d.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise CheckpointError(f"{d}: cannot create output folder ({e.strerror or e})") from None
+    except CheckpointError as e: err = e
+    agree(acc, err, CheckpointError, "output folders: ")
+    return Run(params, variant, params.train.variants[variant], acc, device, ck, shards, out_dir, results_dir)
+
+def attach_model(run: Run,
+                 cache_dir: Path,       # the text prefix cache (data/textcache)
+                 image_cache_dir: Path, # the frozen-ViT token cache (data/imagecache)
+                ) -> Run:
+    "The variant's model and loss, and the caches its frozen parts can use (checked against the model)."
+    tp, spec = run.tp, run.spec
+    run.model = model = create_model_from_params(run.params, variant=spec.model)
+    lam_img, lam_txt = (tp.lambda_img, tp.lambda_txt) if spec.lam is None else (spec.lam, spec.lam)
+    run.loss_fn = create_loss(spec.reg, lambda_img=lam_img, lambda_txt=lam_txt, warmup_steps=tp.reg_warmup_steps,
+                              local_loss=tp.local_loss, share=tp.overuse_share)  # read by the regularisers naming it
+    if tp.text_cache and spec.model != "bow" and bool(model.text_prefix_layers):  # 0: LoRA on every block
+        run.cache = TextPrefixCache.load(cache_dir / "train")
+        check_cache(run.cache, model)
+    if tp.image_cache and model.config.vision.frozen:  # a frozen ViT's tokens: one fixed view of each image
+        run.icache = ImageTokenCache.load(image_cache_dir / "train", "train")
+        check_image_cache(run.icache, model)
+    return run
+
+# %% ../notebooks/12_train.ipynb #dd959e00
+class BatchSource:
+    "The micro-batches of a run, whatever the loader (an endless stream, or epochs of the indexed pairs), resumable."
+    def __init__(self, run: Run):
+        tp, acc, seed = run.tp, run.acc, run.params.base.seed
+        self.acc, self.tp, self.streaming = acc, tp, tp.loader == "streaming"
+        self.micro = tp.batch_size // tp.grad_accum // acc.num_processes
+        self.epoch, self.batch_in_epoch = 0, 0
+        # augmentation goes with the cache, not with frozenness: without the cache (the paper profile), a frozen ViT
+        # still sees a new view of each image every epoch; with it, the one view the cache holds
+        transform = image_transform(run.model.data_config, train=run.icache is None)
+        if self.streaming:  # CC-12M scale: no index, one open shard per worker, split by process and worker
+            self.ds = StreamingPairs(run.shards, transform, seed=seed, captions_per_image=tp.captions_per_image,
+                                     batch_size=self.micro, rank=acc.process_index, world_size=acc.num_processes)
+            return
+        self.ds = train_dataset(run.shards, transform, seed=seed, captions_per_image=tp.captions_per_image)
+        g = torch.Generator()
+        g.manual_seed(seed)
+        self.dl = torch.utils.data.DataLoader(_Epochs(self.ds), batch_size=self.micro, num_workers=tp.num_workers,
+                                              collate_fn=collate_pairs, drop_last=True, shuffle=False, generator=g,
+                                              persistent_workers=False)
+        per_epoch = len(self.dl) // acc.num_processes if acc.num_processes > 1 else len(self.dl)
+        if per_epoch < tp.grad_accum:
+            raise ParamsError(f"train.batch_size: {tp.batch_size} is larger than the training set "
+                              f"({len(self.ds)} images)")
+
+    def prepare(self, model, opt) -> tuple:
+        "accelerate's `prepare` of the model, the optimiser and (indexed) the loader; the stream is split already."
+        if self.streaming: return self.acc.prepare(model, opt)
+        model, opt, self.dl = self.acc.prepare(model, opt, self.dl)  # not the scheduler: see "The optimiser"
+        return model, opt
+
+    def seek(self, epoch: int, batch_in_epoch: int, resumed_from: Path | None):
+        "Continue where a checkpoint stopped: its epoch and batch, or each process's place in its stream."
+        self.epoch, self.batch_in_epoch = epoch, batch_in_epoch
+        if self.streaming:
+            saved = (json.loads((Path(resumed_from) / "state.json").read_text()).get("stream") if resumed_from
+                     else None)
+            self.loader = StreamLoader(self.ds, num_workers=self.tp.num_workers,
+                                       position=saved[self.acc.process_index] if saved else None)
+
+    def __iter__(self):
+        if self.streaming: yield from self.loader
+        while True:
+            # the epoch's order is fixed by (seed, epoch); a resumed epoch leaves out the samples already trained on
+            self.ds.set_epoch(self.epoch, skip=self.batch_in_epoch * self.micro * self.acc.num_processes)
+            for b in self.dl:
+                self.batch_in_epoch += 1
+                yield b
+            self.epoch, self.batch_in_epoch = self.epoch + 1, 0
+
+    def position(self, **info) -> dict:
+        "What a checkpoint records to resume exactly (with `info`); all processes call it (the stream's is gathered)."
+        pos = {"epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch, **info}
+        if self.streaming: pos["stream"] = gather_object([self.loader.position])  # each process's place
+        return pos
+
+# %% ../notebooks/12_train.ipynb #4429f363
+class StepLog:
+    "The run's records as it goes: dvclive on process 0, the progress bar, the images seen (throughput)."
+    def __init__(self, run: Run, step: int, resumed_from: Path | None, progress: bool):
+        acc, tp, spec = run.acc, run.tp, run.spec
+        self.live = None
+        if acc.is_main_process:
+            self.live = Live(dir=str(run.results_dir / "live"), resume=resumed_from is not None, dvcyaml=False,
+                             save_dvc_exp=False, report=None)
+            if resumed_from is None:
+                self.live.log_params({"variant": run.variant, "model": spec.model, "reg": spec.reg,
+                                      "seed": run.params.base.seed})
+        self.bar = tqdm(total=tp.steps, initial=step, desc=f"train {run.variant}", unit="step",
+                        disable=not (progress and acc.is_main_process))
+        self.t0, self.seen, self.t_start, self.images_total = time.perf_counter(), 0, time.perf_counter(), 0
+
+    def saw(self, n: int): self.seen, self.images_total = self.seen + n, self.images_total + n
+
+    def stepped(self, parts: dict):
+        self.bar.update(1)
+        self.bar.set_postfix(loss=f"{float(parts['loss'].detach()):.3f}")
+
+    def record(self, parts: dict, out: dict, lr: float, raw):
+        "Log one step's scalars (process 0) and restart the throughput clock."
+        if self.live is not None:
+            rec = log_step(self.live, parts, out, lr, raw)
+            self.bar.set_postfix(loss=f"{rec['loss']:.3f}",
+                                 img_s=f"{self.seen / max(time.perf_counter() - self.t0, 1e-9):.1f}")
+        self.t0, self.seen = time.perf_counter(), 0
+
+    def close(self):
+        self.bar.close()
+        if self.live is not None: self.live.end()
+
+    def facts(self, run: Run, resumed_from) -> dict:
+        "What differs run to run: where it resumed, its wall time and throughput, the machine."
+        wall = time.perf_counter() - self.t_start
+        return {"stage": f"train@{run.variant}", "resumed_from": resumed_from and repo_relative(resumed_from),
+                "wall_s_this_run": round(wall, 2), "images_per_s": round(self.images_total / max(wall, 1e-9), 2),
+                "environment": environment_record(run.device)}
+
+# %% ../notebooks/12_train.ipynb #d71b5fca
+def _reduced(acc: Accelerator, parts: dict) -> dict:
+    "The mean over processes of the one-number parts (local_loss: each process has its own part)."
+    if acc.num_processes == 1: return parts
+    return {k: acc.reduce(v.detach(), "mean") if torch.is_tensor(v) and v.numel() == 1 else v for k, v in parts.items()}
+
+def run_steps(run: Run, model, source: BatchSource, c: StepContext, log: StepLog,
+              step: int, # optimiser steps done (resumed)
+              stop: int, # the step to stop at (train.steps, or an earlier pause)
+             ) -> tuple[int, dict]:
+    "Train from `step` to `stop`, logging and checkpointing on the way: `(step, last loss parts)`."
+    acc, tp, raw, parts = run.acc, run.tp, run.model, {}
+    if step >= stop: return step, parts
+    for batch in source:
+        try: out, parts = train_step(model, batch, step, c)
+        except NonFiniteLoss as e:
+            raise NonFiniteLoss(f"{e}. Last good checkpoint: {run.ck.latest() or 'none'}") from None
+        log.saw(batch["pixels"].shape[0] * acc.num_processes)
+        if not acc.sync_gradients: continue
+        step += 1
+        with torch.no_grad(): raw.logit_scale.clamp_(0, math.log(100))  # CLIP's clamp: 1/T at most 100
+        log.stepped(parts)
+        if step == min(tp.log_every, tp.steps) and raw.lexical and raw.variant != "bow":  # every process
+            agree(acc, uniform_check(out, tp.uniform_cosine, step, raw.config.logit_shift.text),
+                  NearUniformVectors, "near-uniform caption vectors: ")
+        if step % tp.log_every == 0 or step == tp.steps:
+            parts = _reduced(acc, parts)
+            log.record(parts, out, c.sched.get_last_lr()[0], raw)
+        if step % tp.checkpoint_every == 0 or step in (tp.steps, stop):
+            save_checkpoint(acc, run.ck, step, raw, c.opt, c.sched,
+                            source.position(variant=run.variant, processes=acc.num_processes))
+        if step >= stop: break
+    return step, parts
+
+def finish(run: Run, step: int, parts: dict, facts: dict) -> dict:
+    "Save the trained model and the summary (process 0); the summary holds only what the params determine."
+    spec = run.spec
+    summary = {"variant": run.variant, "model": spec.model, "reg": spec.reg, "steps": step,
+               "final_loss": scalars(parts)}
+    if run.acc.is_main_process:
+        save_trained(run.model, run.out_dir / "model")
+        save_resolved(run.params, run.out_dir / "model", extra={"variant": run.variant, "model_variant": spec.model})
+        write_json(run.results_dir / "summary.json", summary)
+        save_resolved(run.params, run.results_dir, extra={"variant": run.variant})
+        record_run(f"train-{run.variant}", facts, results=run.results_dir.parent.parent)  # results/runs/, untracked
+    return {**summary, **facts}
+
+# %% ../notebooks/12_train.ipynb #6076e14e
 def train(params: LoadedParams,           # the loaded params file
           variant: str,                   # a key of train.variants
           data_dir: str | Path | None = None,   # prepared data (default data/prepared)
@@ -400,161 +645,27 @@ def train(params: LoadedParams,           # the loaded params file
           stop_after: int | None = None,   # pause at this step (checkpoint + model saved; a later call resumes)
          ) -> dict:
     "Train one variant; resume from its last checkpoint when one exists. Returns the run summary."
-    base, tp = params.base, params.train
-    if variant not in tp.variants:
-        raise ParamsError(f"train.variants: no variant {variant!r} (have: {', '.join(tp.variants)})")
-    spec = tp.variants[variant]
     data_dir = resolve_path(data_dir, "data/prepared")
-    out_dir = resolve_path(out_dir, f"models/{variant}")
-    results_dir = resolve_path(results_dir, f"results/train/{variant}")
-    shards = sorted((data_dir / "train").glob("*.tar"))
-    if not shards: raise FileNotFoundError(f"{data_dir / 'train'}: no training shards (*.tar); run `dvc repro prepare`")
-
-    device = resolve_device(base.device)
-    precision = mixed_precision(tp.precision, device)
-    acc = make_accelerator(device, precision, tp.grad_accum)
-    if acc.distributed_type == DistributedType.FSDP:  # checkpoints and the model are read from the unwrapped module
-        raise ParamsError("FSDP is not supported: checkpoints and the trained model are read on process 0 from the "
-                          "unwrapped module, which FSDP shards; launch with --multi_gpu (DDP: the frozen bf16 7B LM, "
-                          "13.5 GB, fits each GPU)")
-    if acc.num_processes != tp.num_processes:
-        warnings.warn(f"train.num_processes is {tp.num_processes} but {acc.num_processes} process(es) run; the "
-                      "batches and the result are those of train.batch_size either way")
-    # each process its own dropout stream (the model's init has its own seed; DDP starts from process 0's weights)
-    seed_everything(base.seed + acc.process_index, base.deterministic)
-
-    ck = Checkpointer(out_dir / "checkpoints", run_fingerprint(params, variant, data_dir))
+    run = open_run(params, variant, data_dir, resolve_path(out_dir, f"models/{variant}"),
+                   resolve_path(results_dir, f"results/train/{variant}"))
+    attach_model(run, resolve_path(cache_dir, "data/textcache"), resolve_path(image_cache_dir, "data/imagecache"))
+    source = BatchSource(run)
+    opt, sched = make_optimizer(run.model, run.tp)
+    model, opt = source.prepare(run.model, opt)
+    run.model = run.acc.unwrap_model(model)
     err = None
-    try:
-        ck.check_writable()
-        for d in (out_dir / "model", results_dir):
-            try: d.mkdir(parents=True, exist_ok=True)
-            except OSError as e:
-                raise CheckpointError(f"{d}: cannot create output folder ({e.strerror or e})") from None
+    try: step, epoch, batch_in_epoch, resumed_from = resume(run.ck, run.model, opt, sched, run.tp.steps,
+                                                            say=lambda s: run.acc.print(f"{variant}: {s}"),
+                                                            rank=run.acc.process_index)
     except CheckpointError as e: err = e
-    agree(acc, err, CheckpointError, "output folders: ")
-
-    model = create_model_from_params(params, variant=spec.model)
-    lam_img, lam_txt = (tp.lambda_img, tp.lambda_txt) if spec.lam is None else (spec.lam, spec.lam)
-    loss_fn = create_loss(spec.reg, lambda_img=lam_img, lambda_txt=lam_txt, warmup_steps=tp.reg_warmup_steps,
-                          local_loss=tp.local_loss, share=tp.overuse_share)  # read by the regularisers naming it
-    use_cache = tp.text_cache and spec.model != "bow" and bool(model.text_prefix_layers)  # 0: LoRA on every block
-    cache = TextPrefixCache.load(resolve_path(cache_dir, "data/textcache") / "train") if use_cache else None
-    if cache is not None: check_cache(cache, model)
-    # a frozen ViT's tokens can be cached (imagecache), one fixed view of each image
-    frozen = model.config.vision.frozen
-    icache = None
-    if tp.image_cache and frozen:
-        icache = ImageTokenCache.load(resolve_path(image_cache_dir, "data/imagecache") / "train", "train")
-        check_image_cache(icache, model)
-
-    if tp.batch_size % (tp.grad_accum * acc.num_processes):
-        raise ParamsError(f"train.batch_size: {tp.batch_size} is not a multiple of grad_accum x processes = "
-                          f"{tp.grad_accum} x {acc.num_processes}")
-    micro = tp.batch_size // tp.grad_accum // acc.num_processes
-    # augmentation goes with the cache, not with frozenness: without the cache (the paper profile), a frozen ViT still
-    # sees a new view of each image every epoch; with it, the one view the cache holds
-    transform = image_transform(model.data_config, train=icache is None)
-    streaming = tp.loader == "streaming"
-    if streaming:  # CC-12M scale: no index, one open shard per worker, split by process and worker (datasets)
-        ds = StreamingPairs(shards, transform, seed=base.seed, captions_per_image=tp.captions_per_image,
-                            batch_size=micro, rank=acc.process_index, world_size=acc.num_processes)
-    else:
-        ds = train_dataset(shards, transform, seed=base.seed, captions_per_image=tp.captions_per_image)
-        g = torch.Generator()
-        g.manual_seed(base.seed)
-        dl = torch.utils.data.DataLoader(_Epochs(ds), batch_size=micro, num_workers=tp.num_workers,
-                                         collate_fn=collate_pairs, drop_last=True, shuffle=False, generator=g,
-                                         persistent_workers=False)
-        batches_per_epoch = len(dl) // acc.num_processes if acc.num_processes > 1 else len(dl)
-        if batches_per_epoch < tp.grad_accum:
-            raise ParamsError(f"train.batch_size: {tp.batch_size} is larger than the training set ({len(ds)} images)")
-
-    opt, sched = make_optimizer(model, tp)
-    if streaming: model, opt = acc.prepare(model, opt)  # the stream is split by process already
-    else: model, opt, dl = acc.prepare(model, opt, dl)  # not the scheduler: see "The optimiser"
-    raw = acc.unwrap_model(model)
-    err = None
-    try: step, epoch, batch_in_epoch, resumed_from = resume(ck, raw, opt, sched, tp.steps,
-                                                            say=lambda s: acc.print(f"{variant}: {s}"),
-                                                            rank=acc.process_index)
-    except CheckpointError as e: err = e
-    agree(acc, err, CheckpointError, "resume: ")
-    if streaming:
-        saved = json.loads((Path(resumed_from) / "state.json").read_text()).get("stream") if resumed_from else None
-        loader = StreamLoader(ds, num_workers=tp.num_workers, position=saved[acc.process_index] if saved else None)
-
-    def batches():
-        "The micro-batches from where the run stands: an endless stream, or epochs of the indexed pairs."
-        nonlocal epoch, batch_in_epoch
-        if streaming: yield from loader
-        while True:
-            # the epoch's order is fixed by (seed, epoch); a resumed epoch leaves out the samples already trained on
-            ds.set_epoch(epoch, skip=batch_in_epoch * micro * acc.num_processes)
-            for b in dl:
-                batch_in_epoch += 1
-                yield b
-            epoch, batch_in_epoch = epoch + 1, 0
-
-    live = None
-    if acc.is_main_process:
-        live = Live(dir=str(results_dir / "live"), resume=resumed_from is not None, dvcyaml=False,
-                    save_dvc_exp=False, report=None)
-        if resumed_from is None:
-            live.log_params({"variant": variant, "model": spec.model, "reg": spec.reg, "seed": base.seed})
-    bar = tqdm(total=tp.steps, initial=step, desc=f"train {variant}", unit="step",
-               disable=not (progress and acc.is_main_process))
-    t0, seen, t_start, images_total = time.perf_counter(), 0, time.perf_counter(), 0
-    parts = {}
+    agree(run.acc, err, CheckpointError, "resume: ")
+    source.seek(epoch, batch_in_epoch, resumed_from)
+    log = StepLog(run, step, resumed_from, progress)
+    c = StepContext(run.loss_fn, run.acc, opt, sched, run.tp, run.cache, run.icache, loss_hook, where=f"{variant}: ")
     model.train()
-    if step < min(tp.steps, stop_after or tp.steps):
-        for batch in batches():
-            try:
-                out, parts = train_step(model, batch, loss_fn, step, acc, opt, sched, tp, cache, icache, loss_hook,
-                                        where=f"{variant}: ")
-            except NonFiniteLoss as e:
-                raise NonFiniteLoss(f"{e}. Last good checkpoint: {ck.latest() or 'none'}") from None
-            seen += batch["pixels"].shape[0] * acc.num_processes
-            images_total += batch["pixels"].shape[0] * acc.num_processes
-            if not acc.sync_gradients: continue
-            step += 1
-            with torch.no_grad():  # CLIP's clamp: 1/T at most 100
-                raw.logit_scale.clamp_(0, math.log(100))
-            bar.update(1)
-            bar.set_postfix(loss=f"{float(parts['loss'].detach()):.3f}")
-            if step == min(tp.log_every, tp.steps) and raw.lexical and raw.variant != "bow":  # every process
-                agree(acc, uniform_check(out, tp.uniform_cosine, step, raw.config.logit_shift.text),
-                      NearUniformVectors, "near-uniform caption vectors: ")
-            if step % tp.log_every == 0 or step == tp.steps:
-                if acc.num_processes > 1:  # local_loss: each process has its own part; the mean is the global loss
-                    parts = {k: acc.reduce(v.detach(), "mean") if torch.is_tensor(v) and v.numel() == 1 else v
-                             for k, v in parts.items()}
-                if live is not None:
-                    rec = log_step(live, parts, out, sched.get_last_lr()[0], raw)
-                    bar.set_postfix(loss=f"{rec['loss']:.3f}",
-                                    img_s=f"{seen / max(time.perf_counter() - t0, 1e-9):.1f}")
-                t0, seen = time.perf_counter(), 0
-            if step % tp.checkpoint_every == 0 or step in (tp.steps, stop_after):
-                info = {"epoch": epoch, "batch_in_epoch": batch_in_epoch, "variant": variant,
-                        "processes": acc.num_processes}
-                if streaming: info["stream"] = gather_object([loader.position])  # each process's place in its stream
-                save_checkpoint(acc, ck, step, raw, opt, sched, info)
-            if step >= min(tp.steps, stop_after or tp.steps): break
-    bar.close()
-    if live is not None: live.end()
-    # what the params determine (a DVC output), apart from what differs run to run (results/runs/, untracked)
-    summary = {"variant": variant, "model": spec.model, "reg": spec.reg, "steps": step, "final_loss": scalars(parts)}
-    facts = {"stage": f"train@{variant}", "resumed_from": resumed_from and repo_relative(resumed_from),
-             "wall_s_this_run": round(time.perf_counter() - t_start, 2),
-             "images_per_s": round(images_total / max(time.perf_counter() - t_start, 1e-9), 2),
-             "environment": environment_record(device)}
-    if acc.is_main_process:
-        save_trained(raw, out_dir / "model")
-        save_resolved(params, out_dir / "model", extra={"variant": variant, "model_variant": spec.model})
-        write_json(results_dir / "summary.json", summary)
-        save_resolved(params, results_dir, extra={"variant": variant})
-        record_run(f"train-{variant}", facts, results=results_dir.parent.parent)
-    return {**summary, **facts}
+    step, parts = run_steps(run, model, source, c, log, step, min(run.tp.steps, stop_after or run.tp.steps))
+    log.close()
+    return finish(run, step, parts, log.facts(run, resumed_from))
 
 # %% ../notebooks/12_train.ipynb #3b3b49b8
 def _run(a) -> dict:

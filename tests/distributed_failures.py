@@ -24,7 +24,8 @@ from lexvla.losses import create_loss
 from lexvla.model import create_model
 from lexvla.runtime import seed_everything
 from lexvla.text import TINY_WORDS
-from lexvla.train import Checkpointer, CheckpointError, NonFiniteLoss, make_optimizer, resume, train_step
+from lexvla.train import (Checkpointer, CheckpointError, NonFiniteLoss, StepContext, make_optimizer, resume,
+                          train_step)
 
 phase, out_dir = sys.argv[1], Path(sys.argv[2])
 acc = Accelerator(cpu=True, kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)])
@@ -66,10 +67,11 @@ if phase == "rng":
 elif phase == "nonfinite":
     def nan_on_1(step, parts):
         if rank == 1: parts["loss"] = parts["loss"] * float("nan")
-    result.update(outcome(lambda: train_step(model, batch, loss_fn, 0, acc, opt, sched, tp, loss_hook=nan_on_1)))
+    nan_step = StepContext(loss_fn, acc, opt, sched, tp, loss_hook=nan_on_1)
+    result.update(outcome(lambda: train_step(model, batch, 0, nan_step)))
 elif phase in ("resume", "checkpoint"):
     from lexvla.train import save_checkpoint
-    train_step(model, batch, loss_fn, 0, acc, opt, sched, tp)
+    train_step(model, batch, 0, StepContext(loss_fn, acc, opt, sched, tp))
     ck = Checkpointer(out_dir / "ck", "fp")
     if phase == "checkpoint":
         if rank == 0:

@@ -16,7 +16,7 @@ from accelerate.utils import DistributedDataParallelKwargs
 from lexvla.losses import create_loss
 from lexvla.model import create_model
 from lexvla.text import TINY_WORDS
-from lexvla.train import make_optimizer, regularised, train_step
+from lexvla.train import StepContext, make_optimizer, regularised, train_step
 
 B = 8
 out_path, local_loss = sys.argv[1], "--local-loss" in sys.argv
@@ -43,7 +43,7 @@ batch = {"pixels": pixels[rows], "captions": captions[rows], "keys": []}
 captured = {}
 # the gradients as the optimiser would see them (after DDP's average); no update is applied
 opt.step = lambda *a, **k: captured.update(grads(acc.unwrap_model(model)))
-out, parts = train_step(model, batch, loss_fn, 0, acc, opt, sched, tp)
+out, parts = train_step(model, batch, 0, StepContext(loss_fn, acc, opt, sched, tp))
 dist_grads = captured
 loss = acc.reduce(parts["loss"].detach(), "mean")  # local_loss: each process has its part; global: all the same
 buffers_broadcast = bool(getattr(model, "broadcast_buffers", False))

@@ -61,7 +61,7 @@ def test_a_registered_regulariser_is_the_one_that_trains(l1_registered):
     import torch
     from types import SimpleNamespace
     from lexvla.text import TINY_WORDS
-    from lexvla.train import make_accelerator, make_optimizer, regularised, train_step
+    from lexvla.train import StepContext, make_accelerator, make_optimizer, regularised, train_step
 
     g = torch.Generator().manual_seed(0)
     words = [w for w in TINY_WORDS if w.isalpha()]
@@ -80,7 +80,7 @@ def test_a_registered_regulariser_is_the_one_that_trains(l1_registered):
         opt.step = lambda *a, **k: grads.update({n: p.grad.clone() for n, p in m.named_parameters()
                                                  if p.grad is not None})
         loss_fn = losses.create_loss(reg, lambda_img=0.5, lambda_txt=0.25, warmup_steps=0, gather=False)
-        _, parts = train_step(m, batch, loss_fn, 0, acc, opt, sched, tp)
+        _, parts = train_step(m, batch, 0, StepContext(loss_fn, acc, opt, sched, tp))
         r = regularised(ref, "max")
         on_img, on_txt = r.get("image_weights", ref["image_features"]), r.get("text_weights", ref["text_features"])
         fn = losses.REGULARIZERS[reg].fn
@@ -125,7 +125,7 @@ def test_a_registered_text_tower_is_the_one_that_trains(neox_lm):
     from types import SimpleNamespace
 
     from lexvla.text import positions_from_mask
-    from lexvla.train import make_accelerator, make_optimizer, train_step
+    from lexvla.train import StepContext, make_accelerator, make_optimizer, train_step
 
     tower_cls, overrides = neox_lm
     m = model.create_model("tiny", seed=0, **overrides)
@@ -145,7 +145,8 @@ def test_a_registered_text_tower_is_the_one_that_trains(neox_lm):
     m, opt = acc.prepare(m, opt)
     lora = {n: p.detach().clone() for n, p in m.named_parameters() if "lora_B" in n}
     assert lora and all(".gpt_neox.layers." in n for n in lora)
-    _, parts = train_step(m, batch, losses.create_loss("overuse", warmup_steps=0, gather=False), 0, acc, opt, sched, tp)
+    loss_fn = losses.create_loss("overuse", warmup_steps=0, gather=False)
+    _, parts = train_step(m, batch, 0, StepContext(loss_fn, acc, opt, sched, tp))
     assert torch.isfinite(parts["loss"])
     moved = [n for n, p in m.named_parameters() if n in lora and not torch.equal(p.detach(), lora[n])]
     assert moved  # the step trained the NeoX layers' LoRA (B starts at zero: it moves only with a gradient)

@@ -94,3 +94,14 @@ def test_dvc_deps_are_the_modules_the_stage_imports(stage):
     have = {d for d in spec.get("deps", []) if isinstance(d, str) and d.startswith("lexvla/")}
     assert have == want, (f"{stage}: dvc.yaml lists {sorted(have - want)} that it does not import and misses "
                           f"{sorted(want - have)}")
+
+
+MAX_FUNCTION_LINES = 60  # issue 22: a function a reader can hold (the package's median is 7)
+
+
+def test_no_function_is_over_60_lines():
+    funcs = [(m, n) for m in modules() for n in ast.walk(ast.parse((PKG / f"{m}.py").read_text()))
+             if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))]
+    long = [f"{m}.{n.name}: {n.end_lineno - n.lineno + 1}" for m, n in funcs
+            if n.end_lineno - n.lineno + 1 > MAX_FUNCTION_LINES]
+    assert not long, f"functions over {MAX_FUNCTION_LINES} lines (split them into named steps): {long}"
