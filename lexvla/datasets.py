@@ -124,6 +124,7 @@ def _to_rgb(im: Image.Image, log: SkipLog | None, name: str) -> Image.Image:
     else: note("other_mode")
     return im.convert("RGB")
 
+# %% ../notebooks/02_datasets.ipynb #91793d3b
 def decode_image(src: bytes | str | Path,  # encoded bytes, or a path to read
                  log: SkipLog | None = None, # where skips and conversions are counted
                  name: str = "",            # shown in the log's examples (default: the path)
@@ -311,6 +312,7 @@ class ShardSample:
     txt: tuple[int, int] | None = None
     json: tuple[int, int] | None = None
 
+# %% ../notebooks/02_datasets.ipynb #ddc7d7b7
 def index_shards(shards: list[str | Path], log: SkipLog | None = None) -> list[ShardSample]:
     "Index the samples of tar shards from their headers (no image is decoded); bad ones are skipped and logged."
     log = log if log is not None else SkipLog()
@@ -752,6 +754,7 @@ class KarpathySplit:
 
     def __len__(self): return len(self.images)
 
+# %% ../notebooks/02_datasets.ipynb #0959d3f1
 def load_karpathy(json_path: str | Path,  # dataset_flickr30k.json, dataset_coco.json, dataset_embedded.json
                   image_root: str | Path, # folder the entries' (filepath/)filename are relative to
                   split: str | tuple[str, ...] = "test", # test | val | train | restval, or several
@@ -826,6 +829,7 @@ class Masks:
     category_ids: list[int]     # COCO id of each name
     ids: list[str]              # the image ids the masks belong to
 
+# %% ../notebooks/02_datasets.ipynb #808ee7bd
 def load_masks(mask_dir: str | Path,        # folder of {id}.png semantic masks
                categories_json: str | Path, # COCO categories JSON
                ids: Iterable[str | int],    # image ids (filename stems; ints are formatted as COCO's 12 digits)
@@ -893,6 +897,7 @@ def _columns(path: Path) -> list[str]:
             if isinstance(row, dict): return list(row)
     return []
 
+# %% ../notebooks/02_datasets.ipynb #1a8b06b9
 def read_manifest(path: str | Path,          # .csv / .tsv / .jsonl
                   image_column: str = "image", caption_column: str = "caption",
                   image_root: str | Path | None = None, # image paths are relative to this (default: manifest's folder)

@@ -167,6 +167,7 @@ def _to_csc(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     m.sort_indices()
     return m.indptr.astype(np.int64), m.indices.astype(np.int32), m.data.astype(self.weights.dtype)
 
+# %% ../notebooks/09_index.ipynb #eda5e80f
 def _from_csc(cls, word_ptr, docs, weights, words, ids=None, n=None, shard: int = SHARD, meta=None):
     "An index from one CSC over all items (the layout of format 1)."
     weights = np.asarray(weights)
@@ -295,6 +296,7 @@ def _topk_kernel(qi, qw, track, k, n, L, shard_ptr, offsets, weights, dense_of, 
         _shard_scores(s, m, L, qi, qw, shard_ptr, offsets, weights, dense_of, dense, lut, acc, touched, track)
         _shard_top(acc, touched, track, m, s * L, k, out_s[s], out_r[s])
 
+# %% ../notebooks/09_index.ipynb #61f4c46f
 @njit(cache=True, parallel=True)
 def _topk_batch_kernel(qptr, qidx, qwts, tracks, k, n, L, shard_ptr, offsets, weights, dense_of, dense, lut,
                        out_s, out_r):

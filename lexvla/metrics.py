@@ -154,6 +154,7 @@ def patchdis_from_labels(preds,                 # per image: (H, W) predicted cl
         out["per_image_union"] = np.array([u for _, u in each], np.int64).reshape(-1, c)
     return out
 
+# %% ../notebooks/08_metrics.ipynb #b6895ab6
 def patchdis(patch_vectors,            # (b, n, v) patch vectors, or a callable (start, stop) -> (stop-start, n, v)
              class_vectors,            # (c, v) text-branch vectors of the class names
              masks,                    # (b, H, W) or a list of (H, W): class index per pixel, ignore_index = unlabelled

@@ -207,6 +207,8 @@ LexVLA.text_prefix = _text_prefix
 LexVLA.text_hidden_from_prefix = _text_hidden_from_prefix
 LexVLA.text_logits_from_prefix = _text_logits_from_prefix
 LexVLA.text_weights_from_prefix = _text_weights_from_prefix
+
+# %% ../notebooks/06c_model.ipynb #6e9cf200
 LexVLA.encode_text_from_prefix = _encode_text_from_prefix
 LexVLA.encode_text = _encode_text
 

@@ -169,6 +169,7 @@ def _groups(words: list[str]) -> list:
         if total is not None: total += n
     return claims + ([Total(total)] if total else [])
 
+# %% ../notebooks/08a_oracle.ipynb #214e5a2d
 def parse_caption(caption: str # a caption of the scene grammar
                  ) -> list:
     "The checkable claims of a caption (`make_captions` inverted); unknown words are ignored."

@@ -182,6 +182,7 @@ class VariantSpec:
     reg: Literal["overuse", "flops", "none"]  # sparsity regulariser on both modalities (method §5)
     lam: float | None                         # λ of both modalities for this variant (null: train.lambda_img/_txt)
 
+# %% ../notebooks/00_params.ipynb #09f2d31d
 @section("train")
 @dataclass
 class TrainParams:
@@ -384,6 +385,7 @@ class AdapterParams:
     mlp_ratio: float           # the block's MLP width / vision width
     hidden: int | None         # hidden width of the two-layer MLP (null = the vision width)
 
+# %% ../notebooks/00_params.ipynb #3ce9dfa0
 @section("model")
 @dataclass
 class ModelParams:

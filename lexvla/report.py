@@ -123,6 +123,7 @@ _MD = [  # (header, row key(s)): two keys are shown as "a / b"
     ("top-20 words' share of active mass", "word_use/image_top20_mass_share"),
     ("PatchDis mIoU", "patchdis/mIoU")]
 
+# %% ../notebooks/15_report.ipynb #15b83031
 def summarize(results_dir: str | Path, # folder of `<variant>.json` files
               out_dir: str | Path,     # where summary.json and summary.md go
               topk: int = 256,         # the top-k sparsification shown (one of evaluate.topks)

@@ -262,6 +262,7 @@ def _by_shape(objs: list[SceneObject], rng) -> str:
     parts = [parts[i] for i in rng.permutation(len(parts))]
     return f"{COUNTS[len(objs)]} shapes with " + _join(parts)
 
+# %% ../notebooks/01_scenes.ipynb #bddd16e9
 def make_captions(scene: Scene, rng: np.random.Generator, n: int = 5) -> list[str]:
     "`n` distinct captions of `scene` from the grammar (synonyms, counts, attributes, relations)."
     objs, size = scene.objects, scene.image.shape[0]

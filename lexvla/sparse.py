@@ -34,6 +34,7 @@ def _clean_ids(ids, n: int):
     if len(ids) != n: raise ValueError(f"{len(ids)} ids for {n} rows")
     return [int(i) if isinstance(i, (int, np.integer)) and not isinstance(i, bool) else str(i) for i in ids]
 
+# %% ../notebooks/07_sparse.ipynb #5ee35adb
 class SparseVectors:
     "Lexical vectors of n items as CSR over a vocabulary of `dim` words, with the items' ids."
     def __init__(self,
