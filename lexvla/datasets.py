@@ -36,7 +36,7 @@ from .runtime import write_json
 # %% auto #0
 __all__ = ['MAX_IMAGE_PIXELS', 'MAX_CAPTION_CHARS', 'TRAIN_AUGMENT', 'IMAGE_EXTS', 'PARTS', 'STAGE_OF_PART', 'DataConfigError',
            'SkipLog', 'decode_image', 'clean_caption', 'backbone_data_config', 'image_transform', 'mask_transform',
-           'sample_key', 'encode_jpeg', 'write_shards', 'expand_shards', 'ShardSample', 'index_shards',
+           'sample_key', 'encode_jpeg', 'write_shards', 'expand_shards', 'ShardSample', 'index_shards', 'read_at',
            'sample_captions', 'TarPairs', 'train_dataset', 'collate_pairs', 'shard_counts', 'StreamingPairs',
            'advance_position', 'StreamLoader', 'streaming_dataset', 'karpathy_tokens', 'karpathy_entry',
            'read_karpathy', 'karpathy_image_path', 'KarpathySplit', 'load_karpathy', 'write_categories', 'png_bytes',
@@ -346,7 +346,7 @@ def index_shards(shards: list[str | Path], log: SkipLog | None = None) -> list[S
             out.append(ShardSample(key, si, g[ext], ext, g.get("txt"), g.get("json")))
     return out
 
-def _read_at(fh, where: tuple[int, int]) -> bytes:
+def read_at(fh, where: tuple[int, int]) -> bytes:
     "Bytes at (offset, size): `pread`, so processes that share a descriptor after fork never race on its offset."
     return os.pread(fh.fileno(), where[1], where[0])
 
@@ -455,7 +455,7 @@ class TarPairs(_Pairs, torch.utils.data.Dataset):
     def captions(self, idx: int, log: SkipLog | None = None) -> list[str]:
         "The usable captions of sample `idx` (indexing order), all of them."
         s, fh = self.samples[idx], self._file(self.samples[idx].shard)
-        return sample_captions(_read_at(fh, s.txt) if s.txt else None, _read_at(fh, s.json) if s.json else None,
+        return sample_captions(read_at(fh, s.txt) if s.txt else None, read_at(fh, s.json) if s.json else None,
                                log, s.key, self.max_caption_chars)
 
     def all_captions(self) -> list[str]:
@@ -469,7 +469,7 @@ class TarPairs(_Pairs, torch.utils.data.Dataset):
         s = self.samples[idx]
         log = SkipLog()
         caps = self.captions(idx, log)[:self.captions_per_image]
-        return self._pair(s.key, caps, lambda: _read_at(self._file(s.shard), s.image), self.epoch, log,
+        return self._pair(s.key, caps, lambda: read_at(self._file(s.shard), s.image), self.epoch, log,
                           "each is replaced by the next in the epoch's order")
 
     def __getitem__(self, i: int) -> dict:

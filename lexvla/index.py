@@ -17,7 +17,7 @@ from numba import njit, prange, types
 from numba.extending import overload
 
 from .runtime import DamagedFile, checked_load, read_checked_json, replace_dir, temp_dir
-from .sparse import SparseVectors, _as_numpy, explain
+from .sparse import SparseVectors, as_numpy, explain
 
 # %% auto #0
 __all__ = ['SHARD', 'FORMAT', 'REBUILD_INDEX', 'VocabularyMismatch', 'words_fingerprint', 'Hit', 'InvertedIndex', 'topk_agrees']
@@ -227,7 +227,7 @@ def _query(q, V: int) -> tuple[np.ndarray, np.ndarray]:
     elif isinstance(q, tuple) and len(q) == 2:
         idx, val = np.asarray(q[0], np.int64).ravel(), np.asarray(q[1], np.float64).ravel()
     else:
-        x = _as_numpy(q).ravel()
+        x = as_numpy(q).ravel()
         if len(x) != V: raise ValueError(f"a dense query must have V={V} entries, got {len(x)}")
         idx = np.flatnonzero(x)
         val = x[idx].astype(np.float64)

@@ -11,7 +11,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .sparse import SparseVectors, _as_numpy, load_vectors, save_vectors, sparsity_stats, threshold_for
+from .sparse import SparseVectors, as_numpy, load_vectors, save_vectors, sparsity_stats, threshold_for
 
 # %% auto #0
 __all__ = ['query_ranks', 'retrieval_metrics', 'sparse_similarity', 'sparsity_sweep', 'upsample_nearest', 'patchdis_from_labels',
@@ -53,7 +53,7 @@ def query_ranks(sim,      # (n_img, n_txt) similarities (numpy or torch)
                 txt2img,  # (n_txt,) image index of each caption
                ) -> tuple[np.ndarray, np.ndarray]:
     "1-based pessimistic ranks of every query: (image->text per image, NaN without captions; text->image per caption)."
-    sim = _as_numpy(sim)
+    sim = as_numpy(sim)
     t2i = np.asarray(txt2img.cpu() if hasattr(txt2img, "cpu") else txt2img, dtype=np.int64)
     if sim.ndim != 2 or t2i.shape != (sim.shape[1],):
         raise ValueError(f"similarity {sim.shape} does not match {t2i.shape[0]} captions (expected (n_img, n_txt))")
@@ -168,7 +168,7 @@ def patchdis(patch_vectors,            # (b, n, v) patch vectors, or a callable 
              per_image: bool = False,  # also each image's intersections and unions (`patchdis_from_labels`)
             ) -> dict:
     "PatchDis (method §7): label each patch with its best class among those present, upsample, mIoU over the dataset."
-    cls = _as_numpy(class_vectors)
+    cls = as_numpy(class_vectors)
     c, b = len(cls), len(masks)
     names = list(class_names) if class_names is not None else [str(i) for i in range(c)]
     if len(names) != c: raise ValueError(f"{len(names)} class names for {c} class vectors")
@@ -176,7 +176,7 @@ def patchdis(patch_vectors,            # (b, n, v) patch vectors, or a callable 
     preds, labels = [], []
     for s in range(0, b, batch_size):
         e = min(s + batch_size, b)
-        pv = _as_numpy(get(s, e))
+        pv = as_numpy(get(s, e))
         if pv.ndim != 3 or len(pv) != e - s:
             raise ValueError(f"patch vectors of images {s}..{e - 1}: got shape {pv.shape}, expected ({e - s}, n, v)")
         n = pv.shape[1]

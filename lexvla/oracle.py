@@ -14,7 +14,7 @@ import numpy as np
 
 from .datasets import load_karpathy, prepared_paths
 from .scenes import BACKGROUNDS, COLOURS, COUNTS, OPENERS, PLURALS, REGIONS, RELATIONS, SHAPE_SYNONYMS, SHAPES
-from .scenes import SIZES, SceneObject, _region, _relation
+from .scenes import SIZES, SceneObject, region_of, relation_of
 
 # %% auto #0
 __all__ = ['SceneTable', 'Desc', 'Exists', 'Count', 'Total', 'Relation', 'InRegion', 'OnBackground', 'parse_caption',
@@ -35,12 +35,12 @@ def _scene_object(o: dict) -> SceneObject:
 
 @dataclass
 class SceneTable:
-    "Scenes as padded integer arrays (-1: no object), with every object's `_region` and every pair's `_relation`."
+    "Scenes as padded integer arrays (-1: no object), with every object's `region_of` and every pair's `relation_of`."
     shape: np.ndarray       # (n, m) index into SHAPES
     colour: np.ndarray      # (n, m) index into COLOURS
     size: np.ndarray        # (n, m) index into SIZES
-    region: np.ndarray      # (n, m) index into REGIONS of `_region(object)`
-    rel: np.ndarray         # (n, m, m) index into RELATIONS of `_relation(a, b)`; -1: none, or a is b
+    region: np.ndarray      # (n, m) index into REGIONS of `region_of(object)`
+    rel: np.ndarray         # (n, m, m) index into RELATIONS of `relation_of(a, b)`; -1: none, or a is b
     n_objects: np.ndarray   # (n,)
     background: np.ndarray  # (n,) index into BACKGROUNDS
 
@@ -59,9 +59,9 @@ class SceneTable:
             for k, a in enumerate(objs):
                 t.shape[i, k], t.colour[i, k] = SHAPES.index(a.shape), _COLOUR_IDS[a.colour]
                 t.size[i, k] = _SIZE_IDS[a.size]
-                t.region[i, k] = _REGION_IDS[_REGION_OF_PHRASE[_region(a, size)]]
+                t.region[i, k] = _REGION_IDS[_REGION_OF_PHRASE[region_of(a, size)]]
                 for j, b in enumerate(objs):
-                    r = _relation(a, b, size) if j != k else None
+                    r = relation_of(a, b, size) if j != k else None
                     if r is not None: t.rel[i, k, j] = _REL_IDS[r]
         return t
 

@@ -17,7 +17,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from .datasets import (
-    PARTS, DataConfigError, SkipLog, _read_at, clean_caption, decode_image, encode_jpeg, expand_shards, index_shards,
+    PARTS, DataConfigError, SkipLog, read_at, clean_caption, decode_image, encode_jpeg, expand_shards, index_shards,
     karpathy_entry, karpathy_image_path, panoptic_png, panoptic_segments, png_bytes, read_categories, read_karpathy,
     read_manifest, sample_captions, sample_key, write_categories, write_shards)
 from .params import LoadedParams, ParamsError, load_params, save_resolved
@@ -133,9 +133,9 @@ def _clean(job: tuple) -> tuple:
     log = SkipLog()
     if isinstance(src, tuple):  # (shard path, image (offset, size), txt, json) of an indexed tar sample
         with open(src[0], "rb") as fh:
-            data = _read_at(fh, src[1])
-            txt = _read_at(fh, src[2]) if src[2] else None
-            meta = _read_at(fh, src[3]) if src[3] else None
+            data = read_at(fh, src[1])
+            txt = read_at(fh, src[2]) if src[2] else None
+            meta = read_at(fh, src[3]) if src[3] else None
             caps = sample_captions(txt, meta, log, name, cfg["max_caption_chars"])
     else:
         data = Path(src)

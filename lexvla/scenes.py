@@ -14,7 +14,7 @@ from PIL import Image, ImageDraw
 # %% auto #0
 __all__ = ['SHAPES', 'PLURALS', 'SHAPE_SYNONYMS', 'CATEGORIES', 'COLOURS', 'SIZES', 'SIZE_RANGES', 'BACKGROUNDS', 'RELATIONS',
            'COUNTS', 'REGIONS', 'OPENERS', 'SPLITS', 'vocabulary', 'shape_coverage', 'background', 'SceneObject',
-           'Scene', 'scene_rng', 'make_scene', 'make_captions']
+           'Scene', 'scene_rng', 'make_scene', 'relation_of', 'region_of', 'make_captions']
 
 # %% ../notebooks/01_scenes.ipynb #eebc152a
 SHAPES = ("circle", "square", "triangle", "star", "ring", "cross", "diamond", "heart", "moon", "arrow")
@@ -242,14 +242,14 @@ def _inventory(objs: list[SceneObject], rng) -> str:
     order = rng.permutation(len(parts))
     return _join([parts[i] for i in order])
 
-def _relation(a: SceneObject, b: SceneObject, size: int) -> str | None:
+def relation_of(a: SceneObject, b: SceneObject, size: int) -> str | None:
     "How `a` stands to `b` (left/right/above/below), or None when it is not clear."
     dx, dy = a.cx - b.cx, a.cy - b.cy
     if abs(dx) >= abs(dy) and abs(dx) > 0.15 * size: return "left" if dx < 0 else "right"
     if abs(dy) > abs(dx) and abs(dy) > 0.15 * size: return "above" if dy < 0 else "below"
     return None
 
-def _region(o: SceneObject, size: int) -> str:
+def region_of(o: SceneObject, size: int) -> str:
     third = lambda v, lo, mid, hi: lo if v < size / 3 else (hi if v > 2 * size / 3 else mid)
     return REGIONS[(third(o.cy, "top", "middle", "bottom"), third(o.cx, "left", "centre", "right"))]
 
@@ -268,7 +268,7 @@ def make_captions(scene: Scene, rng: np.random.Generator, n: int = 5) -> list[st
     objs, size = scene.objects, scene.image.shape[0]
     if not objs: raise ValueError("a scene without objects has nothing to caption")
     pairs = [(a, b, rel) for a in objs for b in objs if a is not b
-             for rel in [_relation(a, b, size)] if rel is not None]
+             for rel in [relation_of(a, b, size)] if rel is not None]
     out: list[str] = []
     for attempt in range(400):
         kind = ["inventory", "relation", "count", "where", "background"][attempt % 5] if attempt < 5 else \
@@ -281,7 +281,7 @@ def make_captions(scene: Scene, rng: np.random.Generator, n: int = 5) -> list[st
         elif kind == "count": cap = _by_shape(objs, rng)
         elif kind == "where":
             o = objs[int(rng.integers(len(objs)))]
-            cap = f"{_phrase(o, rng)} {_region(o, size)}"
+            cap = f"{_phrase(o, rng)} {region_of(o, size)}"
         else:
             inv = _inventory(objs, rng)  # draws from rng before the background word does
             w = str(rng.choice(BACKGROUNDS[scene.background]))

@@ -17,12 +17,12 @@ import scipy.sparse as sps
 from .runtime import DamagedFile, checked_load, read_checked_json, write_json
 
 # %% auto #0
-__all__ = ['REBUILD_VECTORS', 'SHARDS_FORMAT', 'REBUILD_SHARDS', 'SparseVectors', 'write_npz', 'explain', 'threshold_for',
-           'sparsity_stats', 'save_vectors', 'load_vectors', 'shard_file', 'VectorShards', 'start_shards',
-           'write_shard']
+__all__ = ['REBUILD_VECTORS', 'SHARDS_FORMAT', 'REBUILD_SHARDS', 'as_numpy', 'SparseVectors', 'write_npz', 'explain',
+           'threshold_for', 'sparsity_stats', 'save_vectors', 'load_vectors', 'shard_file', 'VectorShards',
+           'start_shards', 'write_shard']
 
 # %% ../notebooks/07_sparse.ipynb #7775d49b
-def _as_numpy(x) -> np.ndarray:
+def as_numpy(x) -> np.ndarray:
     "A float32 numpy view of a numpy array or a torch tensor (any device, any float dtype)."
     if hasattr(x, "detach"): x = x.detach().cpu().float().numpy()
     return np.asarray(x, dtype=np.float32)
@@ -111,7 +111,7 @@ def _from_dense(cls, x,                     # (n, v) dense vectors: numpy array 
     n, v = x.shape
     counts, indices, data = [np.zeros(0, np.int64)], [np.zeros(0, np.int32)], [np.zeros(0, np.float32)]
     for s in range(0, n, chunk):
-        b = _as_numpy(x[s:s + chunk])
+        b = as_numpy(x[s:s + chunk])
         keep = _keep_mask(b, threshold, topk)
         r, c = np.nonzero(keep)  # row-major: words ascending within each row
         counts.append(keep.sum(1))
@@ -243,7 +243,7 @@ def sparsity_stats(x,             # SparseVectors, or (n, V) dense vectors (nump
     "Mean active words k, sparsity 1 − k/V and quadratic sparsity (1 − k/V)² (method §5)."
     if isinstance(x, SparseVectors): k, V = x.mean_active(), V or x.dim
     else:
-        a = _as_numpy(x) if not isinstance(x, np.ndarray) else x
+        a = as_numpy(x) if not isinstance(x, np.ndarray) else x
         k, V = (float((a != 0).sum(-1).mean()) if len(a) else 0.0), V or a.shape[-1]
     s = 1.0 - k / V
     return {"mean_active": float(k), "sparsity": s, "quadratic_sparsity": s * s}

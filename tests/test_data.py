@@ -91,7 +91,7 @@ def test_captions_distinct_and_true():
                         left, right = c.split(f" {ph} ", 1)
                         sa = [SYN_SHAPE[w] for w in words_of(left) if w in SYN_SHAPE][-1]
                         sb = [SYN_SHAPE[w] for w in words_of(right) if w in SYN_SHAPE][0]
-                        assert any(a.shape == sa and b.shape == sb and S._relation(a, b, 64) == rel
+                        assert any(a.shape == sa and b.shape == sb and S.relation_of(a, b, 64) == rel
                                    for a in s.objects for b in s.objects if a is not b), c
                         break
 

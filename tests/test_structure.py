@@ -125,3 +125,11 @@ def test_no_notebook_cell_is_over_60_lines():
                 big = max(body, key=lambda n: n.end_lineno - n.lineno)  # the statement that makes it long
                 long.add((nb.stem, getattr(big, "name", src.splitlines()[0])))
     assert long <= LONG_CLASS_CELLS, f"cells over {MAX_FUNCTION_LINES} lines: {sorted(long - LONG_CLASS_CELLS)}"
+
+
+def test_no_private_name_is_imported_across_modules():
+    "A helper another module needs is public (in its module's `__all__`), not an underscored name reached into."
+    bad = [f"{m} imports {a.name} from {n.module}" for m in modules()
+           for n in ast.walk(ast.parse((PKG / f"{m}.py").read_text()))
+           if isinstance(n, ast.ImportFrom) and n.level == 1 for a in n.names if a.name.startswith("_")]
+    assert not bad, bad
