@@ -5,6 +5,7 @@ intervals. A documented experiment outside the default `dvc repro`.
     .venv/bin/python experiments/convergence.py                       # after `dvc repro imagecache textcache`
     .venv/bin/python experiments/convergence.py --variants lexvla,dense --steps 1200 --eval-every 200
     .venv/bin/python experiments/convergence.py --only-report         # redraw from the finished points
+    .venv/bin/python experiments/convergence.py --variants lexvla --steps 300 --out experiments/convergence/h300
 
 Every setting but the ones below is params.yaml's (the embedded default's data, towers, batch, lr, λ):
 - `train.steps` = `--steps` (the cosine schedule's horizon), checkpoints at every evaluation point;
@@ -36,7 +37,8 @@ import yaml
 
 from lexvla.params import params_from_dict, repo_root
 
-HERE = Path(__file__).resolve().parent / "convergence"
+HERE = Path(__file__).resolve().parent / "convergence"  # the results folder (`--out` moves it)
+CACHE = HERE / "cache"  # the val caches, shared by every results folder
 VARIANTS = {"lexvla": {"model": "lexvla", "reg": "overuse", "lam": None},
             "dense": {"model": "dense", "reg": "none", "lam": None},
             "flops": {"model": "lexvla", "reg": "flops", "lam": None},
@@ -138,7 +140,7 @@ def run_variant(d: dict, name: str, data: Path, steps: int, eval_every: int, pro
     "Train `name` point by point (resuming), evaluate each point on val; the curve."
     from lexvla.evaluate import evaluate
     from lexvla.train import train
-    p = params_from_dict(d, source=str(HERE / "cache" / "params.yaml"))
+    p = params_from_dict(d, source=str(CACHE / "params.yaml"))
     out, root = HERE / "runs" / name, repo_root()
     curve = []
     for pt in points(steps, eval_every):
@@ -149,8 +151,8 @@ def run_variant(d: dict, name: str, data: Path, steps: int, eval_every: int, pro
             train(p, name, data, root / "data" / "textcache", out, out / "results", progress=progress,
                   image_cache_dir=root / "data" / "imagecache", stop_after=pt)
             t1 = time.perf_counter()
-            evaluate(p, name, out / "model", data, HERE / "cache" / "text", res.parent, progress=False,
-                     image_cache_dir=HERE / "cache" / "image")
+            evaluate(p, name, out / "model", data, CACHE / "text", res.parent, progress=False,
+                     image_cache_dir=CACHE / "image")
             timing.parent.mkdir(parents=True, exist_ok=True)
             timing.write_text(json.dumps({"train_s": t1 - t0, "eval_s": time.perf_counter() - t1}))
         curve.append(curve_row(pt, json.loads(res.read_text()), _train_s(name, pt)))
@@ -164,7 +166,7 @@ def test_claims(d: dict, names: list[str], data: Path, topk: int = 256) -> list[
     from lexvla.report import paper_claims
     root = repo_root()
     dt = {**d, "evaluate": {**d["evaluate"], "split": "test"}}
-    p = params_from_dict(dt, source=str(HERE / "cache" / "params.yaml"))
+    p = params_from_dict(dt, source=str(CACHE / "params.yaml"))
     out = HERE / "runs" / "test"
     runs = {}
     for name in names:
@@ -254,14 +256,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--note", default="", help="a paragraph of provenance for results.md (kept in results.json)")
     ap.add_argument("--merge", action="store_true",
                     help="keep the committed results' other variants (same horizon and points), with their provenance")
+    ap.add_argument("--out", default="",
+                    help="results folder instead of experiments/convergence (e.g. experiments/convergence/h300 for a "
+                         "300-step horizon); its runs/ is scratch")
     a = ap.parse_args(argv)
+    global HERE
+    if a.out: HERE = (repo_root() / a.out).resolve()
     names = [v.strip() for v in a.variants.split(",") if v.strip()]
     bad = [v for v in names if v not in VARIANTS]
     if bad: raise SystemExit(f"--variants: unknown {', '.join(bad)} (have: {', '.join(VARIANTS)})")
     root = repo_root()
     d = experiment_params(root / a.params, names, a.steps, a.eval_every, "val")
     data = root / "data" / "prepared"
-    if not a.only_report: build_val_caches(d, data, HERE / "cache")
+    if not a.only_report: build_val_caches(d, data, CACHE)
     curves = {}
     for name in names:
         if a.only_report:

@@ -406,6 +406,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                'lexvla.report._row': ('report.html#_row', 'lexvla/report.py'),
                                'lexvla.report._run': ('report.html#_run', 'lexvla/report.py'),
                                'lexvla.report._verdict': ('report.html#_verdict', 'lexvla/report.py'),
+                               'lexvla.report.caption_word_share': ('report.html#caption_word_share', 'lexvla/report.py'),
                                'lexvla.report.claims_markdown': ('report.html#claims_markdown', 'lexvla/report.py'),
                                'lexvla.report.clean_executed': ('report.html#clean_executed', 'lexvla/report.py'),
                                'lexvla.report.gap_closed': ('report.html#gap_closed', 'lexvla/report.py'),

@@ -7,19 +7,21 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import nbformat
 import numpy as np
+import scipy.sparse as sps
 
 from .metrics import load_per_query, mean_iou, paired_bootstrap, per_image_hits, ratio_of_sums
 from .runtime import atomic_write, resolve_path, run_cli, write_json
-from .sparse import load_vectors
+from .sparse import SparseVectors, load_vectors
 
 # %% auto #0
 __all__ = ['SUMMARY_COLUMNS', 'paper_claims', 'claims_markdown', 'gap_closed', 'summarize', 'Results', 'open_results',
-           'clean_executed', 'main']
+           'caption_word_share', 'clean_executed', 'main']
 
 # %% ../notebooks/15_report.ipynb #12c48ea1
 def _roles(runs: dict[str, dict]) -> dict[str, str]:
@@ -203,6 +205,31 @@ def open_results(evaluate_dir: str | Path,  # the evaluate stage's folder (relat
     figs = resolve_path(figures_dir) if figures_dir else None
     if figs is not None: figs.mkdir(parents=True, exist_ok=True)
     return Results(ev, resolve_path(data_dir), figs, runs)
+
+# %% ../notebooks/15_report.ipynb #978b7c42
+def caption_word_share(vectors: dict, # `Results.vectors(variant)`: image, text, words, captions
+                       topk: int | None = 64, # words kept per vector (None: all)
+                       n_words: int = 10,     # the non-caption words reported, by their share of all score mass
+                      ) -> dict:
+    "Share of each caption query's top-1 score carried by caption words; the words no caption uses that carry the rest."
+    def cut(m):
+        sv = SparseVectors.from_scipy(m, topk=topk)
+        return sps.csr_matrix((sv.data, sv.indices, sv.indptr), shape=(len(sv), sv.dim))
+    img, txt = cut(vectors["image"]), cut(vectors["text"])
+    tokens = {t for c in vectors["captions"] for t in re.findall(r"[a-z]+", str(c).lower())}
+    words = [str(w) for w in vectors["words"]]
+    in_caps = np.array([w.strip().lower() in tokens for w in words])
+    top1 = np.asarray((txt @ img.T).toarray().argmax(1)).ravel()
+    parts = txt.multiply(img[top1]).tocsc()                      # (queries, V): each word's part of the top-1 score
+    total = np.asarray(parts.sum(1)).ravel()
+    ok = total > 0
+    share = np.asarray(parts[:, np.flatnonzero(in_caps)].sum(1)).ravel()[ok] / total[ok]
+    other = np.asarray(parts.sum(0)).ravel() * ~in_caps / max(total.sum(), 1e-30)
+    top = np.argsort(-other, kind="stable")[:n_words]
+    return {"queries": int(ok.sum()), "topk": topk,
+            "caption_word_share_mean": float(share.mean()) if ok.any() else None,
+            "caption_word_share_median": float(np.median(share)) if ok.any() else None,
+            "other_words": [(words[j], float(other[j])) for j in top if other[j] > 0]}
 
 # %% ../notebooks/15_report.ipynb #3bae05ba
 def clean_executed(path: str | Path) -> Path:
