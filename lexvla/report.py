@@ -13,7 +13,6 @@ from pathlib import Path
 
 import nbformat
 import numpy as np
-import scipy.sparse as sps
 
 from .metrics import load_per_query, mean_iou, paired_bootstrap, per_image_hits, ratio_of_sums
 from .runtime import atomic_write, resolve_path, run_cli, write_json
@@ -212,10 +211,7 @@ def caption_word_share(vectors: dict, # `Results.vectors(variant)`: image, text,
                        n_words: int = 10,     # the non-caption words reported, by their share of all score mass
                       ) -> dict:
     "Share of each caption query's top-1 score carried by caption words; the words no caption uses that carry the rest."
-    def cut(m):
-        sv = SparseVectors.from_scipy(m, topk=topk)
-        return sps.csr_matrix((sv.data, sv.indices, sv.indptr), shape=(len(sv), sv.dim))
-    img, txt = cut(vectors["image"]), cut(vectors["text"])
+    img, txt = (SparseVectors.from_scipy(vectors[k], topk=topk).to_scipy() for k in ("image", "text"))
     tokens = {t for c in vectors["captions"] for t in re.findall(r"[a-z]+", str(c).lower())}
     words = [str(w) for w in vectors["words"]]
     in_caps = np.array([w.strip().lower() in tokens for w in words])
