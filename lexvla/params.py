@@ -619,6 +619,7 @@ def overrides(profile: str | Path, params: str | Path = "params.yaml") -> list[s
     for key in REPLACED_BY_PROFILES:  # a map given whole: drop the entries it lacks, add (`+`) the new ones
         sec, name = key.split(".")
         given = over.get(sec, {}).pop(name, None)
+        if over.get(sec) == {}: del over[sec]  # the map was the section's only key
         if given is None: continue
         have = {k.split(".")[2] for k in base if k.startswith(key + ".")}
         out += [f"~{key}.{n}" for n in sorted(have - set(given))]
