@@ -1,6 +1,6 @@
-"""The convergence experiment (issue 20): train each variant far past the default's 120 steps, evaluate on **val** at
-several points of each run, apply a plateau rule, then decide the paper's claims on **test** with paired-bootstrap
-intervals. A documented experiment outside the default `dvc repro`.
+"""The convergence experiment (issue 20): train each variant far past the earlier 120-step default, evaluate on
+**val** at several points of each run, apply a plateau rule, then decide the paper's claims on **test** with
+paired-bootstrap intervals. A documented experiment outside the default `dvc repro`.
 
     .venv/bin/python experiments/convergence.py                       # after `dvc repro imagecache textcache`
     .venv/bin/python experiments/convergence.py --variants lexvla,dense --steps 1200 --eval-every 200

@@ -21,7 +21,7 @@ from .metrics import (patchdis, patchdis_from_labels, retrieval_metrics, save_pe
 from .model import load_trained
 from .oracle import scene_oracle
 from .params import EvaluateParams, LoadedParams, ParamsError, load_params, record_run, save_resolved
-from .runtime import (environment_record, repo_relative, resolve_device, resolve_path, run_cli,
+from .runtime import (LAYOUT, environment_record, repo_relative, resolve_device, resolve_path, run_cli,
                             seed_everything, stage_parser, write_json)
 from .sparse import SparseVectors, save_vectors, threshold_for
 from .vectors import class_vectors, encode_images, encode_texts
@@ -101,11 +101,11 @@ def evaluate(params: LoadedParams,        # the loaded params file
     ep = params.evaluate
     if variant not in params.train.variants:
         raise ParamsError(f"train.variants: no variant {variant!r} (have: {', '.join(params.train.variants)})")
-    model_dir = resolve_path(model_dir, f"models/{variant}/model")
-    data_dir = resolve_path(data_dir, "data/prepared")
-    cache_dir = resolve_path(cache_dir, "data/textcache")
-    out_dir = resolve_path(out_dir, "results/evaluate")
-    image_cache_dir = resolve_path(image_cache_dir, "data/imagecache")
+    model_dir = resolve_path(model_dir, f"{LAYOUT.model(variant)}/model")
+    data_dir = resolve_path(data_dir, LAYOUT.prepared)
+    cache_dir = resolve_path(cache_dir, LAYOUT.textcache)
+    out_dir = resolve_path(out_dir, LAYOUT.evaluate)
+    image_cache_dir = resolve_path(image_cache_dir, LAYOUT.imagecache)
     for f, why in ((model_dir / "model.json", "not a trained model folder (run `dvc repro train`)"),
                    (data_dir / "eval" / "karpathy", "no prepared Karpathy split (run `dvc repro prepare_eval`)")):
         if not f.exists(): raise FileNotFoundError(f"{f}: {why}")

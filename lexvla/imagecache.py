@@ -16,7 +16,7 @@ from .caches import ImageTokenCache, vision_cache_meta
 from .datasets import PARTS, image_transform, load_karpathy, prepared_paths, train_dataset
 from .model import create_model_from_params
 from .params import LoadedParams, load_params, save_resolved
-from .runtime import replace_dir, resolve_device, resolve_path, run_cli, stage_parser, temp_dir
+from .runtime import LAYOUT, replace_dir, resolve_device, resolve_path, run_cli, stage_parser, temp_dir
 
 # %% auto #0
 __all__ = ['build_image_cache', 'train_images', 'split_images', 'build', 'main']
@@ -68,7 +68,7 @@ def build(params: LoadedParams,           # the loaded params file
           part: str = "all",                  # train | eval | all
          ) -> str:
     "The `imagecache` stage: the frozen ViT's tokens of the training images (part train) or the evaluated split's."
-    data, out = resolve_path(data_dir, "data/prepared"), resolve_path(out, "data/imagecache")
+    data, out = resolve_path(data_dir, LAYOUT.prepared), resolve_path(out, LAYOUT.imagecache)
     torch.manual_seed(params.base.seed)
     model, said = None, {}
     for p in (PARTS if part == "all" else (part,)):

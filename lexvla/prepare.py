@@ -10,7 +10,9 @@ import multiprocessing as mp
 import os
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, NamedTuple
 
 import numpy as np
 from PIL import Image
@@ -21,11 +23,74 @@ from .datasets import (
     karpathy_entry, karpathy_image_path, panoptic_png, panoptic_segments, png_bytes, read_categories, read_karpathy,
     read_manifest, sample_captions, sample_key, write_categories, write_shards)
 from .params import LoadedParams, ParamsError, load_params, save_resolved
-from .runtime import repo_root, resolve_path, run_cli, stage_parser, write_json
+from .runtime import LAYOUT, repo_root, resolve_path, run_cli, stage_parser, write_json
 from .scenes import CATEGORIES, make_scene, scene_rng
 
 # %% auto #0
-__all__ = ['check_sources', 'pmap', 'build_embedded', 'build_real', 'prepare', 'main']
+__all__ = ['READERS', 'Job', 'Reader', 'register_reader', 'webdataset_jobs', 'karpathy_jobs', 'manifest_jobs', 'check_sources',
+           'pmap', 'build_embedded', 'Cleaned', 'Sources', 'build_real', 'prepare', 'main']
+
+# %% ../notebooks/03_prepare.ipynb #815f29ce
+class Job(NamedTuple):
+    "One real image to bring in (a worker of `_clean` reads it)."
+    name: str                 # the source's name for it (file name, or `shard.tar:key`)
+    src: str | tuple          # an image file, or (shard path, image (offset, size), txt, json) in an indexed tar
+    captions: list | None     # raw captions (None: in the tar sample's txt / json)
+    mask: str | None          # its mask PNG (None: no mask)
+    cfg: dict                 # cleaning settings (store_size None: an evaluation image, kept at full resolution)
+
+@dataclass(frozen=True)
+class Reader:
+    "A registered format: `jobs(pp, paths, cfg, log, mask_for) -> list[Job]`, its source check, its own splits."
+    jobs: Callable
+    check: Callable           # check(pp, paths): raise DataConfigError naming the bad key (may add to `paths`)
+    evaluates_source: bool    # the source's own val/test splits are the evaluated ones (a Karpathy JSON)
+
+READERS: dict[str, Reader] = {}
+
+def _source_is_a_file(pp, paths: dict):
+    if not paths["source"].is_file(): raise DataConfigError(f"prepare.source: {paths['source']}: file not found")
+
+def register_reader(kind: str,                        # the `prepare.kind` that selects it
+                    check: Callable = _source_is_a_file, # the source check, before any work
+                    evaluates_source: bool = False,   # a source with its own val/test splits
+                   ) -> Callable:
+    "Decorator: register a real-data format's job lister under `kind`."
+    def deco(fn):
+        READERS[kind] = Reader(fn, check, evaluates_source)
+        return fn
+    return deco
+
+# %% ../notebooks/03_prepare.ipynb #5dbddeea
+def _shards_exist(pp, paths: dict):
+    try: paths["shards"] = expand_shards(str(paths["source"]))
+    except DataConfigError as e: raise DataConfigError(f"prepare.source: {e}") from None
+
+def _karpathy_source(pp, paths: dict):
+    _source_is_a_file(pp, paths)
+    if paths["image_root"] is None:
+        raise DataConfigError("prepare.image_root: kind 'karpathy' needs the folder of the JSON's images")
+
+@register_reader("webdataset", check=_shards_exist)
+def webdataset_jobs(pp, paths: dict, cfg: dict, log: SkipLog, mask_for: Callable) -> list[Job]:
+    "Every sample of img2dataset shards, read in place through an index of their tar members."
+    shards = paths["shards"]
+    return [Job(f"{shards[s.shard].name}:{s.key}", (str(shards[s.shard]), s.image, s.txt, s.json), None, None, cfg)
+            for s in index_shards(shards, log)]
+
+@register_reader("karpathy", check=_karpathy_source, evaluates_source=True)
+def karpathy_jobs(pp, paths: dict, cfg: dict, log: SkipLog, mask_for: Callable) -> list[Job]:
+    "The train and restval images of a Karpathy JSON (its val and test are the evaluated splits)."
+    d = read_karpathy(paths["source"])
+    return [Job(e["filename"], str(karpathy_image_path(e, paths["image_root"])), [s["raw"] for s in e["sentences"]],
+                None, cfg) for e in d["images"] if e["split"] in ("train", "restval")]
+
+@register_reader("manifest")
+def manifest_jobs(pp, paths: dict, cfg: dict, log: SkipLog, mask_for: Callable) -> list[Job]:
+    "The rows of a CSV / TSV / JSONL manifest (image path and caption columns; rows of one image merge)."
+    items = read_manifest(paths["source"], pp.image_column, pp.caption_column, paths["image_root"], log=log,
+                          max_caption_chars=pp.max_caption_chars)
+    return [Job(it.key, str(it.path), it.captions, mask_for(it.path), cfg) for it in items]
 
 # %% ../notebooks/03_prepare.ipynb #7c373bf2
 def check_sources(pp) -> dict:
@@ -33,18 +98,13 @@ def check_sources(pp) -> dict:
     keys = ("source", "image_root", "eval_json", "eval_image_root", "mask_dir", "categories_json")
     out = {k: resolve_path(None if getattr(pp, k) is None else Path(getattr(pp, k)).expanduser()) for k in keys}
     if pp.kind == "embedded": return out
-    if pp.kind == "webdataset":
-        try: out["shards"] = expand_shards(str(out["source"]))
-        except DataConfigError as e: raise DataConfigError(f"prepare.source: {e}") from None
-    elif not out["source"].is_file(): raise DataConfigError(f"prepare.source: {out['source']}: file not found")
+    READERS[pp.kind].check(pp, out)  # the format's own check: shards found, the source file there, ...
     for k in ("image_root", "eval_image_root", "mask_dir"):
         if out[k] is not None and not out[k].is_dir():
             raise DataConfigError(f"prepare.{k}: {out[k]}: folder not found")
     for k in ("eval_json", "categories_json"):
         if out[k] is not None and not out[k].is_file():
             raise DataConfigError(f"prepare.{k}: {out[k]}: file not found")
-    if pp.kind == "karpathy" and out["image_root"] is None:
-        raise DataConfigError("prepare.image_root: kind 'karpathy' needs the folder of the JSON's images")
     return out
 
 # %% ../notebooks/03_prepare.ipynb #a11a3aeb
@@ -126,8 +186,17 @@ def build_embedded(pp,          # the prepare section
 # %% ../notebooks/03_prepare.ipynb #63b8dda8
 _FORMATS = {"JPEG": ".jpg", "PNG": ".png", "WEBP": ".webp", "BMP": ".bmp", "GIF": ".gif", "TIFF": ".tif"}
 
-def _clean(job: tuple) -> tuple:
-    "Decode, repair, resize, re-encode (when needed) one real image + mask: (name, bytes, captions, mask, log, ext)."
+class Cleaned(NamedTuple):
+    "One job's result: the bytes to store (None: skipped, the reason in `log`), its captions and mask."
+    name: str
+    data: bytes | None        # image bytes (JPEG, or an evaluation image's original file)
+    captions: list
+    mask: bytes | None        # the mask as PNG bytes, at the stored size
+    log: SkipLog
+    ext: str | None           # the file extension of `data`
+
+def _clean(job: Job) -> Cleaned:
+    "Decode, repair, resize, re-encode (when needed) one real image + mask."
     # cfg["store_size"] None (evaluation images): checked by decoding, then kept byte for byte at full resolution
     name, src, raw_caps, mask, cfg = job
     log = SkipLog()
@@ -143,9 +212,9 @@ def _clean(job: tuple) -> tuple:
         for c in raw_caps:
             c = clean_caption(c, log, name, cfg["max_caption_chars"])
             if c is not None and c not in caps: caps.append(c)
-    if not caps: return name, None, [], None, log, None
+    if not caps: return Cleaned(name, None, [], None, log, None)
     img = decode_image(data, log, name, cfg["min_side"], cfg["max_pixels"])
-    if img is None: return name, None, [], None, log, None
+    if img is None: return Cleaned(name, None, [], None, log, None)
     w, h = img.size
     keep = cfg["store_size"] is None
     scale = 1.0 if keep else min(1.0, cfg["store_size"] / min(w, h))
@@ -162,20 +231,26 @@ def _clean(job: tuple) -> tuple:
     if keep:
         raw = data.read_bytes() if isinstance(data, Path) else data
         with Image.open(io.BytesIO(raw)) as im: ext = _FORMATS.get(im.format)
-        if ext is not None: return name, raw, caps, m, log, ext
-        return name, encode_jpeg(img, cfg["quality"]), caps, m, log, ".jpg"  # a format browsers do not read
+        if ext is not None: return Cleaned(name, raw, caps, m, log, ext)
+        return Cleaned(name, encode_jpeg(img, cfg["quality"]), caps, m, log, ".jpg")  # a format browsers do not read
     if scale >= 1 and not log.converted:  # a clean JPEG at its stored size: its bytes as they are (CC-12M's from
         raw = data.read_bytes() if isinstance(data, Path) else data  # img2dataset mostly), never re-encoded
         with Image.open(io.BytesIO(raw)) as im:
-            if im.format == "JPEG": return name, raw, caps, m, log, ".jpg"
+            if im.format == "JPEG": return Cleaned(name, raw, caps, m, log, ".jpg")
     if scale < 1: img = img.resize(size, Image.BICUBIC, reducing_gap=3.0)
-    return name, encode_jpeg(img, cfg["quality"]), caps, m, log, ".jpg"
+    return Cleaned(name, encode_jpeg(img, cfg["quality"]), caps, m, log, ".jpg")
 
 # %% ../notebooks/03_prepare.ipynb #d4fdbb7c
+class Sources(NamedTuple):
+    "What the configured source holds: training jobs, {split: jobs} of the evaluated splits, the eval set's name."
+    train: list[Job]
+    evals: dict[str, list[Job]]
+    name: str
+
 def _real_jobs(pp, paths: dict, seed: int, log,
                train_part: bool = True, # the training jobs are wanted (else they are listed only to hold val/test out)
-              ) -> tuple[list, dict]:
-    "Training jobs and {split: jobs} for evaluation, from the configured source."
+              ) -> Sources:
+    "The configured source's jobs, through the reader registered for `prepare.kind`."
     cfg = {"max_caption_chars": pp.max_caption_chars, "min_side": pp.min_image_side,
            "max_pixels": pp.max_image_pixels, "store_size": pp.store_size, "quality": pp.jpeg_quality,
            "mask_id_offset": pp.mask_id_offset}
@@ -186,21 +261,10 @@ def _real_jobs(pp, paths: dict, seed: int, log,
         elif "cocoid" in entry_or_name: stem = f"{entry_or_name['cocoid']:012d}"
         else: stem = Path(entry_or_name["filename"]).stem
         return str(paths["mask_dir"] / f"{stem}.png")
-    eval_json = paths["eval_json"] or (paths["source"] if pp.kind == "karpathy" else None)
+    reader = READERS[pp.kind]
+    eval_json = paths["eval_json"] or (paths["source"] if reader.evaluates_source else None)
     if not train_part and eval_json is not None: train = []  # the eval part alone: CC-12M's shards are not indexed
-    elif pp.kind == "webdataset":
-        shards = paths["shards"]
-        train = [(f"{shards[s.shard].name}:{s.key}", (str(shards[s.shard]), s.image, s.txt, s.json), None, None, cfg)
-                 for s in index_shards(shards, log)]
-    elif pp.kind == "karpathy":
-        d = read_karpathy(paths["source"])
-        train = [(e["filename"], str(karpathy_image_path(e, paths["image_root"])),
-                  [s["raw"] for s in e["sentences"]], None, cfg)
-                 for e in d["images"] if e["split"] in ("train", "restval")]
-    else:
-        items = read_manifest(paths["source"], pp.image_column, pp.caption_column, paths["image_root"], log=log,
-                              max_caption_chars=pp.max_caption_chars)
-        train = [(it.key, str(it.path), it.captions, mask_for(it.path), cfg) for it in items]
+    else: train = reader.jobs(pp, paths, cfg, log, mask_for)
     evals = {}
     if eval_json is not None:
         root = paths["eval_image_root"] or paths["image_root"]
@@ -208,21 +272,21 @@ def _real_jobs(pp, paths: dict, seed: int, log,
         d = read_karpathy(eval_json)
         for split, n in (("val", pp.n_val), ("test", pp.n_test)):
             es = [e for e in d["images"] if e["split"] == split]
-            evals[split] = [(e["filename"], str(karpathy_image_path(e, root)), [s["raw"] for s in e["sentences"]],
-                             mask_for(e), ecfg) for e in (es[:n] if n else es)]
-        evals["_name"] = d.get("dataset") or Path(eval_json).stem.removeprefix("dataset_")
+            evals[split] = [Job(e["filename"], str(karpathy_image_path(e, root)), [s["raw"] for s in e["sentences"]],
+                                mask_for(e), ecfg) for e in (es[:n] if n else es)]
+        name = d.get("dataset") or Path(eval_json).stem.removeprefix("dataset_")
     else:  # hold out val + test from the training source, by a seeded shuffle
         perm = np.random.default_rng([seed, 7]).permutation(len(train))
         nv, nt = pp.n_val, pp.n_test
         if nv + nt >= len(train):
             raise ParamsError(f"prepare.n_val: {nv} + n_test {nt} leave no training images of {len(train)}")
-        evals["val"] = [(*train[i][:4], ecfg) for i in sorted(perm[:nv])]
-        evals["test"] = [(*train[i][:4], ecfg) for i in sorted(perm[nv:nv + nt])]
+        evals["val"] = [train[i]._replace(cfg=ecfg) for i in sorted(perm[:nv])]
+        evals["test"] = [train[i]._replace(cfg=ecfg) for i in sorted(perm[nv:nv + nt])]
         held = set(perm[:nv + nt].tolist())
         train = [t for i, t in enumerate(train) if i not in held]
-        evals["_name"] = Path(str(pp.source)).stem.split("{")[0].strip("_-.") or pp.kind
+        name = Path(str(pp.source)).stem.split("{")[0].strip("_-.") or pp.kind
     if pp.n_train: train = train[:pp.n_train]
-    return train, evals
+    return Sources(train, evals, name)
 
 # %% ../notebooks/03_prepare.ipynb #966dbd91
 def build_real(pp, seed: int,
@@ -231,40 +295,40 @@ def build_real(pp, seed: int,
                progress: bool = True) -> dict:
     "Bring real data into the prepared layout of each part in `outs`; bad samples are skipped and counted."
     paths = check_sources(pp)
-    train, evals = _real_jobs(pp, paths, seed, logs.get("train", SkipLog()), train_part="train" in outs)
+    src = _real_jobs(pp, paths, seed, logs.get("train", SkipLog()), train_part="train" in outs)
     counts = {}
 
     if "train" in outs:
         log = logs["train"]
         def train_samples():
             n = 0
-            for name, jpg, caps, _, wlog, _ in pmap(_clean, train, pp.workers, "clean train", progress):
-                log.update(wlog)
-                if jpg is None: continue
+            for c in pmap(_clean, src.train, pp.workers, "clean train", progress):
+                log.update(c.log)
+                if c.data is None: continue
                 key = sample_key(n, pp.shard_size)
                 n += 1
-                yield {"__key__": key, "jpg": jpg, "txt": caps[0],
-                       "json": {"key": key, "status": "success", "error_message": None, "caption": caps[0],
-                                "captions": caps, "source": name}}
+                yield {"__key__": key, "jpg": c.data, "txt": c.captions[0],
+                       "json": {"key": key, "status": "success", "error_message": None, "caption": c.captions[0],
+                                "captions": c.captions, "source": c.name}}
             counts["train"] = n
-        write_shards(train_samples(), outs["train"], pp.shard_size, progress=progress, total=len(train))
+        write_shards(train_samples(), outs["train"], pp.shard_size, progress=progress, total=len(src.train))
     if "eval" not in outs: return counts
 
     out, log = outs["eval"], logs["eval"]
-    name = "".join(ch for ch in str(evals.pop("_name")) if ch.isalnum() or ch in "_-") or "eval"
+    name = "".join(ch for ch in str(src.name) if ch.isalnum() or ch in "_-") or "eval"
     entries = []
     (out / "karpathy" / "images").mkdir(parents=True, exist_ok=True)
-    for split, jobs in evals.items():
+    for split, jobs in src.evals.items():
         if paths["mask_dir"] is not None: (out / "masks" / split).mkdir(parents=True, exist_ok=True)
         n = 0
-        for fname, data, caps, mask, wlog, ext in pmap(_clean, jobs, pp.workers, f"check {split}", progress):
-            log.update(wlog)
-            if data is None: continue
-            stem = Path(fname.split(":")[-1]).stem
-            (out / "karpathy" / "images" / f"{stem}{ext}").write_bytes(data)
-            if mask is not None: (out / "masks" / split / f"{stem}.png").write_bytes(mask)
+        for c in pmap(_clean, jobs, pp.workers, f"check {split}", progress):
+            log.update(c.log)
+            if c.data is None: continue
+            stem = Path(c.name.split(":")[-1]).stem
+            (out / "karpathy" / "images" / f"{stem}{c.ext}").write_bytes(c.data)
+            if c.mask is not None: (out / "masks" / split / f"{stem}.png").write_bytes(c.mask)
             first_sentid = sum(len(e["sentences"]) for e in entries)
-            entries.append(karpathy_entry(len(entries), f"{stem}{ext}", split, caps, first_sentid))
+            entries.append(karpathy_entry(len(entries), f"{stem}{c.ext}", split, c.captions, first_sentid))
             n += 1
         counts[split] = n
     write_json(out / "karpathy" / f"dataset_{name}.json", {"images": entries, "dataset": name}, **_COMPACT)
@@ -283,7 +347,7 @@ def prepare(params: LoadedParams,                  # the loaded params (base, pr
     pp, seed = params.prepare, params.base.seed
     if part not in (*PARTS, "all"): raise ParamsError(f"--part: got {part!r}, expected train, eval or all")
     parts = PARTS if part == "all" else (part,)
-    out = Path(out_dir) if out_dir is not None else repo_root() / "data" / "prepared"
+    out = Path(out_dir) if out_dir is not None else resolve_path(LAYOUT.prepared)
     if pp.kind != "embedded": check_sources(pp)  # misconfiguration stops before any work
     tmps = {p: out.parent / f".{out.name}.{p}.tmp-{os.getpid()}" for p in parts}  # nothing in `out` until the end
     logs = {p: SkipLog() for p in parts}

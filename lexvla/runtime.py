@@ -13,15 +13,16 @@ import random
 import shutil
 import sys
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
 
 # %% auto #0
-__all__ = ['repo_root', 'resolve_path', 'repo_relative', 'atomic_write', 'write_json', 'temp_dir', 'replace_dir', 'DamagedFile',
-           'checked_load', 'read_checked_json', 'seed_everything', 'rng_state', 'set_rng_state', 'resolve_device',
-           'environment_record', 'run_cli', 'stage_parser']
+__all__ = ['LAYOUT', 'repo_root', 'resolve_path', 'repo_relative', 'Layout', 'atomic_write', 'write_json', 'temp_dir',
+           'replace_dir', 'DamagedFile', 'checked_load', 'read_checked_json', 'seed_everything', 'rng_state',
+           'set_rng_state', 'resolve_device', 'environment_record', 'run_cli', 'stage_parser']
 
 # %% ../notebooks/00a_runtime.ipynb #6564c0c2
 def repo_root(start: str | Path | None = None, # folder to start from (default: the cwd, then this file's)
@@ -48,6 +49,23 @@ def repo_relative(path: str | Path) -> str:
     p = Path(path).resolve()
     try: return p.relative_to(repo_root()).as_posix()
     except (ValueError, FileNotFoundError): return str(p)
+
+# %% ../notebooks/00a_runtime.ipynb #efca0f89
+@dataclass(frozen=True)
+class Layout:
+    "The pipeline's folders, relative to the repository root (what `dvc.yaml` passes to each stage)."
+    prepared: str = "data/prepared"      # prepare, prepare_eval: <prepared>/train, <prepared>/eval
+    textcache: str = "data/textcache"    # textcache, textcache_eval: <textcache>/train, <textcache>/eval
+    imagecache: str = "data/imagecache"  # imagecache, imagecache_eval
+    lm: str = "models/smollm2-135m"      # convert: the embedded LM, saved once (safetensors + tokenizer)
+    vision: str = "models/dinov2-vits14" # convert: the embedded ViT as a timm checkpoint
+    evaluate: str = "results/evaluate"   # evaluate@<variant>: <evaluate>/<variant>.json and <evaluate>/<variant>/
+    search: str = "results/search"       # search
+    reports: str = "results/reports"     # report
+    def model(self, variant: str) -> str: return f"models/{variant}"        # train@<variant>: model/, checkpoints/
+    def train_results(self, variant: str) -> str: return f"results/train/{variant}"  # train@<variant>: metrics
+
+LAYOUT = Layout()
 
 # %% ../notebooks/00a_runtime.ipynb #6f277407
 def atomic_write(path: str | Path,  # the file to (re)write

@@ -18,7 +18,7 @@ from .index import Hit, InvertedIndex, topk_agrees
 from .milvus import MilvusIndex, connect, export_jsonl, is_embedded
 from .model import load_trained
 from .params import load_params, record_run, save_resolved
-from .runtime import repo_relative, repo_root, resolve_device, resolve_path, run_cli, write_json
+from .runtime import LAYOUT, repo_relative, repo_root, resolve_device, resolve_path, run_cli, write_json
 from .sparse import SparseVectors, VectorShards, load_vectors, threshold_for
 from .vectors import (check_texts, checkpoint_digest, cut_notes, encode_collection, encode_texts,
                             image_collection, list_images)
@@ -255,7 +255,7 @@ def _run(a: argparse.Namespace) -> dict | None:
     if a.cmd is None:
         params = load_params(a.params, only=["search"])
         root = repo_root()
-        s = run_search(params, a.evaluate or root / "results" / "evaluate", a.out or root / "results" / "search")
+        s = run_search(params, resolve_path(a.evaluate, LAYOUT.evaluate), resolve_path(a.out, LAYOUT.search))
         return {k: s[k] for k in STAGE_KEYS}
     if a.index_cmd == "build":
         if a.threshold is None: a.threshold = "none" if a.vectors or a.shards else "auto"

@@ -14,7 +14,7 @@ from .caches import TextPrefixCache, cache_meta
 from .datasets import PARTS, load_karpathy, prepared_paths, read_categories, train_dataset
 from .model import create_model_from_params
 from .params import LoadedParams, load_params, save_resolved
-from .runtime import replace_dir, resolve_device, resolve_path, run_cli, stage_parser, temp_dir
+from .runtime import LAYOUT, replace_dir, resolve_device, resolve_path, run_cli, stage_parser, temp_dir
 
 # %% auto #0
 __all__ = ['build_text_cache', 'cache_captions', 'build', 'main']
@@ -68,7 +68,7 @@ def build(params: LoadedParams,           # the loaded params file
           part: str = "all",                  # train | eval | all
          ) -> str:
     "The `textcache` stage: cache each part's captions' frozen prefix (an empty cache where it is not used)."
-    out, data = resolve_path(out, "data/textcache"), resolve_path(data_dir, "data/prepared")
+    out, data = resolve_path(out, LAYOUT.textcache), resolve_path(data_dir, LAYOUT.prepared)
     torch.manual_seed(params.base.seed)
     model, said = None, []
     for p in (PARTS if part == "all" else (part,)):

@@ -36,7 +36,7 @@ from .losses import create_loss
 from .model import create_model_from_params, save_trained, trainable_state
 from .params import (LoadedParams, ParamsError, TrainParams, VariantSpec, load_params, record_run,
                            save_resolved)
-from .runtime import (environment_record, repo_relative, resolve_device, resolve_path, rng_state, run_cli,
+from .runtime import (LAYOUT, environment_record, repo_relative, resolve_device, resolve_path, rng_state, run_cli,
                             seed_everything, set_rng_state, stage_parser, write_json)
 from .sparse import threshold_for
 
@@ -645,10 +645,10 @@ def train(params: LoadedParams,           # the loaded params file
           stop_after: int | None = None,   # pause at this step (checkpoint + model saved; a later call resumes)
          ) -> dict:
     "Train one variant; resume from its last checkpoint when one exists. Returns the run summary."
-    data_dir = resolve_path(data_dir, "data/prepared")
-    run = open_run(params, variant, data_dir, resolve_path(out_dir, f"models/{variant}"),
-                   resolve_path(results_dir, f"results/train/{variant}"))
-    attach_model(run, resolve_path(cache_dir, "data/textcache"), resolve_path(image_cache_dir, "data/imagecache"))
+    data_dir = resolve_path(data_dir, LAYOUT.prepared)
+    run = open_run(params, variant, data_dir, resolve_path(out_dir, LAYOUT.model(variant)),
+                   resolve_path(results_dir, LAYOUT.train_results(variant)))
+    attach_model(run, resolve_path(cache_dir, LAYOUT.textcache), resolve_path(image_cache_dir, LAYOUT.imagecache))
     source = BatchSource(run)
     opt, sched = make_optimizer(run.model, run.tp)
     model, opt = source.prepare(run.model, opt)

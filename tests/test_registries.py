@@ -7,7 +7,7 @@ import typing
 
 import pytest
 
-from lexvla import losses, model, params, vocab
+from lexvla import losses, model, params, prepare, vocab
 
 
 def choices(cls, field: str) -> set[str]:
@@ -21,7 +21,8 @@ def choices(cls, field: str) -> set[str]:
     (params.VariantSpec, "reg", losses.REGULARIZERS),
     (params.VariantSpec, "model", model.VARIANTS),
     (params.VocabParams, "filter", vocab.FILTERS),
-], ids=["regularisers", "model variants", "vocabulary filters"])
+    (params.PrepareParams, "kind", {"embedded": None, **prepare.READERS}),  # embedded scenes are drawn, not read
+], ids=["regularisers", "model variants", "vocabulary filters", "dataset readers"])
 def test_schema_choices_are_the_registry_keys(cls, field, registry):
     assert choices(cls, field) == set(registry)
 

@@ -127,3 +127,35 @@ def test_metrics_are_committed_so_a_fresh_clone_has_a_baseline():
         got = files[f"results/evaluate/{v}.json"]["data"]
         assert got["dense"]["image_to_text_R@1"] == json.loads((ROOT / f"results/evaluate/{v}.json").read_text())[
             "dense"]["image_to_text_R@1"]
+
+
+def test_dvc_yaml_passes_each_stage_its_folders():
+    """Every stage's folders are on its command line, and they are `runtime.LAYOUT`'s (the defaults of the Python
+    API and the preset's base-model folders), so the two spellings of the layout cannot drift apart."""
+    import shlex
+    from lexvla.params import model_config
+    from lexvla.runtime import LAYOUT as L
+    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    v = "${key}"
+    expected = {
+        "prepare": {"--out": L.prepared}, "prepare_eval": {"--out": L.prepared},
+        "convert": {"--out": L.lm, "--vision-out": L.vision},
+        "imagecache": {"--data": L.prepared, "--out": L.imagecache},
+        "imagecache_eval": {"--data": L.prepared, "--out": L.imagecache},
+        "textcache": {"--data": L.prepared, "--out": L.textcache},
+        "textcache_eval": {"--data": L.prepared, "--out": L.textcache},
+        "train": {"--data": L.prepared, "--cache": L.textcache, "--image-cache": L.imagecache, "--out": L.model(v),
+                  "--results": L.train_results(v)},
+        "evaluate": {"--model": f"{L.model(v)}/model", "--data": L.prepared, "--cache": L.textcache,
+                     "--image-cache": L.imagecache, "--out": L.evaluate},
+        "search": {"--evaluate": L.evaluate, "--out": L.search}}
+    for name, opts in expected.items():
+        s = stages[name].get("do", stages[name])
+        words = shlex.split(s["cmd"])
+        given = {w: words[i + 1] for i, w in enumerate(words) if w.startswith("--") and w != "--params"}
+        assert {k: given.get(k) for k in opts} == opts, name
+        for out in s.get("outs", []):  # every output lies in a folder the command names
+            out = next(iter(out)) if isinstance(out, dict) else out
+            assert any(out == f or out.startswith(f + "/") for f in given.values()), (name, out)
+    m = model_config("embedded")
+    assert m.lm.converted == L.lm and m.vision.checkpoint.startswith(L.vision + "/")

@@ -188,7 +188,7 @@ def test_prepare_keeps_clean_jpegs_byte_for_byte(tmp_path):
 
     from PIL import Image
 
-    from lexvla.prepare import _clean
+    from lexvla.prepare import Job, _clean
     cfg = {"store_size": 256, "quality": 95, "min_side": 8, "max_pixels": 10**8, "max_caption_chars": 1000,
            "mask_id_offset": 0}
 
@@ -201,9 +201,9 @@ def test_prepare_keeps_clean_jpegs_byte_for_byte(tmp_path):
                                   ((200, 180), "PNG", "RGB", False), ((200, 180), "JPEG", "L", False)):
         data = encoded(size, fmt, mode)
         (tmp_path / "img").write_bytes(data)
-        name, out, caps, _, log, ext = _clean(("k", tmp_path / "img", ["a caption"], None, cfg))
-        assert (out == data) == kept and ext == ".jpg" and caps == ["a caption"], (size, fmt, mode)
-        with Image.open(io.BytesIO(out)) as im: assert min(im.size) <= 256 and im.mode == "RGB"
+        c = _clean(Job("k", str(tmp_path / "img"), ["a caption"], None, cfg))
+        assert (c.data == data) == kept and c.ext == ".jpg" and c.captions == ["a caption"], (size, fmt, mode)
+        with Image.open(io.BytesIO(c.data)) as im: assert min(im.size) <= 256 and im.mode == "RGB"
 
 
 def test_train_refuses_fsdp(tmp_path, monkeypatch):
