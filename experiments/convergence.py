@@ -89,6 +89,11 @@ def points(steps: int, eval_every: int) -> list[int]:
     return sorted({*range(eval_every, steps + 1, eval_every), steps})
 
 
+def eval_set(d: dict) -> str:
+    "The evaluated set these runs use: the first of evaluate.sets (the default's embedded scenes)."
+    return next(iter(d["evaluate"]["sets"]))
+
+
 def build_val_caches(d: dict, data: Path, cache: Path) -> None:
     "The val split's text and image caches (the eval part of each cache stage), once."
     from lexvla import imagecache, textcache
@@ -96,7 +101,7 @@ def build_val_caches(d: dict, data: Path, cache: Path) -> None:
     pfile = cache / "params.yaml"
     pfile.write_text(yaml.safe_dump(d, sort_keys=False))
     for mod, out in ((textcache, cache / "text"), (imagecache, cache / "image")):
-        if (out / "eval" / "params.resolved.json").is_file(): continue  # its metadata is checked on use
+        if (out / "eval" / eval_set(d) / "params.resolved.json").is_file(): continue  # metadata checked on use
         if mod.main(["--params", str(pfile), "--data", str(data), "--out", str(out), "--part", "eval"]) != 0:
             raise SystemExit(f"{mod.__name__} failed")
 
@@ -144,14 +149,14 @@ def run_variant(d: dict, name: str, data: Path, steps: int, eval_every: int, pro
     out, root = HERE / "runs" / name, repo_root()
     curve = []
     for pt in points(steps, eval_every):
-        res = HERE / "runs" / "val" / f"step-{pt:05d}" / f"{name}.json"
+        res = HERE / "runs" / "val" / f"step-{pt:05d}" / eval_set(d) / f"{name}.json"
         timing = HERE / "runs" / "wall" / f"{name}-{pt:05d}.json"
         if not res.is_file():
             t0 = time.perf_counter()
             train(p, name, data, root / "data" / "textcache", out, out / "results", progress=progress,
                   image_cache_dir=root / "data" / "imagecache", stop_after=pt)
             t1 = time.perf_counter()
-            evaluate(p, name, out / "model", data, CACHE / "text", res.parent, progress=False,
+            evaluate(p, name, out / "model", data, CACHE / "text", res.parent.parent, progress=False,
                      image_cache_dir=CACHE / "image")
             timing.parent.mkdir(parents=True, exist_ok=True)
             timing.write_text(json.dumps({"train_s": t1 - t0, "eval_s": time.perf_counter() - t1}))
@@ -168,14 +173,14 @@ def test_claims(d: dict, names: list[str], data: Path, topk: int = 256) -> list[
     dt = {**d, "evaluate": {**d["evaluate"], "split": "test"}}
     p = params_from_dict(dt, source=str(CACHE / "params.yaml"))
     out = HERE / "runs" / "test"
-    runs = {}
+    runs, es = {}, eval_set(d)
     for name in names:
-        f = out / f"{name}.json"
+        f = out / es / f"{name}.json"
         if not f.is_file():
             evaluate(p, name, HERE / "runs" / name / "model", data, root / "data" / "textcache", out, progress=False,
                      image_cache_dir=root / "data" / "imagecache")
         runs[name] = json.loads(f.read_text())
-    return paper_claims(out, runs, topk), runs
+    return paper_claims(out / es, runs, topk), runs
 
 
 def report(rec: dict) -> None:

@@ -108,8 +108,8 @@ def val_vectors(name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, li
     from lexvla.vectors import encode_images, encode_texts
     model = load_trained(CONV / "runs" / name / "model", "cpu")
     split = load_split(repo_root() / "data" / "prepared", "val", 0)
-    icache = ImageTokenCache.load(CONV / "cache" / "image" / "eval", "val")
-    tcache = TextPrefixCache.load(CONV / "cache" / "text" / "eval")
+    icache = ImageTokenCache.load(CONV / "cache" / "image" / "eval" / "embedded", "val")  # eval/<set>
+    tcache = TextPrefixCache.load(CONV / "cache" / "text" / "eval" / "embedded")
     with torch.no_grad():
         img = encode_images(model, split.images, image_transform(model.data_config, train=False), 64, progress=False,
                             cache=icache)

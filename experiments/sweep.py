@@ -66,7 +66,7 @@ def run_one(d: dict, name: str, data: Path, cache: Path) -> dict:
     "Train and evaluate one grid point (skipped when its val result exists)."
     from lexvla.evaluate import evaluate
     from lexvla.train import train
-    res = HERE / "runs" / "eval" / f"{name}.json"
+    res = HERE / "runs" / "eval" / next(iter(d["evaluate"]["sets"])) / f"{name}.json"  # <set>/<variant>.json
     if res.is_file(): return json.loads(res.read_text())
     p = params_from_dict(d, source=str(cache / "params.yaml"))
     out = HERE / "runs" / name
@@ -165,7 +165,8 @@ def main(argv: list[str] | None = None) -> int:
     for reg, lams in GRID.items():
         for lam in lams:
             name = run_name(reg, lam)
-            if a.only_report and not (HERE / "runs" / "eval" / f"{name}.json").is_file(): continue
+            done = HERE / "runs" / "eval" / next(iter(d["evaluate"]["sets"])) / f"{name}.json"
+            if a.only_report and not done.is_file(): continue
             rows.append(row(name, reg, lam, run_one(d, name, data, cache)))
             print(json.dumps(rows[-1]), flush=True)
     report(rows, d["train"]["steps"])

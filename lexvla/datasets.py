@@ -41,7 +41,7 @@ __all__ = ['MAX_IMAGE_PIXELS', 'MAX_CAPTION_CHARS', 'TRAIN_AUGMENT', 'IMAGE_EXTS
            'advance_position', 'StreamLoader', 'streaming_dataset', 'karpathy_tokens', 'karpathy_entry',
            'read_karpathy', 'karpathy_image_path', 'KarpathySplit', 'load_karpathy', 'write_categories', 'png_bytes',
            'panoptic_png', 'panoptic_segments', 'read_categories', 'Masks', 'load_masks', 'ManifestItem',
-           'read_manifest', 'prepared_paths']
+           'read_manifest', 'eval_sets', 'eval_set_paths', 'prepared_paths', 'part_folders']
 
 # %% ../notebooks/02_datasets.ipynb #ccc4e115
 class DataConfigError(ValueError):
@@ -939,24 +939,58 @@ def read_manifest(path: str | Path,          # .csv / .tsv / .jsonl
 # %% ../notebooks/02_datasets.ipynb #28f7dc67
 PARTS = ("train", "eval")  # the two outputs of `prepare`: what training reads, and what evaluation reads
 
-def prepared_paths(data_dir: str | Path, # the `prepare` output: `train/` (shards) and `eval/` (split, masks, scenes)
-                   part: str = "all",   # train | eval | all: which part must be there
+def eval_sets(data_dir: str | Path) -> list[str]:
+    "The evaluated sets prepared in `data_dir` (`eval/<set>/karpathy`), by name."
+    e = Path(data_dir) / "eval"
+    return sorted(p.name for p in e.iterdir() if (p / "karpathy").is_dir()) if e.is_dir() else []
+
+def eval_set_paths(path: str | Path,             # one eval set's folder (`karpathy/`, `masks/`, `scenes/`) or a
+                                                 # `prepare` output (then `eval/<eval_set>`)
+                   eval_set: str | None = None,  # the set in a `prepare` output (default: its only one)
                   ) -> dict:
-    "The parts of a `prepare` output folder: shards; Karpathy JSON + image root, mask folders, categories, scenes."
-    if part not in (*PARTS, "all"): raise ValueError(f"part: got {part!r}, expected train, eval or all")
-    d = Path(data_dir)
-    out = {"train": d / "train", "eval": d / "eval"}
-    for p in (PARTS if part == "all" else (part,)):
-        if not out[p].is_dir():
-            raise DataConfigError(f"{out[p]}: no prepared {p} data; run `dvc repro {STAGE_OF_PART[p]}`")
-    out["shards"] = sorted(out["train"].glob("*.tar"))
-    if part == "train": return out
-    e = out["eval"]
+    "An evaluated set's parts: its folder, Karpathy JSON + image root, mask folders, categories, scenes."
+    e = Path(path)
+    if not (e / "karpathy").is_dir() and (e / "eval").is_dir():  # a `prepare` output: find the set in it
+        have = eval_sets(e)
+        if eval_set is None and len(have) != 1:
+            raise DataConfigError(f"{e / 'eval'}: {len(have)} evaluated sets ({', '.join(have)}); name one")
+        e = e / "eval" / (eval_set or have[0])
+    if not (e / "karpathy").is_dir():
+        raise DataConfigError(f"{e}: no prepared eval set; run `dvc repro {STAGE_OF_PART['eval']}`")
     js = sorted((e / "karpathy").glob("dataset_*.json"))
     if len(js) != 1: raise DataConfigError(f"{e / 'karpathy'}: expected one dataset_*.json, found {len(js)}")
     cats = e / "masks" / "categories.json"
-    return {**out, "karpathy_json": js[0], "image_root": e / "karpathy" / "images", "scenes": e / "scenes",
+    return {"eval": e, "karpathy_json": js[0], "image_root": e / "karpathy" / "images", "scenes": e / "scenes",
             "masks": {s: e / "masks" / s for s in ("val", "test") if (e / "masks" / s).is_dir()},
             "categories": cats if cats.is_file() else None}
 
+def prepared_paths(data_dir: str | Path, # the `prepare` output: `train/` (shards) and `eval/<set>/` (evaluated sets)
+                   part: str = "all",   # train | eval | all: which part must be there
+                   eval_set: str | None = None, # the evaluated set (default: the only one prepared)
+                  ) -> dict:
+    "The parts of a `prepare` output folder: shards; one eval set's Karpathy JSON + images, masks, categories, scenes."
+    if part not in (*PARTS, "all"): raise ValueError(f"part: got {part!r}, expected train, eval or all")
+    d = Path(data_dir)
+    out = {"train": d / "train"}
+    if part in ("train", "all") and not out["train"].is_dir():
+        raise DataConfigError(f"{out['train']}: no prepared train data; run `dvc repro {STAGE_OF_PART['train']}`")
+    out["shards"] = sorted(out["train"].glob("*.tar"))
+    if part == "train": return out
+    if not (d / "eval").is_dir():
+        raise DataConfigError(f"{d / 'eval'}: no prepared eval data; run `dvc repro {STAGE_OF_PART['eval']}`")
+    return {**out, **eval_set_paths(d, eval_set)}
+
 STAGE_OF_PART = {"train": "prepare", "eval": "prepare_eval"}  # the DVC stage that writes each part
+
+def part_folders(sets,                        # the names of evaluate.sets
+                 part: str = "all",           # train | eval | all
+                 eval_set: str | None = None, # part eval: this set alone (default: every set)
+                ) -> dict[str, str]:
+    "What a stage writes below its output folder for `part`: {'train': 'train'} and {set: 'eval/<set>'}."
+    if part not in (*PARTS, "all"): raise DataConfigError(f"--part: got {part!r}, expected train, eval or all")
+    sets = list(sets)
+    if eval_set is not None and eval_set not in sets:
+        raise DataConfigError(f"--set: got {eval_set!r}, expected a key of evaluate.sets ({', '.join(sets)})")
+    out = {"train": "train"} if part in ("train", "all") else {}
+    if part in ("eval", "all"): out.update({s: f"eval/{s}" for s in ([eval_set] if eval_set else sets)})
+    return out

@@ -15,7 +15,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .caches import ImageTokenCache, TextPrefixCache, usable_image_cache, usable_text_cache
-from .datasets import image_transform, load_karpathy, load_masks, mask_transform, prepared_paths
+from .datasets import eval_set_paths, image_transform, load_karpathy, load_masks, mask_transform
 from .metrics import (patchdis, patchdis_from_labels, retrieval_metrics, save_per_query, sparsity_sweep,
                             upsample_nearest)
 from .model import load_trained
@@ -27,8 +27,8 @@ from .sparse import SparseVectors, save_vectors, threshold_for
 from .vectors import class_vectors, encode_images, encode_texts
 
 # %% auto #0
-__all__ = ['chance_levels', 'word_use', 'eval_caches', 'evaluate', 'Split', 'load_split', 'patch_grid', 'grid_majority',
-           'run_patchdis', 'split_masks', 'save_report_vectors', 'main']
+__all__ = ['chance_levels', 'word_use', 'eval_caches', 'set_folders', 'evaluate', 'Split', 'load_split', 'patch_grid',
+           'grid_majority', 'run_patchdis', 'split_masks', 'save_report_vectors', 'main']
 
 # %% ../notebooks/13_evaluate.ipynb #253b6bd0
 def chance_levels(txt2img,               # (captions,) image index of each caption
@@ -70,14 +70,14 @@ def _dense_stats(x) -> dict:
 
 # %% ../notebooks/13_evaluate.ipynb #5d272622
 def eval_caches(model, ep, # the trained model; the evaluate params
-                cache_dir: Path, image_cache_dir: Path, # data/textcache, data/imagecache
+                cache_dir: Path, image_cache_dir: Path, # one eval set's caches: data/textcache/eval/<set>, ...
                ) -> tuple:
-    "The evaluation parts of the caches (stages textcache_eval, imagecache_eval) the model can use, or None each."
+    "An eval set's caches (stages textcache_eval@<set>, imagecache_eval@<set>) the model can use, or None each."
     cache = icache = None
-    if ep.text_cache and getattr(model, "lm", None) is not None and (cache_dir / "eval" / "captions.json").is_file():
-        cache = TextPrefixCache.load(cache_dir / "eval")
-    if ep.image_cache and model.config.vision.frozen and ImageTokenCache.has(image_cache_dir / "eval", ep.split):
-        icache = ImageTokenCache.load(image_cache_dir / "eval", ep.split)
+    if ep.text_cache and getattr(model, "lm", None) is not None and (cache_dir / "captions.json").is_file():
+        cache = TextPrefixCache.load(cache_dir)
+    if ep.image_cache and model.config.vision.frozen and ImageTokenCache.has(image_cache_dir, ep.split):
+        icache = ImageTokenCache.load(image_cache_dir, ep.split)
     return cache, icache
 
 def _oracle(data_dir: Path, ep, n_txt: int) -> dict:
@@ -88,6 +88,13 @@ def _oracle(data_dir: Path, ep, n_txt: int) -> dict:
     return {"ceiling": orc.pop("ceiling"), "oracle": orc}
 
 # %% ../notebooks/13_evaluate.ipynb #cfd45e7a
+def set_folders(eval_set: str, data_dir=None, cache_dir=None, image_cache_dir=None, out_dir=None) -> tuple[Path, ...]:
+    "One eval set's folders below the stages' outputs (default `LAYOUT`'s): prepared, caches, results."
+    return tuple(resolve_path(d, dflt) / sub for d, dflt, sub in (
+        (data_dir, LAYOUT.prepared, f"eval/{eval_set}"), (cache_dir, LAYOUT.textcache, f"eval/{eval_set}"),
+        (image_cache_dir, LAYOUT.imagecache, f"eval/{eval_set}"), (out_dir, LAYOUT.evaluate, eval_set)))
+
+# %% ../notebooks/13_evaluate.ipynb #4baabb9f
 def evaluate(params: LoadedParams,        # the loaded params file
              variant: str,                # a key of train.variants
              model_dir: str | Path | None = None,  # default models/<variant>/model
@@ -96,18 +103,19 @@ def evaluate(params: LoadedParams,        # the loaded params file
              out_dir: str | Path | None = None,    # default results/evaluate
              progress: bool = True,
              image_cache_dir: str | Path | None = None, # default data/imagecache
+             eval_set: str | None = None,          # a key of evaluate.sets (default: the first)
             ) -> dict:
-    "Evaluate one trained variant; write `<out_dir>/<variant>.json` and `<out_dir>/<variant>/`. Returns the metrics."
+    "Evaluate one variant on one set: write `<out_dir>/<set>/<variant>.json` and `<variant>/` there; the metrics."
     ep = params.evaluate
     if variant not in params.train.variants:
         raise ParamsError(f"train.variants: no variant {variant!r} (have: {', '.join(params.train.variants)})")
+    es = next(iter(ep.sets)) if eval_set is None else eval_set
+    if es not in ep.sets: raise ParamsError(f"evaluate.sets: no set {es!r} (have: {', '.join(ep.sets)})")
     model_dir = resolve_path(model_dir, f"{LAYOUT.model(variant)}/model")
-    data_dir = resolve_path(data_dir, LAYOUT.prepared)
-    cache_dir = resolve_path(cache_dir, LAYOUT.textcache)
-    out_dir = resolve_path(out_dir, LAYOUT.evaluate)
-    image_cache_dir = resolve_path(image_cache_dir, LAYOUT.imagecache)
+    results = resolve_path(out_dir, LAYOUT.evaluate)  # each set's results in their own folder
+    data_dir, cache_dir, image_cache_dir, out_dir = set_folders(es, data_dir, cache_dir, image_cache_dir, out_dir)
     for f, why in ((model_dir / "model.json", "not a trained model folder (run `dvc repro train`)"),
-                   (data_dir / "eval" / "karpathy", "no prepared Karpathy split (run `dvc repro prepare_eval`)")):
+                   (data_dir / "karpathy", f"no prepared eval set {es!r} (run `dvc repro prepare_eval@{es}`)")):
         if not f.exists(): raise FileNotFoundError(f"{f}: {why}")
     device = resolve_device(params.base.device)
     seed_everything(params.base.seed, params.base.deterministic)
@@ -141,8 +149,9 @@ def evaluate(params: LoadedParams,        # the loaded params file
     save_report_vectors(out_dir / variant / "vectors.npz", model, split, img, txt, pd, data_dir=data_dir)
     save_resolved(params, out_dir / variant, extra={"variant": variant, "model_dir": repo_relative(model_dir),
                                                     "device": device})
-    record_run(f"evaluate-{variant}", {"stage": f"evaluate@{variant}", "wall_s": round(time.perf_counter() - t0, 2),
-                                       "environment": environment_record(device)}, results=out_dir.parent)
+    facts = {"stage": f"evaluate@{variant}-{es}", "wall_s": round(time.perf_counter() - t0, 2),
+             "environment": environment_record(device)}
+    record_run(f"evaluate-{variant}-{es}", facts, results=results.parent)
     write_json(out_dir / f"{variant}.json", res)
     return res
 
@@ -156,12 +165,12 @@ class Split:
     ids: list = field(default_factory=list)  # dataset ids of the images (mask lookup)
     name: str = "test"                       # the Karpathy split name
 
-def load_split(data_dir: str | Path, # prepared data (holds karpathy/)
+def load_split(data_dir: str | Path, # an eval set's folder (holds karpathy/), or a `prepare` output with one
                split: str = "test",
                max_images: int = 0,  # keep the first N images (0 = all)
               ) -> Split:
     "The Karpathy-format split of `data_dir`, optionally cut to its first `max_images` images."
-    p = prepared_paths(data_dir, "eval")
+    p = eval_set_paths(data_dir)
     s = load_karpathy(p["karpathy_json"], p["image_root"], split=split)
     images, captions, t2i, ids = list(s.images), list(s.captions), [int(i) for i in s.txt2img], list(s.ids)
     if max_images and max_images < len(images):
@@ -225,7 +234,7 @@ def split_masks(data_dir: str | Path, split: Split,
                 data_config: dict | None = None, # the model's: each mask resized and cropped like its image
                ):
     "`(masks, class names)` of the split's images (each (H, W) of class indices, -1 unlabelled); None without masks."
-    p = prepared_paths(data_dir, "eval")
+    p = eval_set_paths(data_dir)
     mdir = p["masks"].get(split.name)
     if mdir is None or p["categories"] is None: return None
     m = load_masks(mdir, p["categories"], split.ids)
@@ -268,18 +277,19 @@ def save_report_vectors(path: str | Path, model, split: Split, img, txt, pd: dic
 # %% ../notebooks/13_evaluate.ipynb #4eddb0cc
 def _run(a) -> dict:
     params = load_params(a.params, only=["base", "train", "evaluate"])
-    r = evaluate(params, a.variant, a.model, a.data, a.cache, a.out, image_cache_dir=a.image_cache)
+    r = evaluate(params, a.variant, a.model, a.data, a.cache, a.out, image_cache_dir=a.image_cache, eval_set=a.set)
     return {k: r[k] for k in ("variant", "n_images", "n_captions")} | {"dense": r["dense"]}
 
 def main(argv: list[str] | None = None) -> int:
-    "python -m lexvla.evaluate --params params.yaml --variant NAME"
+    "python -m lexvla.evaluate --params params.yaml --variant NAME [--set NAME]"
     ap = stage_parser("evaluate", "Evaluate one trained variant (retrieval, sparsity sweep, PatchDis).",
                       model="trained model folder (default models/<variant>/model)",
                       data="prepared data folder (default data/prepared)",
                       cache="text cache folder (default data/textcache)",
                       image_cache="frozen-ViT token cache folder (default data/imagecache)",
-                      out="output folder (default results/evaluate)")
+                      out="output folder (default results/evaluate): <out>/<set>/<variant>.json")
     ap.add_argument("--variant", required=True, help="a key of train.variants")
+    ap.add_argument("--set", default=None, help="a key of evaluate.sets (default: the first)")
     return run_cli(ap, _run, argv)
 
 # %% ../notebooks/13_evaluate.ipynb #e82de728

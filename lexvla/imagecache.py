@@ -13,7 +13,8 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from .caches import ImageTokenCache, vision_cache_meta
-from .datasets import PARTS, image_transform, load_karpathy, prepared_paths, train_dataset
+from .datasets import (PARTS, eval_set_paths, image_transform, load_karpathy, part_folders, prepared_paths,
+                              train_dataset)
 from .model import create_model_from_params
 from .params import LoadedParams, load_params, save_resolved
 from .runtime import LAYOUT, replace_dir, resolve_device, resolve_path, run_cli, stage_parser, temp_dir
@@ -56,8 +57,8 @@ def train_images(shards, transform, seed: int):
         if s is not None: yield s["key"], s["pixels"]
 
 def split_images(data_dir: str | Path, split: str, transform):
-    "(file name, pixels) of every image of a Karpathy split of the prepared data."
-    p = prepared_paths(data_dir, "eval")
+    "(file name, pixels) of every image of a Karpathy split of an eval set (its folder, or a `prepare` output's one)."
+    p = eval_set_paths(data_dir)
     for path in load_karpathy(p["karpathy_json"], p["image_root"], split=split).images:
         with Image.open(path) as im: yield Path(path).name, transform(im.convert("RGB"))
 
@@ -66,13 +67,14 @@ def build(params: LoadedParams,           # the loaded params file
           data_dir: str | Path | None = None, # default data/prepared
           out: str | Path | None = None,      # default data/imagecache: each part in its own folder below it
           part: str = "all",                  # train | eval | all
+          eval_set: str | None = None,        # part eval: this set of evaluate.sets alone (default: every set)
          ) -> str:
     "The `imagecache` stage: the frozen ViT's tokens of the training images (part train) or the evaluated split's."
     data, out = resolve_path(data_dir, LAYOUT.prepared), resolve_path(out, LAYOUT.imagecache)
     torch.manual_seed(params.base.seed)
     model, said = None, {}
-    for p in (PARTS if part == "all" else (part,)):
-        tmp = temp_dir(out / p)
+    for p, rel in part_folders(params.evaluate.sets, part, eval_set).items():  # train, and eval/<set> per set
+        tmp = temp_dir(out / rel)
         counts = {}
         key = "train.image_cache" if p == "train" else "evaluate.image_cache"
         wanted = params.train.image_cache if p == "train" else params.evaluate.image_cache
@@ -88,24 +90,26 @@ def build(params: LoadedParams,           # the loaded params file
                                                      desc="train image tokens")
             else:
                 name = params.evaluate.split
-                c = build_image_cache(model, split_images(data, name, tf), bs, desc=f"{name} image tokens")
+                c = build_image_cache(model, split_images(data / rel, name, tf), bs, desc=f"{p} {name} image tokens")
             c.save(tmp, name)
             counts[name] = len(c)
         elif not wanted: counts["disabled"] = f"{key} is false"  # nothing to cache: an empty folder
         else: counts["disabled"] = "model.vision.frozen is false"
         save_resolved(params, tmp, extra={"images": counts})
-        replace_dir(tmp, out / p)
+        replace_dir(tmp, out / rel)
         said[p] = counts
     return f"image cache: {said} -> {out}"
 
 def main(argv: list[str] | None = None) -> int:
-    "python -m lexvla.imagecache --params params.yaml [--part train|eval] [--data DIR] [--out DIR]"
+    "python -m lexvla.imagecache --params params.yaml [--part train|eval] [--set NAME] [--data DIR] [--out DIR]"
     ap = stage_parser("imagecache", "Cache the frozen ViT's patch tokens of the training and eval images.",
                       data="prepared data folder (default data/prepared)", out="cache folder (default data/imagecache)")
     ap.add_argument("--part", default="all", choices=[*PARTS, "all"],
                     help="train: the training images (stage imagecache); eval: the evaluated split's (stage "
                          "imagecache_eval); all (default): both")
-    return run_cli(ap, lambda a: build(load_params(a.params), a.data, a.out, part=a.part), argv)
+    ap.add_argument("--set", default=None, metavar="NAME",
+                    help="with --part eval: this evaluated set alone (stage imagecache_eval@NAME); default: every set")
+    return run_cli(ap, lambda a: build(load_params(a.params), a.data, a.out, part=a.part, eval_set=a.set), argv)
 
 # %% ../notebooks/11a_imagecache.ipynb #672b3d7e
 if __name__ == "__main__": raise SystemExit(main())

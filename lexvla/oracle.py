@@ -12,7 +12,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .datasets import load_karpathy, prepared_paths
+from .datasets import eval_set_paths, load_karpathy
 from .scenes import BACKGROUNDS, COLOURS, COUNTS, OPENERS, PLURALS, REGIONS, RELATIONS, SHAPE_SYNONYMS, SHAPES
 from .scenes import SIZES, SceneObject, region_of, relation_of
 
@@ -271,13 +271,13 @@ def oracle_ceiling(scores,                         # (n_img, n_txt) scores (nump
     return out | {f"text_to_image_R@{k}": float(tied_hit_probability(t_better, t_tied, 1, k).mean()) for k in ks}
 
 # %% ../notebooks/08a_oracle.ipynb #71d6791d
-def scene_oracle(data_dir: str | Path,             # a `prepare` output folder
+def scene_oracle(data_dir: str | Path,             # an eval set's folder (or a `prepare` output with one)
                  split: str = "test",              # val | test
                  ks: Sequence[int] = (1, 5, 10),   # recall cut-offs
                  max_images: int = 0,              # the first N images only, as `evaluate.max_images` (0 = all)
                 ) -> dict | None:
     "Ceiling and ambiguity of a prepared split's captions; None without `eval/scenes/{split}.json` (real data)."
-    pa = prepared_paths(data_dir, "eval")
+    pa = eval_set_paths(data_dir)
     p = pa["scenes"] / f"{split}.json"
     if not p.is_file(): return None
     d = json.loads(p.read_text(encoding="utf-8"))

@@ -10,6 +10,7 @@ import dataclasses
 import difflib
 import fnmatch
 import json
+import re
 import sys
 import tempfile
 import types
@@ -23,12 +24,12 @@ import yaml
 from .runtime import LAYOUT, repo_relative, repo_root, run_cli, write_json
 
 # %% auto #0
-__all__ = ['SECTIONS', 'PROMPT', 'REPLACED_BY_PROFILES', 'ParamsError', 'section', 'from_dict', 'BaseParams', 'PrepareParams',
-           'VariantSpec', 'TrainParams', 'EvaluateParams', 'ImagecacheParams', 'TextcacheParams', 'ReportParams',
-           'SearchParams', 'LMParams', 'VocabParams', 'LoraParams', 'VisionParams', 'LogitShiftParams', 'AdapterParams',
-           'ModelParams', 'register_model', 'list_models', 'describe_model', 'model_dict', 'model_config', 'tiny',
-           'embedded', 'paper', 'LoadedParams', 'load_params', 'params_from_dict', 'apply_profile', 'overrides',
-           'save_resolved', 'record_run', 'main']
+__all__ = ['SECTIONS', 'EVAL_SET_NAME', 'PROMPT', 'REPLACED_BY_PROFILES', 'ParamsError', 'section', 'from_dict', 'BaseParams',
+           'PrepareParams', 'VariantSpec', 'TrainParams', 'EvalSetSpec', 'EvaluateParams', 'ImagecacheParams',
+           'TextcacheParams', 'ReportParams', 'SearchParams', 'LMParams', 'VocabParams', 'LoraParams', 'VisionParams',
+           'LogitShiftParams', 'AdapterParams', 'ModelParams', 'register_model', 'list_models', 'describe_model',
+           'model_dict', 'model_config', 'tiny', 'embedded', 'paper', 'LoadedParams', 'load_params', 'params_from_dict',
+           'apply_profile', 'overrides', 'save_resolved', 'record_run', 'main']
 
 # %% ../notebooks/00_params.ipynb #826b6ecf
 class ParamsError(ValueError):
@@ -225,6 +226,8 @@ class TrainParams:
                   "text_buckets"):
             if getattr(self, k) < 1: raise ParamsError(f"{prefix}.{k}: got {getattr(self, k)}, expected >= 1")
         for name, v in self.variants.items():
+            if name in ("lm", "vision"):  # models/<variant> would be the base-model folder (runtime.LAYOUT)
+                raise ParamsError(f"{prefix}.variants.{name}: models/{name} holds the base model; name it otherwise")
             if v.lam is not None and not v.lam >= 0:
                 raise ParamsError(f"{prefix}.variants.{name}.lam: got {v.lam}, expected a weight >= 0 or null")
         if self.num_processes < 1:
@@ -239,6 +242,21 @@ class TrainParams:
         if not self.variants: raise ParamsError(f"{prefix}.variants: got {{}}, expected at least one variant")
 
 # %% ../notebooks/00_params.ipynb #e68264d8
+@dataclass
+class EvalSetSpec:
+    "One evaluated set: where its images and captions come from. Each set is prepared, cached and evaluated alone."
+    source: str | None = None          # null: the val/test splits `prepare` defines (the embedded scenes,
+                                       # prepare.eval_json, or held out of prepare.source); else this set's JSON
+    format: Literal["karpathy", "coco"] = "karpathy"  # Karpathy split JSON | COCO captions JSON (captions_val2017)
+    image_root: str | None = None      # folder the JSON's image paths are relative to
+    split: Literal["test", "val"] = "test"  # coco format: the split its images are evaluated as (no splits in it)
+    mask_dir: str | None = None        # mask PNGs named after the images (COCO-Stuff stuffthingmaps); null = none
+    categories_json: str | None = None # COCO categories JSON of mask_dir
+    mask_id_offset: int = 0            # category id = pixel + offset (COCO-Stuff stuffthingmaps: 1)
+
+EVAL_SET_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")  # a folder name and a DVC stage-name part
+
+# %% ../notebooks/00_params.ipynb #d12055b3
 @section("evaluate")
 @dataclass
 class EvaluateParams:
@@ -255,6 +273,8 @@ class EvaluateParams:
     patchdis_prompt: str            # text-branch input for a class name; `{name}` is replaced
     patchdis_present_only: bool     # label each patch among the classes present in its image (method §7)
     report_images: int              # images whose patch vectors and PatchDis maps are saved for the reports
+    sets: dict[str, EvalSetSpec]    # name -> evaluated set; DVC prepares, caches and evaluates each (a matrix
+                                    # over train.variants x sets); the first is the one search and report draw
 
     def validate(self, prefix):
         "Cross-field checks, named like the rest."
@@ -265,6 +285,21 @@ class EvaluateParams:
         if bad: raise ParamsError(f"{prefix}.topks: got {bad[0]}, expected every k >= 1")
         if len(set(self.topks)) != len(self.topks):
             raise ParamsError(f"{prefix}.topks: got {self.topks}, expected distinct values")
+        if not self.sets: raise ParamsError(f"{prefix}.sets: got {{}}, expected at least one evaluated set")
+        for name, s in self.sets.items():
+            if not EVAL_SET_NAME.match(name):
+                raise ParamsError(f"{prefix}.sets.{name}: expected a name of letters, digits, _ and - (a folder name)")
+            if s.source is None and s.format != "karpathy":
+                raise ParamsError(f"{prefix}.sets.{name}.format: got {s.format!r}, but source null is prepare's split")
+            if (s.mask_dir is None) != (s.categories_json is None):
+                raise ParamsError(f"{prefix}.sets.{name}.categories_json: mask_dir and categories_json go together")
+            if s.source is None and (s.image_root or s.mask_dir):
+                raise ParamsError(f"{prefix}.sets.{name}.source: null takes prepare's images and masks "
+                                  "(prepare.eval_image_root, prepare.mask_dir); give a source for its own")
+            if s.mask_id_offset < 0:
+                raise ParamsError(f"{prefix}.sets.{name}.mask_id_offset: got {s.mask_id_offset}, expected >= 0")
+        if sum(s.source is None for s in self.sets.values()) > 1:
+            raise ParamsError(f"{prefix}.sets: more than one set has source null (prepare's split): they are one set")
         if "{name}" not in self.patchdis_prompt:
             raise ParamsError(f"{prefix}.patchdis_prompt: "
                               f"got {json.dumps(self.patchdis_prompt)}, expected a template with {{name}}")
@@ -298,6 +333,7 @@ class ReportParams:
     n_hits: int            # ranked hits shown, with their explanations, per retrieval example
     n_overused: int        # most-activated words listed per variant
     topk: int              # words kept per vector in the retrieval examples (method §5)
+    set: str               # the evaluated set the figure notebooks draw (a key of evaluate.sets; the summary has all)
 
     def validate(self, prefix):
         "Every count is positive."
@@ -310,6 +346,7 @@ class ReportParams:
 class SearchParams:
     "The `search` stage: a trained variant's test-image vectors in Milvus (embedded milvus-lite by default, issue 7)."
     variant: str           # the evaluated variant whose vectors are indexed (a key of train.variants, lexical)
+    set: str               # the evaluated set whose test images are indexed (a key of evaluate.sets)
     uri: str               # milvus-lite file (*.db, relative to the repo root) or a server URI (http://host:19530)
     collection: str        # collection name (letters, digits, underscores)
     topk: int              # words kept per stored vector, after the 1/sqrt(V) threshold (0 = threshold only)
@@ -568,6 +605,11 @@ def params_from_dict(d: dict,                    # section name -> mapping, as r
         try:  # the model section is a preset and the keys it changes: resolved first, then checked like the rest
             out[name] = from_dict(SECTIONS[name], model_dict(d[name]) if name == "model" else d[name], name)
         except ParamsError as e: raise ParamsError(f"{path}: {e}") from None
+    if "evaluate" in out:  # the sections that name an evaluated set name one that is evaluated
+        for name in ("search", "report"):
+            if name in out and out[name].set not in out["evaluate"].sets:
+                raise ParamsError(f"{path}: {name}.set: got {out[name].set!r}, expected a key of evaluate.sets "
+                                  f"({', '.join(out['evaluate'].sets)})")
     return LoadedParams(path=path, sections=out)
 
 # %% ../notebooks/00_params.ipynb #58c63e55
@@ -580,7 +622,7 @@ def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
     return out
 
 # a profile gives these maps whole (its own set of variants), where other sections merge key by key
-REPLACED_BY_PROFILES = ("train.variants",)
+REPLACED_BY_PROFILES = ("train.variants", "evaluate.sets")
 
 def _merge(base: dict, over: dict, prefix: str = "") -> dict:
     out = dict(base)

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import io
+import json
 import multiprocessing as mp
 import os
 import shutil
@@ -20,15 +21,17 @@ from tqdm.auto import tqdm
 
 from .datasets import (
     PARTS, DataConfigError, SkipLog, read_at, clean_caption, decode_image, encode_jpeg, expand_shards, index_shards,
-    karpathy_entry, karpathy_image_path, panoptic_png, panoptic_segments, png_bytes, read_categories, read_karpathy,
-    read_manifest, sample_captions, sample_key, write_categories, write_shards)
+    karpathy_entry, karpathy_image_path, part_folders, panoptic_png, panoptic_segments, png_bytes, read_categories,
+    read_karpathy, read_manifest, sample_captions, sample_key, write_categories, write_shards)
 from .params import LoadedParams, ParamsError, load_params, save_resolved
 from .runtime import LAYOUT, repo_root, resolve_path, run_cli, stage_parser, write_json
 from .scenes import CATEGORIES, make_scene, scene_rng
 
 # %% auto #0
-__all__ = ['READERS', 'Job', 'Reader', 'register_reader', 'webdataset_jobs', 'karpathy_jobs', 'manifest_jobs', 'check_sources',
-           'pmap', 'build_embedded', 'Cleaned', 'Sources', 'build_real', 'prepare', 'main']
+__all__ = ['READERS', 'EVAL_FORMATS', 'Job', 'Reader', 'register_reader', 'webdataset_jobs', 'karpathy_jobs', 'manifest_jobs',
+           'check_sources', 'pmap', 'build_embedded', 'Cleaned', 'Sources', 'clean_cfg', 'mask_finder', 'split_jobs',
+           'build_real', 'write_eval_set', 'register_eval_format', 'karpathy_set', 'coco_captions_set',
+           'build_eval_set', 'prepare', 'main']
 
 # %% ../notebooks/03_prepare.ipynb #815f29ce
 class Job(NamedTuple):
@@ -247,20 +250,42 @@ class Sources(NamedTuple):
     evals: dict[str, list[Job]]
     name: str
 
+def clean_cfg(pp, mask_id_offset: int, evaluated: bool = False) -> dict:
+    "The cleaning settings of `_clean` (`evaluated`: full resolution, the original bytes)."
+    return {"max_caption_chars": pp.max_caption_chars, "min_side": pp.min_image_side,
+            "max_pixels": pp.max_image_pixels, "store_size": None if evaluated else pp.store_size,
+            "quality": pp.jpeg_quality, "mask_id_offset": mask_id_offset}
+
+def mask_finder(mask_dir: Path | None) -> Callable:
+    "entry (a Karpathy entry or an image path) -> its mask PNG in `mask_dir`, by COCO id or file stem (None: none)."
+    def mask_for(entry_or_name):
+        if mask_dir is None: return None
+        if not isinstance(entry_or_name, dict): stem = Path(entry_or_name).stem
+        elif "cocoid" in entry_or_name: stem = f"{entry_or_name['cocoid']:012d}"
+        else: stem = Path(entry_or_name["filename"]).stem
+        return str(mask_dir / f"{stem}.png")
+    return mask_for
+
+def split_jobs(d: dict,            # a Karpathy-layout dict (`read_karpathy`, or an `EVAL_FORMATS` reader's)
+               root: Path,         # the image folder its paths are relative to
+               mask_for: Callable, cfg: dict,
+               n_val: int, n_test: int, # the first this many of each split (0 = all)
+              ) -> dict[str, list[Job]]:
+    "{split: jobs} of the val and test images of `d` that it has."
+    evals = {}
+    for split, n in (("val", n_val), ("test", n_test)):
+        es = [e for e in d["images"] if e["split"] == split]
+        if es: evals[split] = [Job(e["filename"], str(karpathy_image_path(e, root)), [s["raw"] for s in e["sentences"]],
+                                   mask_for(e), cfg) for e in (es[:n] if n else es)]
+    return evals
+
+# %% ../notebooks/03_prepare.ipynb #9833a43b
 def _real_jobs(pp, paths: dict, seed: int, log,
                train_part: bool = True, # the training jobs are wanted (else they are listed only to hold val/test out)
               ) -> Sources:
     "The configured source's jobs, through the reader registered for `prepare.kind`."
-    cfg = {"max_caption_chars": pp.max_caption_chars, "min_side": pp.min_image_side,
-           "max_pixels": pp.max_image_pixels, "store_size": pp.store_size, "quality": pp.jpeg_quality,
-           "mask_id_offset": pp.mask_id_offset}
-    ecfg = {**cfg, "store_size": None}  # evaluation images: full resolution, the original bytes
-    def mask_for(entry_or_name):
-        if paths["mask_dir"] is None: return None
-        if not isinstance(entry_or_name, dict): stem = Path(entry_or_name).stem
-        elif "cocoid" in entry_or_name: stem = f"{entry_or_name['cocoid']:012d}"
-        else: stem = Path(entry_or_name["filename"]).stem
-        return str(paths["mask_dir"] / f"{stem}.png")
+    cfg, ecfg = clean_cfg(pp, pp.mask_id_offset), clean_cfg(pp, pp.mask_id_offset, evaluated=True)
+    mask_for = mask_finder(paths["mask_dir"])
     reader = READERS[pp.kind]
     eval_json = paths["eval_json"] or (paths["source"] if reader.evaluates_source else None)
     if not train_part and eval_json is not None: train = []  # the eval part alone: CC-12M's shards are not indexed
@@ -270,10 +295,7 @@ def _real_jobs(pp, paths: dict, seed: int, log,
         root = paths["eval_image_root"] or paths["image_root"]
         if root is None: raise ParamsError("prepare.eval_image_root: eval_json needs an image folder")
         d = read_karpathy(eval_json)
-        for split, n in (("val", pp.n_val), ("test", pp.n_test)):
-            es = [e for e in d["images"] if e["split"] == split]
-            evals[split] = [Job(e["filename"], str(karpathy_image_path(e, root)), [s["raw"] for s in e["sentences"]],
-                                mask_for(e), ecfg) for e in (es[:n] if n else es)]
+        evals = {s: split_jobs(d, root, mask_for, ecfg, pp.n_val, pp.n_test).get(s, []) for s in ("val", "test")}
         name = d.get("dataset") or Path(eval_json).stem.removeprefix("dataset_")
     else:  # hold out val + test from the training source, by a seeded shuffle
         perm = np.random.default_rng([seed, 7]).permutation(len(train))
@@ -314,14 +336,23 @@ def build_real(pp, seed: int,
         write_shards(train_samples(), outs["train"], pp.shard_size, progress=progress, total=len(src.train))
     if "eval" not in outs: return counts
 
-    out, log = outs["eval"], logs["eval"]
-    name = "".join(ch for ch in str(src.name) if ch.isalnum() or ch in "_-") or "eval"
-    entries = []
+    counts.update(write_eval_set(outs["eval"], src.evals, src.name, paths["mask_dir"] is not None,
+                                 paths["categories_json"], pp.workers, logs["eval"], progress))
+    return counts
+
+def write_eval_set(out: Path,                   # the eval set's folder
+                   evals: dict[str, list[Job]], # split -> its jobs
+                   name: str,                   # the dataset's name (dataset_<name>.json)
+                   masks: bool,                 # the jobs carry masks
+                   categories_json: Path | None, workers: int, log: SkipLog, progress: bool) -> dict:
+    "Check each evaluated image (kept byte for byte), write the Karpathy JSON and the masks; {split: count}."
+    name = "".join(ch for ch in str(name) if ch.isalnum() or ch in "_-") or "eval"
+    entries, counts = [], {}
     (out / "karpathy" / "images").mkdir(parents=True, exist_ok=True)
-    for split, jobs in src.evals.items():
-        if paths["mask_dir"] is not None: (out / "masks" / split).mkdir(parents=True, exist_ok=True)
+    for split, jobs in evals.items():
+        if masks: (out / "masks" / split).mkdir(parents=True, exist_ok=True)
         n = 0
-        for c in pmap(_clean, jobs, pp.workers, f"check {split}", progress):
+        for c in pmap(_clean, jobs, workers, f"check {split}", progress):
             log.update(c.log)
             if c.data is None: continue
             stem = Path(c.name.split(":")[-1]).stem
@@ -332,43 +363,118 @@ def build_real(pp, seed: int,
             n += 1
         counts[split] = n
     write_json(out / "karpathy" / f"dataset_{name}.json", {"images": entries, "dataset": name}, **_COMPACT)
-    if paths["categories_json"] is not None:
-        write_json(out / "masks" / "categories.json", {"categories": read_categories(paths["categories_json"])},
-                   **_COMPACT)
+    if categories_json is not None:
+        write_json(out / "masks" / "categories.json", {"categories": read_categories(categories_json)}, **_COMPACT)
     return counts
 
+# %% ../notebooks/03_prepare.ipynb #abd6aa15
+EVAL_FORMATS: dict[str, Callable] = {}  # evaluate.sets.<name>.format -> reader(path, spec) -> Karpathy-layout dict
+
+def register_eval_format(name: str) -> Callable:
+    "Decorator: register the reader of an evaluated set's JSON, `reader(path, spec) -> {'images': [entries]}`."
+    def deco(fn):
+        EVAL_FORMATS[name] = fn
+        return fn
+    return deco
+
+@register_eval_format("karpathy")
+def karpathy_set(path: Path, spec) -> dict:
+    "A Karpathy split JSON (dataset_flickr30k.json, dataset_coco.json): its own val and test splits."
+    return read_karpathy(path)
+
+@register_eval_format("coco")
+def coco_captions_set(path: Path, spec) -> dict:
+    "A COCO captions JSON (`captions_val2017.json`: images, annotations): every captioned image, as `spec.split`."
+    try: d = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e: raise DataConfigError(f"{path}: not valid JSON ({e})")
+    if not isinstance(d, dict) or not all(isinstance(d.get(k), list) for k in ("images", "annotations")):
+        raise DataConfigError(f"{path}: expected a COCO captions JSON with 'images' and 'annotations' lists")
+    caps: dict[int, list[str]] = {}
+    for i, a in enumerate(d["annotations"]):
+        if not isinstance(a, dict) or "image_id" not in a or not isinstance(a.get("caption"), str):
+            raise DataConfigError(f"{path}: annotations[{i}]: expected an image_id and a caption")
+        caps.setdefault(a["image_id"], []).append(a["caption"].strip())
+    entries = []
+    for i, im in enumerate(sorted(d["images"], key=lambda im: im.get("id", -1) if isinstance(im, dict) else -1)):
+        if not isinstance(im, dict) or "id" not in im or "file_name" not in im:
+            raise DataConfigError(f"{path}: images[{i}]: expected an id and a file_name")
+        if im["id"] not in caps: continue  # an image nobody captioned is not a retrieval target
+        first = sum(len(e["sentences"]) for e in entries)
+        entries.append(karpathy_entry(len(entries), im["file_name"], spec.split, caps[im["id"]], first,
+                                      cocoid=int(im["id"])))
+    return {"images": entries, "dataset": Path(path).stem}
+
+def build_eval_set(pp,            # the prepare section (sizes, workers, cleaning limits)
+                   spec,          # the set's `EvalSetSpec`, with its own source
+                   name: str,     # its key in evaluate.sets (named in errors)
+                   out: Path, log: SkipLog, progress: bool = True) -> dict:
+    "Bring a named eval set into the prepared eval layout (images kept byte for byte, masks); {split: count}."
+    key = f"evaluate.sets.{name}"
+    res = lambda v: None if v is None else resolve_path(Path(v).expanduser())
+    src, cats, mdir = res(spec.source), res(spec.categories_json), res(spec.mask_dir)
+    root = res(spec.image_root) or src.parent
+    checks = (("source", src, src.is_file(), "file"), ("image_root", root, root.is_dir(), "folder"),
+              ("mask_dir", mdir, mdir is None or mdir.is_dir(), "folder"),
+              ("categories_json", cats, cats is None or cats.is_file(), "file"))
+    for k, v, ok, what in checks:
+        if not ok: raise DataConfigError(f"{key}.{k}: {v}: {what} not found")
+    d = EVAL_FORMATS[spec.format](src, spec)
+    evals = split_jobs(d, root, mask_finder(mdir), clean_cfg(pp, spec.mask_id_offset, evaluated=True),
+                       pp.n_val, pp.n_test)
+    if not evals: raise DataConfigError(f"{key}.source: {src}: no val or test images")
+    return write_eval_set(out, evals, d.get("dataset") or src.stem.removeprefix("dataset_"), mdir is not None, cats,
+                          pp.workers, log, progress)
+
 # %% ../notebooks/03_prepare.ipynb #5a283eb5
-def prepare(params: LoadedParams,                  # the loaded params (base, prepare; model.vision.img_size)
+def _build(params, tmps: dict[str, Path], logs: dict[str, SkipLog], progress: bool) -> dict[str, dict]:
+    "Build each target into its temp folder; {target: counts}."
+    pp, sets, seed = params.prepare, params.evaluate.sets, params.base.seed
+    primary = next((s for s in tmps if s != "train" and sets[s].source is None), None)  # prepare's own split
+    counts = {}
+    if "train" in tmps or primary is not None:
+        outs = {k: tmps[t] for k, t in (("train", "train"), ("eval", primary)) if t in tmps}
+        lg = {k: logs[t] for k, t in (("train", "train"), ("eval", primary)) if t in tmps}
+        if pp.kind == "embedded":  # scenes at the vision tower's input size
+            got = build_embedded(pp, params.model.vision.img_size, seed, outs, progress)
+        else: got = build_real(pp, seed, outs, lg, progress)
+        if "train" in tmps: counts["train"] = {"train": got.pop("train", 0)}
+        if primary is not None: counts[primary] = got
+    for s in tmps:
+        if s not in counts: counts[s] = build_eval_set(pp, sets[s], s, tmps[s], logs[s], progress)
+    return counts
+
+def prepare(params: LoadedParams,                  # the loaded params (base, prepare, evaluate.sets; the ViT's size)
             out_dir: str | Path | None = None,     # default data/prepared
             progress: bool = True,
             part: str = "all",                     # train | eval | all: which part(s) to (re)build
+            eval_set: str | None = None,           # part eval: this set of evaluate.sets alone (default: every set)
            ) -> dict:
-    "Build each part of `out_dir` atomically (temp folder, then rename); returns {part: report}."
-    pp, seed = params.prepare, params.base.seed
-    if part not in (*PARTS, "all"): raise ParamsError(f"--part: got {part!r}, expected train, eval or all")
-    parts = PARTS if part == "all" else (part,)
+    "Build each part of `out_dir` atomically (temp folder, then rename); returns {'train' | 'eval/<set>': report}."
+    pp = params.prepare
+    rel = part_folders(params.evaluate.sets, part, eval_set)  # train, eval/<set>: each built apart
     out = Path(out_dir) if out_dir is not None else resolve_path(LAYOUT.prepared)
     if pp.kind != "embedded": check_sources(pp)  # misconfiguration stops before any work
-    tmps = {p: out.parent / f".{out.name}.{p}.tmp-{os.getpid()}" for p in parts}  # nothing in `out` until the end
-    logs = {p: SkipLog() for p in parts}
+    tmps = {k: out.parent / f".{out.name}.{k}.tmp-{os.getpid()}" for k in rel}  # nothing in `out` until the end
+    logs = {k: SkipLog() for k in rel}
     try:
         for t in tmps.values():
             if t.exists(): shutil.rmtree(t)
             t.mkdir(parents=True)
-        if pp.kind == "embedded":  # scenes at the vision tower's input size
-            counts = build_embedded(pp, params.model.vision.img_size, seed, tmps, progress)
-        else: counts = build_real(pp, seed, tmps, logs, progress)
-        if "train" in parts and counts.get("train", 0) == 0:
+        counts = _build(params, tmps, logs, progress)
+        if "train" in rel and counts["train"]["train"] == 0:
             raise ParamsError(f"prepare: no usable training image (skips: {dict(logs['train'].skipped)})")
         reports = {}
-        for p, t in tmps.items():
-            mine = {k: v for k, v in counts.items() if (k == "train") == (p == "train")}
-            reports[p] = {"kind": pp.kind, "part": p, "counts": mine, **logs[p].to_dict()}
-            write_json(t / "report.json", reports[p], **_COMPACT)
+        for k, t in tmps.items():
+            named = k != "train" and params.evaluate.sets[k].source is not None  # a set with its own JSON
+            kind = params.evaluate.sets[k].format if named else pp.kind
+            reports[rel[k]] = {"kind": kind, "part": "train" if k == "train" else "eval", "counts": counts[k],
+                               **({"set": k} if named else {}), **logs[k].to_dict()}
+            write_json(t / "report.json", reports[rel[k]], **_COMPACT)
             save_resolved(params, t)
-        out.mkdir(parents=True, exist_ok=True)
-        for p, t in tmps.items():  # each part swapped in whole: a later stage never sees half of one
-            final, old = out / p, out / f".{p}.old-{os.getpid()}"
+        for k, t in tmps.items():  # each part swapped in whole: a later stage never sees half of one
+            final = out / rel[k]
+            final.parent.mkdir(parents=True, exist_ok=True)
+            old = final.parent / f".{final.name}.old-{os.getpid()}"
             if final.exists(): final.rename(old)
             t.rename(final)
             if old.exists(): shutil.rmtree(old)
@@ -381,18 +487,21 @@ def prepare(params: LoadedParams,                  # the loaded params (base, pr
 def _run(a) -> str:
     params = load_params(a.params)  # strict check before any work
     t0 = time.perf_counter()
-    reports = prepare(params, a.out, progress=not a.no_progress, part=a.part)
+    reports = prepare(params, a.out, progress=not a.no_progress, part=a.part, eval_set=a.set)
     skipped = {p: r["skipped"] for p, r in reports.items() if r["skipped_total"]}
-    counts = {k: v for r in reports.values() for k, v in r["counts"].items()}
+    counts = {k: r["counts"] for k, r in reports.items()}
     return (f"prepared {', '.join(reports)}: {counts} in {time.perf_counter() - t0:.1f} s; skipped "
             f"{sum(r['skipped_total'] for r in reports.values())}" + (f" {skipped}" if skipped else ""))
 
 def main(argv: list[str] | None = None) -> int:
-    "python -m lexvla.prepare --params params.yaml [--part train|eval] [--out DIR]"
+    "python -m lexvla.prepare --params params.yaml [--part train|eval] [--set NAME] [--out DIR]"
     ap = stage_parser("prepare", prepare.__doc__, out="output folder (default data/prepared)")
     ap.add_argument("--part", default="all", choices=[*PARTS, "all"],
                     help="train: the training shards (stage prepare); eval: the evaluated splits (stage "
                          "prepare_eval); all (default): both")
+    ap.add_argument("--set", default=None, metavar="NAME",
+                    help="with --part eval: this evaluated set of evaluate.sets alone (stage prepare_eval@NAME); "
+                         "default: every set")
     ap.add_argument("--no-progress", action="store_true", help="no progress bars")
     return run_cli(ap, _run, argv)
 

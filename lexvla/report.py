@@ -19,8 +19,8 @@ from .runtime import atomic_write, resolve_path, run_cli, write_json
 from .sparse import SparseVectors, load_vectors
 
 # %% auto #0
-__all__ = ['SUMMARY_COLUMNS', 'paper_claims', 'claims_markdown', 'gap_closed', 'summarize', 'Results', 'open_results',
-           'caption_word_share', 'clean_executed', 'main']
+__all__ = ['SUMMARY_COLUMNS', 'paper_claims', 'claims_markdown', 'gap_closed', 'result_sets', 'summarize', 'summarize_set',
+           'Results', 'open_results', 'caption_word_share', 'clean_executed', 'main']
 
 # %% ../notebooks/15_report.ipynb #12c48ea1
 def _roles(runs: dict[str, dict]) -> dict[str, str]:
@@ -125,12 +125,42 @@ _MD = [  # (header, row key(s)): two keys are shown as "a / b"
     ("PatchDis mIoU", "patchdis/mIoU")]
 
 # %% ../notebooks/15_report.ipynb #15b83031
-def summarize(results_dir: str | Path, # folder of `<variant>.json` files
+def _read(p: Path) -> dict:
+    try: d = json.loads(p.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError): return {}
+    return d if isinstance(d, dict) else {}
+
+def result_sets(results_dir: str | Path) -> dict[str, Path]:
+    "The evaluated sets of the evaluate stage's folder, `<set>/<variant>.json`; a folder of `<variant>.json`: {'': it}."
+    d = Path(results_dir)
+    def flat(f):  # the evaluate stage's <variant>.json files (a Karpathy JSON is not one)
+        return [p for p in sorted(f.glob("*.json")) if not p.name.startswith("summary") and "dense" in _read(p)]
+    if flat(d): return {"": d}
+    sets = {f.name: f for f in sorted(d.iterdir()) if f.is_dir() and flat(f)} if d.is_dir() else {}
+    if not sets: raise FileNotFoundError(f"{d}: no <set>/<variant>.json results (run `dvc repro evaluate`)")
+    return sets
+
+def summarize(results_dir: str | Path, # the evaluate stage's folder (`<set>/<variant>.json`), or one set's
               out_dir: str | Path,     # where summary.json and summary.md go
               topk: int = 256,         # the top-k sparsification shown (one of evaluate.topks)
              ) -> dict:
-    "Put every evaluated variant side by side: `summary.json` (rows by variant) and `summary.md` (a table)."
-    results_dir, out_dir = Path(results_dir), Path(out_dir)
+    "Put every evaluated variant side by side, per set: `summary.json` (rows by variant) and `summary.md` (tables)."
+    out_dir = Path(out_dir)
+    got = {name: summarize_set(d, topk) for name, d in result_sets(results_dir).items()}
+    if list(got) == [""]: summary, md = got[""]
+    else:
+        summary = {"sets": {name: s for name, (s, _) in got.items()}}
+        md = [l for name, (_, m) in got.items() for l in (f"## Set `{name}`", "", *m, "")][:-1]
+    write_json(out_dir / "summary.json", summary)
+    atomic_write(out_dir / "summary.md", "\n".join(md) + "\n")
+    return summary
+
+# %% ../notebooks/15_report.ipynb #bc7a4cd0
+def summarize_set(results_dir: str | Path, # one set's folder of `<variant>.json` files
+                  topk: int = 256,
+                 ) -> tuple[dict, list[str]]:
+    "One set's variants side by side: the summary (rows by variant, chance, ceiling, claims) and its markdown lines."
+    results_dir = Path(results_dir)
     files = sorted(p for p in results_dir.glob("*.json") if not p.name.startswith("summary"))
     if not files: raise FileNotFoundError(f"{results_dir}: no <variant>.json results (run `dvc repro evaluate`)")
     runs = {p.stem: json.loads(p.read_text()) for p in files}
@@ -164,9 +194,7 @@ def summarize(results_dir: str | Path, # folder of `<variant>.json` files
                        "PatchDis entry is what the patch grid allows (each patch labelled with its majority class)."]
     summary["claims"] = paper_claims(results_dir, runs, topk)
     md += claims_markdown(summary["claims"], summary["n_images"])
-    write_json(out_dir / "summary.json", summary)
-    atomic_write(out_dir / "summary.md", "\n".join(md) + "\n")
-    return summary
+    return summary, md
 
 # %% ../notebooks/15_report.ipynb #2a8335ba
 @dataclass
@@ -251,7 +279,8 @@ def _run(a) -> dict | None:
         for p in a.clean_executed: clean_executed(p)
         return None
     if a.summary is None or a.out is None: raise ValueError("give --summary RESULTS_DIR --out DIR, or --clean-executed")
-    return {"variants": list(summarize(a.summary, a.out, a.topk)["variants"])}
+    s = summarize(a.summary, a.out, a.topk)
+    return {name: list(x["variants"]) for name, x in s.get("sets", {"": s}).items()}
 
 def main(argv: list[str] | None = None) -> int:
     "python -m lexvla.report --summary RESULTS_DIR --out DIR [--topk K] | --clean-executed NOTEBOOK..."

@@ -57,12 +57,13 @@ class Layout:
     prepared: str = "data/prepared"      # prepare, prepare_eval: <prepared>/train, <prepared>/eval
     textcache: str = "data/textcache"    # textcache, textcache_eval: <textcache>/train, <textcache>/eval
     imagecache: str = "data/imagecache"  # imagecache, imagecache_eval
-    lm: str = "models/smollm2-135m"      # convert: the embedded LM, saved once (safetensors + tokenizer)
-    vision: str = "models/dinov2-vits14" # convert: the embedded ViT as a timm checkpoint
+    lm: str = "models/lm"                # convert: the embedded LM (SmolLM2-135M), saved once (safetensors + tokenizer)
+    vision: str = "models/vision"        # convert: the embedded ViT (DINOv2 ViT-S/14) as a timm checkpoint
     evaluate: str = "results/evaluate"   # evaluate@<variant>: <evaluate>/<variant>.json and <evaluate>/<variant>/
     search: str = "results/search"       # search
     reports: str = "results/reports"     # report
     def model(self, variant: str) -> str: return f"models/{variant}"        # train@<variant>: model/, checkpoints/
+                                                                            # (so no variant is named lm or vision)
     def train_results(self, variant: str) -> str: return f"results/train/{variant}"  # train@<variant>: metrics
 
 LAYOUT = Layout()

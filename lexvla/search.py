@@ -28,11 +28,11 @@ __all__ = ['STAGE_KEYS', 'run_search', 'build_command', 'query_command', 'parser
 
 # %% ../notebooks/14_search.ipynb #d5698589
 def _variant_vectors(evaluate_dir: str | Path, sp) -> tuple[Path, dict]:
-    "The path and contents of `search.variant`'s vectors file (`lexvla.evaluate.save_vectors`)."
-    npz = Path(evaluate_dir) / sp.variant / "vectors.npz"
+    "The path and contents of `search.variant`'s vectors on `search.set` (`lexvla.evaluate.save_vectors`)."
+    npz = Path(evaluate_dir) / sp.set / sp.variant / "vectors.npz"
     if not npz.is_file():
-        raise FileNotFoundError(f"{npz}: no vectors of variant {sp.variant!r} "
-                                f"(run `dvc repro evaluate@{sp.variant}`)")
+        raise FileNotFoundError(f"{npz}: no vectors of variant {sp.variant!r} on set {sp.set!r} "
+                                f"(run `dvc repro evaluate@{sp.variant}-{sp.set}`)")
     d = load_vectors(npz)
     if not bool(d["lexical"]):
         raise ValueError(f"search.variant: {sp.variant!r} is the dense baseline; it has no words to index")
@@ -86,7 +86,8 @@ def run_search(params,                       # LoadedParams (search section)
                  "hits": [{"id": h.id, "score": h.score, "why": h.explanation} for h in hits[i][:3]]}
                 for i in range(min(5, n_q))]
     paths = export_jsonl(docs, words, out / "export", scale=sp.impact_scale, progress=progress)
-    summary = {"variant": sp.variant, "uri": sp.uri, "embedded": is_embedded(uri), "collection": sp.collection,
+    summary = {"variant": sp.variant, "set": sp.set, "uri": sp.uri,
+               "embedded": is_embedded(uri), "collection": sp.collection,
                "items": len(docs), "stored": stored,
                "mean_active_words": docs.mean_active(), "queries": n_q, "k": sp.k,
                "topk_equals_brute_force": agree / max(n_q, 1), "text_to_image_R@1": r1 / max(n_q, 1),

@@ -11,7 +11,8 @@ import torch
 from tqdm.auto import tqdm
 
 from .caches import TextPrefixCache, cache_meta
-from .datasets import PARTS, load_karpathy, prepared_paths, read_categories, train_dataset
+from .datasets import (PARTS, eval_set_paths, load_karpathy, part_folders, prepared_paths, read_categories,
+                              train_dataset)
 from .model import create_model_from_params
 from .params import LoadedParams, load_params, save_resolved
 from .runtime import LAYOUT, replace_dir, resolve_device, resolve_path, run_cli, stage_parser, temp_dir
@@ -47,11 +48,11 @@ def build_text_cache(model,                 # a LexVLA model with `tokenize` and
 
 # %% ../notebooks/11_textcache.ipynb #fd316af4
 def cache_captions(params,                      # LoadedParams (base, prepare, train, evaluate)
-                   data_dir: str | Path,        # the `prepare` output
+                   data_dir: str | Path,        # the `prepare` output (part train), or an eval set's folder in it
                    part: str,                   # train | eval
                   ) -> list[str]:
     "The captions of one part: the training captions, or the evaluated split's and the PatchDis class prompts."
-    p = prepared_paths(data_dir, part)
+    p = prepared_paths(data_dir, part) if part == "train" else eval_set_paths(data_dir)
     if part == "train":
         cpi = params.train.captions_per_image  # the first this many of each training image
         return train_dataset(p["shards"], None, seed=params.base.seed, captions_per_image=cpi).all_captions()
@@ -66,12 +67,13 @@ def build(params: LoadedParams,           # the loaded params file
           out: str | Path | None = None,      # default data/textcache: each part in its own folder below it
           progress: bool = True,
           part: str = "all",                  # train | eval | all
+          eval_set: str | None = None,        # part eval: this set of evaluate.sets alone (default: every set)
          ) -> str:
     "The `textcache` stage: cache each part's captions' frozen prefix (an empty cache where it is not used)."
     out, data = resolve_path(out, LAYOUT.textcache), resolve_path(data_dir, LAYOUT.prepared)
     torch.manual_seed(params.base.seed)
     model, said = None, []
-    for p in (PARTS if part == "all" else (part,)):
+    for p, rel in part_folders(params.evaluate.sets, part, eval_set).items():  # train, and eval/<set> per set
         wanted = params.train.text_cache if p == "train" else params.evaluate.text_cache
         if wanted and model is None:  # on the run's device, in the LM's dtype (a 7B LM on the CPU would take hours)
             model = create_model_from_params(params, variant="lexvla").eval().to(resolve_device(params.base.device))
@@ -79,29 +81,31 @@ def build(params: LoadedParams,           # the loaded params file
             cache = TextPrefixCache(torch.zeros(0, 1), torch.zeros(1, dtype=torch.long), [],
                                     {"disabled": "model.lora covers every block: the prefix is an embedding lookup"})
         elif wanted:
-            cache = build_text_cache(model, cache_captions(params, data, p), batch_size=params.textcache.batch_size,
-                                     progress=progress)
+            caps = cache_captions(params, data if p == "train" else data / rel, "train" if p == "train" else "eval")
+            cache = build_text_cache(model, caps, batch_size=params.textcache.batch_size, progress=progress)
             cache.meta.update(cache_meta(model))
         else:  # not used (e.g. LoRA on every block: no frozen prefix): an empty cache
             key = "train.text_cache" if p == "train" else "evaluate.text_cache"
             cache = TextPrefixCache(torch.zeros(0, 1), torch.zeros(1, dtype=torch.long), [],
                                     {"disabled": f"{key} is false"})
-        tmp = temp_dir(out / p)
+        tmp = temp_dir(out / rel)
         cache.save(tmp)
         # no wall-clock time here: later stages depend on this folder, and a re-run must hash the same
         save_resolved(params, tmp, extra={"captions": len(cache), "tokens": int(cache.hidden.shape[0])})
-        replace_dir(tmp, out / p)
+        replace_dir(tmp, out / rel)
         said.append(f"{p}: {len(cache)} captions, {cache.hidden.shape[0]} tokens x {cache.hidden.shape[1]}")
     return f"text cache {'; '.join(said)} -> {out}"
 
 def main(argv: list[str] | None = None) -> int:
-    "python -m lexvla.textcache --params params.yaml [--part train|eval] [--data DIR] [--out DIR]"
+    "python -m lexvla.textcache --params params.yaml [--part train|eval] [--set NAME] [--data DIR] [--out DIR]"
     ap = stage_parser("textcache", "Cache the frozen LM prefix of every caption.",
                       data="prepared data folder (default data/prepared)", out="cache folder (default data/textcache)")
     ap.add_argument("--part", default="all", choices=[*PARTS, "all"],
                     help="train: the training captions (stage textcache); eval: the evaluated split's and the "
                          "PatchDis prompts (stage textcache_eval); all (default): both")
-    return run_cli(ap, lambda a: build(load_params(a.params), a.data, a.out, part=a.part), argv)
+    ap.add_argument("--set", default=None, metavar="NAME",
+                    help="with --part eval: this evaluated set alone (stage textcache_eval@NAME); default: every set")
+    return run_cli(ap, lambda a: build(load_params(a.params), a.data, a.out, part=a.part, eval_set=a.set), argv)
 
 # %% ../notebooks/11_textcache.ipynb #7793c85c
 if __name__ == "__main__": raise SystemExit(main())

@@ -45,8 +45,27 @@ REPRO_TIMEOUT = 1200  # s: both copies, on a busy 2-core machine
 _repro: dict = {}
 
 
-def fresh_copy(dest: Path, profile: str = "tiny") -> Path:
-    "The repository's tracked and untracked-but-not-ignored files in `dest`, params.yaml = params.yaml + `profile`, git-committed."
+EXTRA_SET_IMAGES = 12  # the second eval set of the repro copies
+
+
+def write_extra_set(folder: Path, n: int = EXTRA_SET_IMAGES) -> str:
+    "A small Karpathy split JSON (test split) of `n` scenes unlike the embedded ones, with its images; its path."
+    from lexvla.datasets import karpathy_entry
+    from lexvla.runtime import write_json
+    from lexvla.scenes import make_scene, scene_rng
+    (folder / "images").mkdir(parents=True, exist_ok=True)
+    entries = []
+    for i in range(n):
+        sc = make_scene(scene_rng(99, "test", i), 112, 1, 2, 3)  # another seed, at most 2 objects, 3 captions each
+        sc.image.save(folder / "images" / f"extra_{i:03d}.png")
+        entries.append(karpathy_entry(i, f"extra_{i:03d}.png", "test", sc.meta()["captions"], 3 * i))
+    write_json(folder / "dataset_extra.json", {"images": entries, "dataset": "extra"})
+    return "data/extra/dataset_extra.json"
+
+
+def fresh_copy(dest: Path, profile: str = "tiny", extra_set: bool = False) -> Path:
+    """The repository's tracked and untracked-but-not-ignored files in `dest`, params.yaml = params.yaml + `profile`,
+    git-committed; `extra_set`: with a second evaluated set (`write_extra_set`)."""
     import shutil
 
     import yaml
@@ -61,6 +80,9 @@ def fresh_copy(dest: Path, profile: str = "tiny") -> Path:
         (dest / f).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(src, dest / f)
     merged = apply_profile(ROOT / "profiles" / f"{profile}.yaml", ROOT / "params.yaml")
+    if extra_set:  # a second evaluated set, a Karpathy JSON of its own: evaluated beside the first by one repro
+        merged["evaluate"]["sets"]["extra"] = {"source": write_extra_set(dest / "data" / "extra"),
+                                               "image_root": "data/extra/images"}
     (dest / "params.yaml").write_text(yaml.safe_dump(merged, sort_keys=False))
     git = ["git", "-c", "user.name=lexvla tests", "-c", "user.email=tests@lexvla.invalid", "-c", "init.defaultBranch=main"]
     for cmd in (["init", "-q"], ["add", "-A"], ["commit", "-qm", "fresh copy"]):
@@ -78,7 +100,7 @@ def start_repro():
     env.pop("LEXVLA_FAULT", None)
     _repro["top"], _repro["runs"] = top, {}
     for name in ("a", "b"):
-        root = fresh_copy(top / name)
+        root = fresh_copy(top / name, extra_set=True)
         log = open(top / f"{name}.log", "w")
         _repro["runs"][name] = (root, subprocess.Popen([tool("dvc"), "repro"], cwd=root, env=env, stdout=log,
                                                        stderr=subprocess.STDOUT), log)

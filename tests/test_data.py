@@ -122,7 +122,7 @@ def test_circle_mask_matches_analytic_disc():
 @pytest.mark.repro
 def test_vocabulary_is_whole_tokens(tiny_repro):
     "Every word of the scenes' grammar is one SmolLM2 token (with its leading space), in the converted tokenizer."
-    tok = tiny_repro["a"] / "models" / "smollm2-135m" / "tokenizer.json"  # written by the convert stage
+    tok = tiny_repro["a"] / "models" / "lm" / "tokenizer.json"  # written by the convert stage
     vocab = json.loads(tok.read_text())["model"]["vocab"]
     assert [w for w in S.vocabulary() if "Ġ" + w not in vocab] == []
     words = {w for s in scenes(100) for c in s.captions for w in words_of(c)}
@@ -155,11 +155,12 @@ def test_prepare_same_bytes_twice_and_any_workers(prepared, tmp_path):
     prepare(load_params(tmp_path / "w2.yaml"), tmp_path / "w2", progress=False)
     prepare(load_params(tmp_path / "w0.yaml"), tmp_path / "w0", progress=False)
     d2, d0 = digest(tmp_path / "w2"), digest(tmp_path / "w0")
-    for part in ("train", "eval"): d2.pop(f"{part}/params.resolved.json"); d0.pop(f"{part}/params.resolved.json")
+    for part in ("train", "eval/embedded"):
+        d2.pop(f"{part}/params.resolved.json"); d0.pop(f"{part}/params.resolved.json")
     assert d2 == d0
     assert _counts(report) == {"train": 24, "val": 4, "test": 5}
-    assert all(r["skipped_total"] == 0 for r in report.values()) and sorted(report) == ["eval", "train"]
-    for part in ("train", "eval"):
+    assert all(r["skipped_total"] == 0 for r in report.values()) and sorted(report) == ["eval/embedded", "train"]
+    for part in ("train", "eval/embedded"):
         assert json.loads((out / part / "params.resolved.json").read_text())["params"]["prepare"]["n_train"] == 24
 
 
@@ -215,9 +216,10 @@ def test_masks_round_trip(prepared):
     for i, m in enumerate(mk.masks):
         sc = S.make_scene(S.scene_rng(0, "test", i), 64)
         assert (m == sc.semantic).all()
-    pan = json.loads((out / "eval" / "masks" / "panoptic_test.json").read_text())
+    pan = json.loads((out / "eval" / "embedded" / "masks" / "panoptic_test.json").read_text())
     for ann in pan["annotations"]:
-        rgb = np.asarray(Image.open(out / "eval" / "masks" / "panoptic_test" / ann["file_name"])).astype(np.int64)
+        png = out / "eval" / "embedded" / "masks" / "panoptic_test" / ann["file_name"]
+        rgb = np.asarray(Image.open(png)).astype(np.int64)
         seg = rgb[..., 0] + 256 * rgb[..., 1] + 65536 * rgb[..., 2]
         sem = mk.masks[ann["image_id"] - 4]
         for si in ann["segments_info"]:

@@ -125,7 +125,7 @@ def test_summary_table(tmp_path):
     md = (tmp_path / "out" / "summary.md").read_text().splitlines()
     assert any(l.startswith("| ceiling (oracle) | | | 0.900 | 0.900 |") for l in md), md
     assert json.loads((tmp_path / "out" / "summary.json").read_text()) == s
-    with pytest.raises(FileNotFoundError, match="no <variant>.json"):
+    with pytest.raises(FileNotFoundError, match="no <set>/<variant>.json"):
         summarize(tmp_path / "out" / "nothing", tmp_path / "x")
 
 

@@ -418,8 +418,8 @@ def test_explain_sums_to_the_score(tiny):
 def test_embedded_text_tower_in_context_lexical_prediction(tiny_repro):
     "SmolLM2-135M's last-token prediction already names the caption's words (method §2); split == full on the real LM."
     models = tiny_repro["a"] / "models"  # the convert stage's LM and ViT, from the end-to-end run
-    m = create_model("embedded", lm={"converted": str(models / "smollm2-135m")},
-                     vision={"checkpoint": str(models / "dinov2-vits14" / "model.safetensors")}).eval()
+    m = create_model("embedded", lm={"converted": str(models / "lm")},
+                     vision={"checkpoint": str(models / "vision" / "model.safetensors")}).eval()
     assert m.vision.patch_embed.grid_size == (8, 8) and not any(p.requires_grad for p in m.vision.parameters())
     assert m.vocab.size == 21504 and m.n_layers == 30 and m.text_prefix_layers == 28 and m.lora_layers == [28, 29]
     caps = ["a crimson ring above a green square", "two small red circles left of a blue star"]

