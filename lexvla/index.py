@@ -13,6 +13,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 import scipy.sparse as sps
+from fastcore.basics import patch
 from numba import njit, prange, types
 from numba.extending import overload
 
@@ -95,19 +96,22 @@ class InvertedIndex:
         self._lut = np.arange(1 << 16, dtype=np.uint16).view(np.float16).astype(np.float32) if f16 else \
             np.zeros(1, np.float32)
 
-    def __len__(self): return self.n
-    @property
-    def V(self) -> int: return len(self.words)
-    @property
-    def dtype(self) -> str: return str(self.weights.dtype)
-    @property
-    def nbytes(self) -> int:
-        "Bytes of the posting arrays."
-        return sum(a.nbytes for a in (self.shard_ptr, self.offsets, self.weights, self.dense_of, self.dense))
-    def __repr__(self):
-        return (f"InvertedIndex(n={self.n}, V={self.V}, postings={self.nnz}, {self.dtype}, "
-                f"{len(self.shard_ptr)} shards of {self.shard}, {len(self.dense) // self.shard} dense columns, "
-                f"{self.nbytes / 2**20:.1f} MiB)")
+# %% ../notebooks/09_index.ipynb #b89879ca
+@patch
+def __len__(self: InvertedIndex): return self.n
+@patch(as_prop=True)
+def V(self: InvertedIndex) -> int: return len(self.words)
+@patch(as_prop=True)
+def dtype(self: InvertedIndex) -> str: return str(self.weights.dtype)
+@patch(as_prop=True)
+def nbytes(self: InvertedIndex) -> int:
+    "Bytes of the posting arrays."
+    return sum(a.nbytes for a in (self.shard_ptr, self.offsets, self.weights, self.dense_of, self.dense))
+@patch
+def __repr__(self: InvertedIndex):
+    return (f"InvertedIndex(n={self.n}, V={self.V}, postings={self.nnz}, {self.dtype}, "
+            f"{len(self.shard_ptr)} shards of {self.shard}, {len(self.dense) // self.shard} dense columns, "
+            f"{self.nbytes / 2**20:.1f} MiB)")
 
 # %% ../notebooks/09_index.ipynb #eac1fb09
 def _build(cls,

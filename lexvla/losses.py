@@ -11,6 +11,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from einops import reduce
+from fastcore.basics import patch
 from torch import nn
 
 # %% auto #0
@@ -170,31 +171,33 @@ class LexicalLoss(nn.Module):
         if r.fn is None: return s.new_zeros(())
         return r.fn(s, **{k: getattr(self, k) for k in r.options})
 
-    def forward(self, image_features: torch.Tensor, # (b, v) image vectors
-                text_features: torch.Tensor,        # (b, v) text vectors
-                logit_scale: torch.Tensor | float,  # 1/T (the model's clamped, exponentiated scale)
-                step: int | None = None,            # optimiser step, for the warm-up (None: warm-up finished)
-                image_weights: torch.Tensor | None = None, # (b, v) the image weights before L2 normalisation: when
-                text_weights: torch.Tensor | None = None,  # given, the regulariser acts on these (`train.reg_on`)
-               ) -> dict[str, torch.Tensor]:
-        "Named parts: `contrastive_loss`, `image_reg_loss`, `text_reg_loss` (weighted), their sum `loss`, `reg_weight`."
-        on_img = image_features if image_weights is None else image_weights
-        on_txt = text_features if text_weights is None else text_weights
-        if self.gather and world_size() > 1:  # one batch of every process's samples (see "Across processes")
-            all_img, offset = gather_features(image_features)
-            all_txt, _ = gather_features(text_features)
-            contrastive = (local_contrastive(image_features, text_features, all_img, all_txt, offset, logit_scale)
-                           if self.local_loss else clip_contrastive(all_img, all_txt, logit_scale))
-            on_img = all_img if image_weights is None else gather_features(image_weights)[0]
-            on_txt = all_txt if text_weights is None else gather_features(text_weights)[0]
-        else:
-            contrastive = clip_contrastive(image_features, text_features, logit_scale)
-        w = 0.0 if REGULARIZERS[self.reg].fn is None else quadratic_warmup(step, self.warmup_steps, 1.0)
-        img = self.lambda_img * w * self.penalty(on_img).to(contrastive.dtype)
-        txt = self.lambda_txt * w * self.penalty(on_txt).to(contrastive.dtype)
-        return {"contrastive_loss": contrastive, "image_reg_loss": img, "text_reg_loss": txt,
-                "loss": contrastive + img + txt, "reg_weight": contrastive.new_tensor(w)}
-
+# %% ../notebooks/05_losses.ipynb #159a3fae
+@patch
+def forward(self: LexicalLoss,
+            image_features: torch.Tensor,       # (b, v) image vectors
+            text_features: torch.Tensor,        # (b, v) text vectors
+            logit_scale: torch.Tensor | float,  # 1/T (the model's clamped, exponentiated scale)
+            step: int | None = None,            # optimiser step, for the warm-up (None: warm-up finished)
+            image_weights: torch.Tensor | None = None, # (b, v) the image weights before L2 normalisation: when
+            text_weights: torch.Tensor | None = None,  # given, the regulariser acts on these (`train.reg_on`)
+           ) -> dict[str, torch.Tensor]:
+    "Named parts: `contrastive_loss`, `image_reg_loss`, `text_reg_loss` (weighted), their sum `loss`, `reg_weight`."
+    on_img = image_features if image_weights is None else image_weights
+    on_txt = text_features if text_weights is None else text_weights
+    if self.gather and world_size() > 1:  # one batch of every process's samples (see "Across processes")
+        all_img, offset = gather_features(image_features)
+        all_txt, _ = gather_features(text_features)
+        contrastive = (local_contrastive(image_features, text_features, all_img, all_txt, offset, logit_scale)
+                       if self.local_loss else clip_contrastive(all_img, all_txt, logit_scale))
+        on_img = all_img if image_weights is None else gather_features(image_weights)[0]
+        on_txt = all_txt if text_weights is None else gather_features(text_weights)[0]
+    else:
+        contrastive = clip_contrastive(image_features, text_features, logit_scale)
+    w = 0.0 if REGULARIZERS[self.reg].fn is None else quadratic_warmup(step, self.warmup_steps, 1.0)
+    img = self.lambda_img * w * self.penalty(on_img).to(contrastive.dtype)
+    txt = self.lambda_txt * w * self.penalty(on_txt).to(contrastive.dtype)
+    return {"contrastive_loss": contrastive, "image_reg_loss": img, "text_reg_loss": txt,
+            "loss": contrastive + img + txt, "reg_weight": contrastive.new_tensor(w)}
 
 # %% ../notebooks/05_losses.ipynb #f51e4cc6
 def create_loss(kind: str = "overuse", # a key of REGULARIZERS: the sparsity regulariser (train.variants.*.reg)

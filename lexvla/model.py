@@ -15,6 +15,7 @@ import safetensors.torch
 import torch
 import torch.nn.functional as F
 from einops import einsum, reduce
+from fastcore.basics import patch
 from torch import nn
 
 from .losses import elu1p
@@ -108,22 +109,25 @@ class LexVLA(nn.Module):
             if self.lexical and config.logit_shift.bias_scale:  # (text, image) knee offsets, in bias_scale units
                 self.logit_bias = nn.Parameter(torch.zeros(2))
 
-    @property
-    def device(self) -> torch.device: return self.logit_scale.device
-    @property
-    def tower(self) -> TextTower: return text_tower(self.lm)  # the LM through its interface (06_text)
-    @property
-    def dim(self) -> int: return self.vocab.size if self.lexical else self.config.dense_dim
+# %% ../notebooks/06c_model.ipynb #7e4dbd58
+@patch(as_prop=True)
+def device(self: LexVLA) -> torch.device: return self.logit_scale.device
+@patch(as_prop=True)
+def tower(self: LexVLA) -> TextTower: return text_tower(self.lm)  # the LM through its interface (06_text)
+@patch(as_prop=True)
+def dim(self: LexVLA) -> int: return self.vocab.size if self.lexical else self.config.dense_dim
 
-    def train(self, mode: bool = True):
-        "As nn.Module.train, but a frozen ViT stays in eval mode."
-        super().train(mode)
-        if self.config.vision.frozen: self.vision.eval()
-        return self
+@patch
+def train(self: LexVLA, mode: bool = True):
+    "As nn.Module.train, but a frozen ViT stays in eval mode."
+    super(LexVLA, self).train(mode)  # named: outside a class body bare super() has no `__class__`
+    if self.config.vision.frozen: self.vision.eval()
+    return self
 
-    def extra_repr(self) -> str:
-        return (f"variant={self.variant!r}, V={self.vocab.size}, lora_layers={self.lora_layers}, "
-                f"prefix_layers={self.text_prefix_layers}")
+@patch
+def extra_repr(self: LexVLA) -> str:
+    return (f"variant={self.variant!r}, V={self.vocab.size}, lora_layers={self.lora_layers}, "
+            f"prefix_layers={self.text_prefix_layers}")
 
 # %% ../notebooks/06c_model.ipynb #ef28f4ba
 def _lexical_activation(self, logits: torch.Tensor, # (..., v) codebook logits (pooled over patches for images)

@@ -12,7 +12,6 @@ import fnmatch
 import json
 import re
 import sys
-import tempfile
 import types
 import typing
 from dataclasses import dataclass
@@ -24,16 +23,24 @@ import yaml
 from .runtime import LAYOUT, repo_relative, repo_root, run_cli, write_json
 
 # %% auto #0
-__all__ = ['SECTIONS', 'EVAL_SET_NAME', 'PROMPT', 'REPLACED_BY_PROFILES', 'ParamsError', 'section', 'from_dict', 'BaseParams',
-           'PrepareParams', 'VariantSpec', 'TrainParams', 'EvalSetSpec', 'EvaluateParams', 'ImagecacheParams',
-           'TextcacheParams', 'ReportParams', 'SearchParams', 'LMParams', 'VocabParams', 'LoraParams', 'VisionParams',
-           'LogitShiftParams', 'AdapterParams', 'ModelParams', 'register_model', 'list_models', 'describe_model',
-           'model_dict', 'model_config', 'tiny', 'embedded', 'paper', 'LoadedParams', 'load_params', 'params_from_dict',
-           'apply_profile', 'overrides', 'save_resolved', 'record_run', 'main']
+__all__ = ['SECTIONS', 'EVAL_SET_NAME', 'PROMPT', 'REPLACED_BY_PROFILES', 'ParamsError', 'at_least', 'section', 'from_dict',
+           'BaseParams', 'PrepareParams', 'VariantSpec', 'TrainParams', 'EvalSetSpec', 'EvaluateParams',
+           'ImagecacheParams', 'TextcacheParams', 'ReportParams', 'SearchParams', 'LMParams', 'VocabParams',
+           'LoraParams', 'VisionParams', 'LogitShiftParams', 'AdapterParams', 'ModelParams', 'register_model',
+           'list_models', 'describe_model', 'model_dict', 'model_config', 'tiny', 'embedded', 'paper', 'LoadedParams',
+           'load_params', 'params_from_dict', 'apply_profile', 'overrides', 'save_resolved', 'record_run', 'key_docs',
+           'show_commented', 'main']
 
 # %% ../notebooks/00_params.ipynb #826b6ecf
 class ParamsError(ValueError):
     "A params file that does not match the schema; the message names the dotted key, the value and what was expected."
+
+def at_least(obj, prefix: str, # a section (or part of one) and its dotted name
+             keys, lo,         # the fields that must each be >= lo
+            ):
+    "The one range check of the schema: ParamsError naming the first of `keys` below `lo`, its value and the bound."
+    for k in keys:
+        if getattr(obj, k) < lo: raise ParamsError(f"{prefix}.{k}: got {getattr(obj, k)}, expected >= {lo}")
 
 SECTIONS: dict[str, type] = {}  # section name -> dataclass, filled by `@section`
 
@@ -159,11 +166,9 @@ class PrepareParams:
 
     def validate(self, prefix):
         "Ranges, and the paths each kind needs."
-        for k in ("shard_size", "captions_per_image", "max_objects", "store_size", "min_image_side",
-                  "max_image_pixels", "max_caption_chars"):
-            if getattr(self, k) < 1: raise ParamsError(f"{prefix}.{k}: got {getattr(self, k)}, expected >= 1")
-        for k in ("n_train", "n_val", "n_test", "workers", "mask_id_offset"):
-            if getattr(self, k) < 0: raise ParamsError(f"{prefix}.{k}: got {getattr(self, k)}, expected >= 0")
+        at_least(self, prefix, ("shard_size", "captions_per_image", "max_objects", "store_size", "min_image_side",
+                                "max_image_pixels", "max_caption_chars"), 1)
+        at_least(self, prefix, ("n_train", "n_val", "n_test", "workers", "mask_id_offset"), 0)
         if not 1 <= self.jpeg_quality <= 100:
             raise ParamsError(f"{prefix}.jpeg_quality: got {self.jpeg_quality}, expected 1..100")
         if self.kind == "embedded":
@@ -222,20 +227,17 @@ class TrainParams:
 
     def validate(self, prefix):
         "Cross-field checks, named like the rest."
-        for k in ("steps", "batch_size", "grad_accum", "checkpoint_every", "log_every", "captions_per_image",
-                  "text_buckets"):
-            if getattr(self, k) < 1: raise ParamsError(f"{prefix}.{k}: got {getattr(self, k)}, expected >= 1")
+        at_least(self, prefix, ("steps", "batch_size", "grad_accum", "checkpoint_every", "log_every",
+                                "captions_per_image", "text_buckets"), 1)
         for name, v in self.variants.items():
             if name in ("lm", "vision"):  # models/<variant> would be the base-model folder (runtime.LAYOUT)
                 raise ParamsError(f"{prefix}.variants.{name}: models/{name} holds the base model; name it otherwise")
             if v.lam is not None and not v.lam >= 0:
                 raise ParamsError(f"{prefix}.variants.{name}.lam: got {v.lam}, expected a weight >= 0 or null")
-        if self.num_processes < 1:
-            raise ParamsError(f"{prefix}.num_processes: got {self.num_processes}, expected >= 1")
+        at_least(self, prefix, ("num_processes",), 1)
         if not 0 < self.uniform_cosine <= 1:
             raise ParamsError(f"{prefix}.uniform_cosine: got {self.uniform_cosine}, expected a cosine in (0, 1]")
-        if self.codebook_weight_decay < 0:
-            raise ParamsError(f"{prefix}.codebook_weight_decay: got {self.codebook_weight_decay}, expected >= 0")
+        at_least(self, prefix, ("codebook_weight_decay",), 0)
         if self.batch_size % (self.grad_accum * self.num_processes):
             raise ParamsError(f"{prefix}.batch_size: got {self.batch_size}, expected a multiple of "
                               f"grad_accum x num_processes = {self.grad_accum} x {self.num_processes}")
@@ -278,9 +280,8 @@ class EvaluateParams:
 
     def validate(self, prefix):
         "Cross-field checks, named like the rest."
-        for k in ("max_images", "report_images"):
-            if getattr(self, k) < 0: raise ParamsError(f"{prefix}.{k}: got {getattr(self, k)}, expected >= 0")
-        if self.batch_size < 1: raise ParamsError(f"{prefix}.batch_size: got {self.batch_size}, expected >= 1")
+        at_least(self, prefix, ("max_images", "report_images"), 0)
+        at_least(self, prefix, ("batch_size",), 1)
         bad = [k for k in self.topks if k < 1]
         if bad: raise ParamsError(f"{prefix}.topks: got {bad[0]}, expected every k >= 1")
         if len(set(self.topks)) != len(self.topks):
@@ -312,7 +313,7 @@ class _Batched:
 
     def validate(self, prefix):
         "A positive batch."
-        if self.batch_size < 1: raise ParamsError(f"{prefix}.batch_size: got {self.batch_size}, expected >= 1")
+        at_least(self, prefix, ("batch_size",), 1)
 
 @section("imagecache")
 @dataclass
@@ -337,8 +338,7 @@ class ReportParams:
 
     def validate(self, prefix):
         "Every count is positive."
-        for k in ("words_per_cloud", "n_examples", "n_hits", "n_overused", "topk"):
-            if getattr(self, k) < 1: raise ParamsError(f"{prefix}.{k}: got {getattr(self, k)}, expected >= 1")
+        at_least(self, prefix, ("words_per_cloud", "n_examples", "n_hits", "n_overused", "topk"), 1)
 
 # %% ../notebooks/00_params.ipynb #621c63f4
 @section("search")
@@ -357,10 +357,8 @@ class SearchParams:
 
     def validate(self, prefix):
         "Counts in range; the URI is a .db file or a server URI."
-        for k in ("k", "explain"):
-            if getattr(self, k) < 1: raise ParamsError(f"{prefix}.{k}: got {getattr(self, k)}, expected >= 1")
-        for k in ("topk", "n_queries"):
-            if getattr(self, k) < 0: raise ParamsError(f"{prefix}.{k}: got {getattr(self, k)}, expected >= 0")
+        at_least(self, prefix, ("k", "explain"), 1)
+        at_least(self, prefix, ("topk", "n_queries"), 0)
         if self.impact_scale <= 0: raise ParamsError(f"{prefix}.impact_scale: got {self.impact_scale}, expected > 0")
         if not (self.uri.endswith(".db") or "://" in self.uri):
             raise ParamsError(f"{prefix}.uri: got {json.dumps(self.uri)}, "
@@ -645,11 +643,7 @@ def apply_profile(profile: str | Path,              # a partial params file, or 
     prof = Path(profile)
     if not prof.exists() and not prof.suffix: prof = repo_root() / "profiles" / f"{profile}.yaml"
     merged = _merge(_read_yaml(Path(params) if Path(params).exists() else repo_root() / params), _read_yaml(prof))
-    with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
-        yaml.safe_dump(merged, f)
-    try: load_params(f.name)
-    except ParamsError as e: raise ParamsError(f"{prof}: {str(e).split(': ', 1)[1]}") from None
-    finally: Path(f.name).unlink()
+    params_from_dict(merged, source=prof)  # checked in memory: an error names the profile and the key
     return merged
 
 def overrides(profile: str | Path, params: str | Path = "params.yaml") -> list[str]:
@@ -693,12 +687,64 @@ def record_run(stage: str,  # e.g. "train-lexvla": the file name
     folder.mkdir(parents=True, exist_ok=True)
     return write_json(folder / f"{stage}.json", facts, sort_keys=True)
 
+# %% ../notebooks/00_params.ipynb #40f23549
+_FIELD = re.compile(r"^    (\w+): [^#]*?(?:#\s?(.*))?$")  # a field line of a dataclass body, and its comment
+_MORE = re.compile(r"^\s+#\s?(.*)$")                      # a comment line of its own
+
+def key_docs(cls: type) -> dict[str, str]:
+    "Each field of a params dataclass and the comment the schema gives it: on its line, the lines below, or above."
+    import inspect
+    docs = {}
+    for base in cls.__mro__[:0:-1]:  # an inherited field is described where it is declared
+        if dataclasses.is_dataclass(base): docs.update(key_docs(base))
+    last, above = None, []
+    try: text = inspect.getsource(cls)
+    except (OSError, TypeError):  # a class defined in this notebook: read the exported module's copy
+        import importlib
+        text = inspect.getsource(getattr(importlib.import_module("lexvla.params"), cls.__name__))
+    lines = text.splitlines()
+    for line in lines[next(i for i, l in enumerate(lines) if l.startswith("class ")) + 1:]:
+        if line.lstrip().startswith(("def ", "@")): break  # the fields come first
+        if (m := _FIELD.match(line)) and m.group(1) in {f.name for f in dataclasses.fields(cls)}:
+            last = m.group(1)
+            docs[last] = " ".join([*above, m.group(2) or ""]).strip()
+            above = []
+        elif m := _MORE.match(line):
+            if last is not None and line.index("#") > 8: docs[last] = f"{docs[last]} {m.group(1)}".strip()
+            else: above.append(m.group(1))
+        else: last = None
+    return docs
+
+def _commented(obj, indent: str = "") -> list[str]:
+    "`obj` (a params dataclass) as YAML lines, each key followed by its description."
+    out, docs = [], key_docs(type(obj))
+    for f in dataclasses.fields(obj):
+        v = getattr(obj, f.name)
+        doc = docs.get(f.name) or (type(v).__doc__ if dataclasses.is_dataclass(v) else "")
+        note = f"  # {doc}" if doc else ""
+        if dataclasses.is_dataclass(v): out += [f"{indent}{f.name}:{note}", *_commented(v, indent + "  ")]
+        elif isinstance(v, dict) and v and all(dataclasses.is_dataclass(x) for x in v.values()):
+            out.append(f"{indent}{f.name}:{note}")
+            for k, x in v.items():
+                flow = yaml.safe_dump(dataclasses.asdict(x), default_flow_style=True, width=10**6).strip()
+                out.append(f"{indent}  {k}: {flow}")
+        else:
+            flow = yaml.safe_dump(v, default_flow_style=True, allow_unicode=True, width=10**6).strip()
+            out.append(f"{indent}{f.name}: {flow.removesuffix(chr(10) + '...').strip()}{note}")
+    return out
+
+def show_commented(p: LoadedParams) -> str:
+    "Every resolved value of `p`, as YAML, with the schema's description of each key."
+    return "\n".join(l for name, sec in p.sections.items()
+                     for l in (f"{name}:  # {type(sec).__doc__}", *_commented(sec, "  ")))
+
 # %% ../notebooks/00_params.ipynb #69b185a3
 def _command(a) -> str:
     if a.cmd == "check":
         p = load_params(a.file)
         return f"{p.path}: ok ({', '.join(p.sections)})"
     if a.cmd == "show":
+        if a.comments: return show_commented(load_params(a.file))
         return yaml.safe_dump(load_params(a.file).to_dict(), sort_keys=False, allow_unicode=True).rstrip()
     return "\n".join(overrides(a.profile, a.params))
 
@@ -708,6 +754,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = ap.add_subparsers(dest="cmd", required=True)
     for cmd, what in (("check", "strictly check a params file"), ("show", "print every resolved value")):
         sub.add_parser(cmd, help=what).add_argument("file", nargs="?", default="params.yaml")
+    sub.choices["show"].add_argument("--comments", action="store_true", help="with each key's description")
     o = sub.add_parser("overrides", help="print `dvc exp run -S` arguments for a profile")
     o.add_argument("profile")
     o.add_argument("--params", default="params.yaml")

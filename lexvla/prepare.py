@@ -24,7 +24,7 @@ from .datasets import (
     karpathy_entry, karpathy_image_path, part_folders, panoptic_png, panoptic_segments, png_bytes, read_categories,
     read_karpathy, read_manifest, sample_captions, sample_key, write_categories, write_shards)
 from .params import LoadedParams, ParamsError, load_params, save_resolved
-from .runtime import LAYOUT, repo_root, resolve_path, run_cli, stage_parser, write_json
+from .runtime import LAYOUT, replace_dir, repo_root, resolve_path, run_cli, stage_parser, write_json
 from .scenes import CATEGORIES, make_scene, scene_rng
 
 # %% auto #0
@@ -471,13 +471,7 @@ def prepare(params: LoadedParams,                  # the loaded params (base, pr
                                **({"set": k} if named else {}), **logs[k].to_dict()}
             write_json(t / "report.json", reports[rel[k]], **_COMPACT)
             save_resolved(params, t)
-        for k, t in tmps.items():  # each part swapped in whole: a later stage never sees half of one
-            final = out / rel[k]
-            final.parent.mkdir(parents=True, exist_ok=True)
-            old = final.parent / f".{final.name}.old-{os.getpid()}"
-            if final.exists(): final.rename(old)
-            t.rename(final)
-            if old.exists(): shutil.rmtree(old)
+        for k, t in tmps.items(): replace_dir(t, out / rel[k])  # each part swapped in whole, never half of one
     except BaseException:
         for t in tmps.values(): shutil.rmtree(t, ignore_errors=True)
         raise

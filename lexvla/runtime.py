@@ -21,8 +21,8 @@ import numpy as np
 
 # %% auto #0
 __all__ = ['LAYOUT', 'repo_root', 'resolve_path', 'repo_relative', 'Layout', 'atomic_write', 'write_json', 'temp_dir',
-           'replace_dir', 'DamagedFile', 'checked_load', 'read_checked_json', 'seed_everything', 'rng_state',
-           'set_rng_state', 'resolve_device', 'environment_record', 'run_cli', 'stage_parser']
+           'replace_dir', 'remove_dir', 'DamagedFile', 'checked_load', 'read_checked_json', 'seed_everything',
+           'rng_state', 'set_rng_state', 'resolve_device', 'environment_record', 'run_cli', 'stage_parser']
 
 # %% ../notebooks/00a_runtime.ipynb #6564c0c2
 def repo_root(start: str | Path | None = None, # folder to start from (default: the cwd, then this file's)
@@ -99,11 +99,22 @@ def temp_dir(dest: str | Path) -> Path:
 def replace_dir(tmp: str | Path,  # the finished folder (from `temp_dir`)
                 dest: str | Path, # where it belongs
                ) -> Path:
-    "Move a finished folder into place: a killed run leaves only the `.tmp` folder, never a half-written output."
+    "Move a finished folder into place: a killed run leaves the old folder or the new one, never a half-written one."
     dest = Path(dest)
-    if dest.exists(): shutil.rmtree(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
+    if dest.exists(): dest.rename(old)  # the old output stays whole until the new one is in place
     Path(tmp).rename(dest)
+    remove_dir(old)
     return dest
+
+def remove_dir(path: str | Path) -> None:
+    "Delete a folder so that no half-deleted one is ever visible under its name: rename it away first, then delete."
+    path = Path(path)
+    trash = path.with_name(f".trash-{path.name}-{os.getpid()}")
+    try: path.rename(trash)
+    except OSError: return  # not there
+    shutil.rmtree(trash, ignore_errors=True)
 
 # %% ../notebooks/00a_runtime.ipynb #6231e860
 class DamagedFile(ValueError):

@@ -26,6 +26,7 @@ from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 from accelerate.utils import DistributedDataParallelKwargs, DistributedType, gather_object
 from dvclive import Live
+from fastcore.basics import patch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
@@ -36,8 +37,8 @@ from .losses import create_loss
 from .model import create_model_from_params, save_trained, trainable_state
 from .params import (LoadedParams, ParamsError, TrainParams, VariantSpec, load_params, record_run,
                            save_resolved)
-from .runtime import (LAYOUT, environment_record, repo_relative, resolve_device, resolve_path, rng_state, run_cli,
-                            seed_everything, set_rng_state, stage_parser, write_json)
+from .runtime import (LAYOUT, environment_record, remove_dir, repo_relative, resolve_device, resolve_path,
+                            rng_state, run_cli, seed_everything, set_rng_state, stage_parser, write_json)
 from .sparse import threshold_for
 
 # %% auto #0
@@ -63,13 +64,7 @@ def fault_point(name: str):
     # the resume tests kill a run at exact places (mid-step, mid-checkpoint) instead of racing a timer
     if name in os.environ.get("LEXVLA_FAULT", "").split(","): os.kill(os.getpid(), signal.SIGKILL)
 
-def _remove(path: Path):
-    "Delete a folder so that no half-deleted checkpoint is ever visible: rename it away first."
-    trash = path.with_name(f".trash-{path.name}-{os.getpid()}")
-    try: path.rename(trash)
-    except OSError: return
-    shutil.rmtree(trash, ignore_errors=True)
-
+# %% ../notebooks/12_train.ipynb #31172842
 class Checkpointer:
     "Atomic, fingerprinted training checkpoints in one folder."
     def __init__(self, folder: str | Path, # where checkpoints live (kept between runs)
@@ -98,65 +93,72 @@ class Checkpointer:
         if info.get("fingerprint") != self.fingerprint or not (path / "state.json").is_file(): return None
         return path
 
-    def save(self, step: int, tensors: dict[str, torch.Tensor], objects: dict, info: dict) -> Path:
-        "Write one checkpoint: `tensors` as safetensors, `objects` (optimiser, RNG) with torch.save, `info` as JSON."
-        name = f"step-{step:08d}"
-        tmp, final = self.folder / f".{name}.tmp", self.folder / name
-        try:
-            if tmp.exists(): shutil.rmtree(tmp)
-            tmp.mkdir(parents=True)
-            save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp / "weights.safetensors"))
-            fault_point(f"save-{step}-weights")
-            torch.save(objects, tmp / "objects.pt")
-            state = {**info, "step": step, "fingerprint": self.fingerprint}
-            (tmp / "state.json").write_text(json.dumps(state, indent=1))
-            for f in tmp.iterdir():
-                with open(f, "rb") as fh: os.fsync(fh.fileno())
-            if final.exists(): _remove(final)  # a stale one: another run's, or one written after a kill
-            tmp.rename(final)
-            _fsync_dir(self.folder)
-            fault_point(f"save-{step}-renamed")
-            lt = self.folder / ".latest.json.tmp"
-            lt.write_text(json.dumps({"name": name, "step": step, "fingerprint": self.fingerprint}))
-            lt.replace(self.folder / "latest.json")
-            _fsync_dir(self.folder)
-        except OSError as e:
-            shutil.rmtree(tmp, ignore_errors=True)
-            why = "disk full" if e.errno == errno.ENOSPC else (e.strerror or str(e))
-            prev = self.latest()
-            raise CheckpointError(f"{final}: could not write checkpoint at step {step} ({why}); "
-                                  f"last good checkpoint: {prev or 'none'}") from None
-        self.prune(step)
-        return final
+# %% ../notebooks/12_train.ipynb #83aa9a34
+@patch
+def save(self: Checkpointer, step: int, tensors: dict[str, torch.Tensor], objects: dict, info: dict) -> Path:
+    "Write one checkpoint: `tensors` as safetensors, `objects` (optimiser, RNG) with torch.save, `info` as JSON."
+    name = f"step-{step:08d}"
+    tmp, final = self.folder / f".{name}.tmp", self.folder / name
+    try:
+        if tmp.exists(): shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp / "weights.safetensors"))
+        fault_point(f"save-{step}-weights")
+        torch.save(objects, tmp / "objects.pt")
+        state = {**info, "step": step, "fingerprint": self.fingerprint}
+        (tmp / "state.json").write_text(json.dumps(state, indent=1))
+        for f in tmp.iterdir():
+            with open(f, "rb") as fh: os.fsync(fh.fileno())
+        if final.exists(): remove_dir(final)  # a stale one: another run's, or one written after a kill
+        tmp.rename(final)
+        _fsync_dir(self.folder)
+        fault_point(f"save-{step}-renamed")
+        lt = self.folder / ".latest.json.tmp"
+        lt.write_text(json.dumps({"name": name, "step": step, "fingerprint": self.fingerprint}))
+        lt.replace(self.folder / "latest.json")
+        _fsync_dir(self.folder)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        why = "disk full" if e.errno == errno.ENOSPC else (e.strerror or str(e))
+        prev = self.latest()
+        raise CheckpointError(f"{final}: could not write checkpoint at step {step} ({why}); "
+                              f"last good checkpoint: {prev or 'none'}") from None
+    self.prune(step)
+    return final
 
-    def _step_and_run(self, path: Path) -> tuple[int, str | None]:
-        try: s = json.loads((path / "state.json").read_text())
-        except (OSError, json.JSONDecodeError): return -1, None
-        return int(s.get("step", -1)), s.get("fingerprint")
+# %% ../notebooks/12_train.ipynb #beaefa02
+@patch
+def _step_and_run(self: Checkpointer, path: Path) -> tuple[int, str | None]:
+    try: s = json.loads((path / "state.json").read_text())
+    except (OSError, json.JSONDecodeError): return -1, None
+    return int(s.get("step", -1)), s.get("fingerprint")
 
-    def prune(self, newest: int):
-        "Keep this run's `keep` newest checkpoints up to step `newest` (the one `latest.json` names); drop the rest."
-        # by what a checkpoint *is*, not by its name: an earlier run's (other params, or the same params trained
-        # again) may hold later steps, and sorting names would then delete the checkpoint just written
-        mine = []
-        for p in list(self.folder.iterdir()):
-            if p.name.startswith((".step-", ".trash-")) and p.name != f".step-{newest:08d}.tmp": _remove(p)
-            if not (p.name.startswith("step-") and p.is_dir()): continue
-            step, run = self._step_and_run(p)
-            if run == self.fingerprint and 0 <= step <= newest: mine.append((step, p))
-            else: _remove(p)
-        for _, p in sorted(mine)[:-self.keep]: _remove(p)
+@patch
+def prune(self: Checkpointer, newest: int):
+    "Keep this run's `keep` newest checkpoints up to step `newest` (the one `latest.json` names); drop the rest."
+    # by what a checkpoint *is*, not by its name: an earlier run's (other params, or the same params trained
+    # again) may hold later steps, and sorting names would then delete the checkpoint just written
+    mine = []
+    for p in list(self.folder.iterdir()):
+        if p.name.startswith((".step-", ".trash-")) and p.name != f".step-{newest:08d}.tmp": remove_dir(p)
+        if not (p.name.startswith("step-") and p.is_dir()): continue
+        step, run = self._step_and_run(p)
+        if run == self.fingerprint and 0 <= step <= newest: mine.append((step, p))
+        else: remove_dir(p)
+    for _, p in sorted(mine)[:-self.keep]: remove_dir(p)
 
-    def load(self, path: Path) -> tuple[dict, dict, dict]:
-        "(tensors, objects, info) of a checkpoint folder."
-        try:
-            # map_location: process 0 wrote the optimiser state from cuda:0; restored where it was saved, every
-            # process would deserialise it onto GPU 0 (8 x the AdamW state there, and a CUDA context each). On the
-            # CPU, `Optimizer.load_state_dict` then moves each state tensor to its parameter's own device
-            objects = torch.load(path / "objects.pt", map_location="cpu", weights_only=False)
-            return load_file(str(path / "weights.safetensors")), objects, json.loads((path / "state.json").read_text())
-        except Exception as e:
-            raise CheckpointError(f"{path}: unreadable checkpoint ({e})") from None
+# %% ../notebooks/12_train.ipynb #c4fdb89c
+@patch
+def load(self: Checkpointer, path: Path) -> tuple[dict, dict, dict]:
+    "(tensors, objects, info) of a checkpoint folder."
+    try:
+        # map_location: process 0 wrote the optimiser state from cuda:0; restored where it was saved, every
+        # process would deserialise it onto GPU 0 (8 x the AdamW state there, and a CUDA context each). On the
+        # CPU, `Optimizer.load_state_dict` then moves each state tensor to its parameter's own device
+        objects = torch.load(path / "objects.pt", map_location="cpu", weights_only=False)
+        return load_file(str(path / "weights.safetensors")), objects, json.loads((path / "state.json").read_text())
+    except Exception as e:
+        raise CheckpointError(f"{path}: unreadable checkpoint ({e})") from None
 
 # %% ../notebooks/12_train.ipynb #77c59dff
 class NonFiniteLoss(RuntimeError):
@@ -709,7 +711,11 @@ def main(argv: list[str] | None = None) -> int:
                       out="model folder (default models/<variant>)",
                       results="metrics folder (default results/train/<variant>)")
     ap.add_argument("--variant", required=True, help="a key of train.variants")
-    return run_cli(ap, _run, argv, errors=(CheckpointError, NonFiniteLoss, NearUniformVectors))
+    rc = run_cli(ap, _run, argv, errors=(CheckpointError, NonFiniteLoss, NearUniformVectors))
+    # a launched process tears its process group down itself: left to the interpreter's exit, gloo's threads can
+    # outlive it and abort the process after its work is done ("terminate called without an active exception")
+    if _launched() and torch.distributed.is_initialized(): torch.distributed.destroy_process_group()
+    return rc
 
 # %% ../notebooks/12_train.ipynb #96637778
 if __name__ == "__main__": raise SystemExit(main())

@@ -11,6 +11,7 @@ import re
 
 import numpy as np
 import torch
+from fastcore.basics import patch
 
 # %% auto #0
 __all__ = ['FILTERS', 'WORD_START_MARKERS', 'CONTINUATION_PREFIXES', 'split_marker', 'english_frequencies', 'is_english_word',
@@ -91,61 +92,68 @@ class Vocabulary:
         return f"Vocabulary(V={self.size}, filter={self.filter!r}, fingerprint={self.fingerprint()[:12]})"
     def __contains__(self, word): return word in self._index
 
-    def word(self, i: int) -> str:
-        "The readable word at index `i` of a lexical vector."
-        return self.words[int(i)]
-
-    def index(self, word: str) -> int:
-        "Index of `word` in a lexical vector (its word-start piece when several pieces spell it); KeyError if absent."
-        try: return self._index[word]
-        except KeyError:
-            raise KeyError(f"{word!r} is not in the vocabulary (V={self.size}, filter {self.filter!r})") from None
-
-    def indices(self, word: str) -> list[int]:
-        "Every index whose piece spells `word` (more than one only under `alpha2`)."
-        return list(self._all.get(word, []))
-
-    @property
-    def duplicates(self) -> dict[str, list[int]]:
-        "The words spelled by more than one kept piece (`▁the` and `the` under `alpha2`), each with its indices."
-        return {w: list(ix) for w, ix in self._all.items() if len(ix) > 1}
-
-    @property
-    def n_words(self) -> int:
-        "Distinct readable words: V less the extra spellings in `duplicates`."
-        return len(self.unique_words)
-
-    def merge(self,
-              indices,                # lexical-vector indices (sequence, numpy array or tensor)
-              values,                 # a contribution or weight per index, same length
-              k: int | None = None,   # how many words to return (None: all)
-             ) -> list[tuple[str, float]]:
-        "Contributions summed per readable word, each word once: `(word, total)`, largest first, ties by word."
-        idx = torch.as_tensor(indices).reshape(-1).cpu().numpy().astype(np.int64)
-        val = torch.as_tensor(values).reshape(-1).detach().cpu().double().numpy()
-        if len(idx) != len(val): raise ValueError(f"{len(idx)} indices but {len(val)} values")
-        if len(idx) and (idx.min() < 0 or idx.max() >= self.size):
-            raise IndexError(f"index out of range for a vocabulary of V={self.size}")
-        groups, inv = np.unique(self._group[idx], return_inverse=True)
-        total = np.zeros(len(groups))
-        np.add.at(total, inv.reshape(-1), val)
-        if k is not None and k <= 0: return []
-        if k is not None and k < len(groups):  # keep every word tied with the k-th largest, then order exactly
-            keep = total >= np.partition(total, len(groups) - k)[len(groups) - k]
-            groups, total = groups[keep], total[keep]
-        words = [self.unique_words[g] for g in groups.tolist()]
-        return sorted(zip(words, total.tolist()), key=lambda p: (-p[1], p[0]))[:k]
-
-    def position(self, token_id: int) -> int | None:
-        "Index of tokenizer id `token_id` in a lexical vector, None when the filter dropped it."
-        return self._pos.get(int(token_id))
-
     def fingerprint(self) -> str:
         "sha256 of the ids and words: equal fingerprints mean lexical vectors index the same words."
         h = hashlib.sha256()
         h.update(self.ids.numpy().astype("<i8").tobytes())
         h.update("\n".join(self.words).encode())
         return h.hexdigest()
+
+# %% ../notebooks/04_vocab.ipynb #a44f101b
+@patch
+def word(self: Vocabulary, i: int) -> str:
+    "The readable word at index `i` of a lexical vector."
+    return self.words[int(i)]
+
+@patch
+def index(self: Vocabulary, word: str) -> int:
+    "Index of `word` in a lexical vector (its word-start piece when several pieces spell it); KeyError if absent."
+    try: return self._index[word]
+    except KeyError:
+        raise KeyError(f"{word!r} is not in the vocabulary (V={self.size}, filter {self.filter!r})") from None
+
+@patch
+def indices(self: Vocabulary, word: str) -> list[int]:
+    "Every index whose piece spells `word` (more than one only under `alpha2`)."
+    return list(self._all.get(word, []))
+
+@patch
+def position(self: Vocabulary, token_id: int) -> int | None:
+    "Index of tokenizer id `token_id` in a lexical vector, None when the filter dropped it."
+    return self._pos.get(int(token_id))
+
+# %% ../notebooks/04_vocab.ipynb #7a487113
+@patch(as_prop=True)
+def duplicates(self: Vocabulary) -> dict[str, list[int]]:
+    "The words spelled by more than one kept piece (`▁the` and `the` under `alpha2`), each with its indices."
+    return {w: list(ix) for w, ix in self._all.items() if len(ix) > 1}
+
+@patch(as_prop=True)
+def n_words(self: Vocabulary) -> int:
+    "Distinct readable words: V less the extra spellings in `duplicates`."
+    return len(self.unique_words)
+
+@patch
+def merge(self: Vocabulary,
+          indices,                # lexical-vector indices (sequence, numpy array or tensor)
+          values,                 # a contribution or weight per index, same length
+          k: int | None = None,   # how many words to return (None: all)
+         ) -> list[tuple[str, float]]:
+    "Contributions summed per readable word, each word once: `(word, total)`, largest first, ties by word."
+    idx = torch.as_tensor(indices).reshape(-1).cpu().numpy().astype(np.int64)
+    val = torch.as_tensor(values).reshape(-1).detach().cpu().double().numpy()
+    if len(idx) != len(val): raise ValueError(f"{len(idx)} indices but {len(val)} values")
+    if len(idx) and (idx.min() < 0 or idx.max() >= self.size):
+        raise IndexError(f"index out of range for a vocabulary of V={self.size}")
+    groups, inv = np.unique(self._group[idx], return_inverse=True)
+    total = np.zeros(len(groups))
+    np.add.at(total, inv.reshape(-1), val)
+    if k is not None and k <= 0: return []
+    if k is not None and k < len(groups):  # keep every word tied with the k-th largest, then order exactly
+        keep = total >= np.partition(total, len(groups) - k)[len(groups) - k]
+        groups, total = groups[keep], total[keep]
+    words = [self.unique_words[g] for g in groups.tolist()]
+    return sorted(zip(words, total.tolist()), key=lambda p: (-p[1], p[0]))[:k]
 
 # %% ../notebooks/04_vocab.ipynb #e0507fdc
 def _special_ids(tokenizer) -> set[int]:

@@ -50,6 +50,8 @@ EXTRA_SET_IMAGES = 12  # the second eval set of the repro copies
 
 def write_extra_set(folder: Path, n: int = EXTRA_SET_IMAGES) -> str:
     "A small Karpathy split JSON (test split) of `n` scenes unlike the embedded ones, with its images; its path."
+    from PIL import Image
+
     from lexvla.datasets import karpathy_entry
     from lexvla.runtime import write_json
     from lexvla.scenes import make_scene, scene_rng
@@ -57,7 +59,7 @@ def write_extra_set(folder: Path, n: int = EXTRA_SET_IMAGES) -> str:
     entries = []
     for i in range(n):
         sc = make_scene(scene_rng(99, "test", i), 112, 1, 2, 3)  # another seed, at most 2 objects, 3 captions each
-        sc.image.save(folder / "images" / f"extra_{i:03d}.png")
+        Image.fromarray(sc.image).save(folder / "images" / f"extra_{i:03d}.png")
         entries.append(karpathy_entry(i, f"extra_{i:03d}.png", "test", sc.meta()["captions"], 3 * i))
     write_json(folder / "dataset_extra.json", {"images": entries, "dataset": "extra"})
     return "data/extra/dataset_extra.json"

@@ -101,3 +101,6 @@ elif phase in ("resume", "checkpoint"):
 acc.wait_for_everyone()  # a process still stuck in a collective would never get here
 result["finished"] = True
 (out_dir / f"{phase}-{rank}.json").write_text(json.dumps(result))
+# an orderly teardown: left to the interpreter's exit, gloo's threads sometimes outlive the process group and the
+# process aborts ("terminate called without an active exception", exit -6) after its work was done
+acc.end_training()  # destroys the process group

@@ -101,3 +101,22 @@ def test_save_resolved_records_params(tmp_path):
     dest = save_resolved(load_params(), tmp_path / "out", extra={"device": "cpu"})
     rec = json.loads(dest.read_text())
     assert rec["params"]["base"] == GOOD["base"] and rec["device"] == "cpu"
+
+
+def test_every_key_is_described_once_in_the_schema():
+    """Each field of every section (and of the model's parts) has its description in the schema, which
+    `show --comments` prints beside its value: the one place a key is described."""
+    import dataclasses
+    import typing
+    from lexvla import params as P
+    todo, missing = list(P.SECTIONS.values()), []
+    while todo:
+        cls = todo.pop()
+        docs, hints = P.key_docs(cls), typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            if dataclasses.is_dataclass(hints[f.name]): todo.append(hints[f.name])
+            elif not docs.get(f.name): missing.append(f"{cls.__name__}.{f.name}")
+    assert not missing, missing
+    shown = run([sys.executable, "-m", "lexvla.params", "show", "--comments"]).stdout
+    assert "  lambda_img: 0.001  # final weight of the image regulariser" in shown
+    assert "  batch_size: 64  # inputs per forward pass" in shown  # inherited from the caches' common schema
