@@ -28,6 +28,7 @@ import timm.data
 import torch
 import torchvision.transforms as T
 import webdataset as wds
+from fastcore.basics import patch
 from PIL import Image, ImageOps, UnidentifiedImageError
 from tqdm.auto import tqdm
 
@@ -403,6 +404,7 @@ class _Pairs:
             with _seeded(_hash64(self.seed, epoch, key, "augment") % 2**63): img = self.transform(img)
         return {"pixels": img, "caption": caption, "key": key}
 
+# %% ../notebooks/02_datasets.ipynb #8785989b
 class TarPairs(_Pairs, torch.utils.data.Dataset):
     "Map-style image-caption pairs from webdataset shards, in an order fixed by (seed, epoch)."
     def __init__(self, shards, # shard paths (or anything `expand_shards` takes)
@@ -439,39 +441,6 @@ class TarPairs(_Pairs, torch.utils.data.Dataset):
         d["_fh"] = OrderedDict()
         return d
 
-    def _file(self, shard: int):
-        if self.__dict__.get("_pid") != os.getpid():  # a forked worker: its own handles
-            self._fh, self._pid = OrderedDict(), os.getpid()
-        fh = self._fh.get(shard)
-        if fh is not None:
-            self._fh.move_to_end(shard)
-            return fh
-        # the epoch's order visits shards at random: an LRU of handles bounds the descriptors (one per shard would
-        # be ~920 per worker on CC-12M, near the usual limit of 1,024); reopening a shard costs microseconds
-        if self.max_open_files and len(self._fh) >= self.max_open_files: self._fh.popitem(last=False)[1].close()
-        fh = self._fh[shard] = open(self.shards[shard], "rb")
-        return fh
-
-    def captions(self, idx: int, log: SkipLog | None = None) -> list[str]:
-        "The usable captions of sample `idx` (indexing order), all of them."
-        s, fh = self.samples[idx], self._file(self.samples[idx].shard)
-        return sample_captions(read_at(fh, s.txt) if s.txt else None, read_at(fh, s.json) if s.json else None,
-                               log, s.key, self.max_caption_chars)
-
-    def all_captions(self) -> list[str]:
-        "Every caption training can draw (the first `captions_per_image` of each image), e.g. for the text cache."
-        out = []
-        for i in range(len(self.samples)): out += self.captions(i)[:self.captions_per_image]
-        return list(dict.fromkeys(out))
-
-    def load(self, idx: int) -> dict | None:
-        "Sample `idx` (indexing order) as it is in this epoch, or None when it is unusable."
-        s = self.samples[idx]
-        log = SkipLog()
-        caps = self.captions(idx, log)[:self.captions_per_image]
-        return self._pair(s.key, caps, lambda: read_at(self._file(s.shard), s.image), self.epoch, log,
-                          "each is replaced by the next in the epoch's order")
-
     def __getitem__(self, i: int) -> dict:
         n = len(self.samples)
         if not 0 <= i < len(self): raise IndexError(i)
@@ -480,6 +449,46 @@ class TarPairs(_Pairs, torch.utils.data.Dataset):
             if out is not None: return out
         raise RuntimeError("no sample in the shards can be decoded")
 
+# %% ../notebooks/02_datasets.ipynb #cf2b2ff7
+@patch
+def _file(self: TarPairs, shard: int):
+    if self.__dict__.get("_pid") != os.getpid():  # a forked worker: its own handles
+        self._fh, self._pid = OrderedDict(), os.getpid()
+    fh = self._fh.get(shard)
+    if fh is not None:
+        self._fh.move_to_end(shard)
+        return fh
+    # the epoch's order visits shards at random: an LRU of handles bounds the descriptors (one per shard would
+    # be ~920 per worker on CC-12M, near the usual limit of 1,024); reopening a shard costs microseconds
+    if self.max_open_files and len(self._fh) >= self.max_open_files: self._fh.popitem(last=False)[1].close()
+    fh = self._fh[shard] = open(self.shards[shard], "rb")
+    return fh
+
+# %% ../notebooks/02_datasets.ipynb #2060c723
+@patch
+def captions(self: TarPairs, idx: int, log: SkipLog | None = None) -> list[str]:
+    "The usable captions of sample `idx` (indexing order), all of them."
+    s, fh = self.samples[idx], self._file(self.samples[idx].shard)
+    return sample_captions(read_at(fh, s.txt) if s.txt else None, read_at(fh, s.json) if s.json else None,
+                           log, s.key, self.max_caption_chars)
+
+@patch
+def all_captions(self: TarPairs) -> list[str]:
+    "Every caption training can draw (the first `captions_per_image` of each image), e.g. for the text cache."
+    out = []
+    for i in range(len(self.samples)): out += self.captions(i)[:self.captions_per_image]
+    return list(dict.fromkeys(out))
+
+@patch
+def load(self: TarPairs, idx: int) -> dict | None:
+    "Sample `idx` (indexing order) as it is in this epoch, or None when it is unusable."
+    s = self.samples[idx]
+    log = SkipLog()
+    caps = self.captions(idx, log)[:self.captions_per_image]
+    return self._pair(s.key, caps, lambda: read_at(self._file(s.shard), s.image), self.epoch, log,
+                      "each is replaced by the next in the epoch's order")
+
+# %% ../notebooks/02_datasets.ipynb #ec247252
 def train_dataset(shards,                       # shard paths, a folder, or a brace/glob pattern
                   transform: Callable | None,   # e.g. image_transform(model.data_config, train=True)
                   seed: int,                    # base.seed: fixes order, caption choice and augmentation per epoch
@@ -538,13 +547,8 @@ def shard_counts(shards) -> list[int]:
     log = SkipLog()
     return [sum(1 for _ in _shard_samples(str(p), log, lambda: True)) for p in expand_shards(shards)]
 
+# %% ../notebooks/02_datasets.ipynb #a31268f4
 def _config_id(*parts) -> str: return f"{_hash64(*parts):016x}"[:12]
-
-def _check_workers(position: dict | None, workers: int) -> None:
-    if position is not None and position["workers"] != max(workers, 1):
-        raise ValueError(f"the data position was saved with {position['workers']} DataLoader worker(s), this loader "
-                         f"has {workers}: each worker is its own stream, so resume with num_workers="
-                         f"{position['workers'] if position['workers'] > 1 else 0}")
 
 class StreamingPairs(_Pairs, torch.utils.data.IterableDataset):
     "An endless stream of collated training batches from webdataset shards: split by rank and worker, resumable."
@@ -568,82 +572,6 @@ class StreamingPairs(_Pairs, torch.utils.data.IterableDataset):
         self._warned: set[str] = set()
         self._position: dict | None = None
 
-    def set_position(self, position: dict | None) -> None:
-        "Resume from a state of `advance_position` (what the train loop saved); None: from the start."
-        if position is not None:
-            for k, want in (("rank", self.rank), ("world_size", self.world_size), ("config", self.config)):
-                if position.get(k) != want:
-                    raise ValueError(f"saved data position has {k}={position.get(k)!r}, this loader {want!r}: "
-                                     "it cannot resume exactly (set_position(None) starts the stream afresh)")
-        self._position = position
-
-    def epoch_shards(self, epoch: int, worker: int = 0, workers: int = 1) -> list[str]:
-        "The shards worker `worker` of `workers` (of this rank) reads in `epoch`, in reading order."
-        perm = np.random.default_rng(_hash64(self.seed, epoch, "shards")).permutation(len(self.shards))
-        return [self.shards[i] for i in perm[self.rank::self.world_size][worker::workers]]
-
-    def draws(self, epoch: int, worker: int = 0, workers: int = 1,
-              skip: int = 0, # draws to leave out (resume): read from the tar headers, neither read nor decoded
-             ) -> Iterator[tuple[int, dict]]:
-        "(draw number, raw sample) of one worker's epoch: its shards one at a time, through a seeded shuffle buffer."
-        rng = random.Random(_hash64(self.seed, epoch, self.rank, worker, "shuffle"))
-        n = 0
-        lazy = lambda: n < skip  # while skipping, samples are (offset, size) references
-        raw = (s for p in self.epoch_shards(epoch, worker, workers) for s in _shard_samples(p, self.log, lazy))
-
-        def mixed():  # webdataset's buffer: fill it, then each new sample replaces a random one drawn out
-            if self.shuffle <= 1:
-                yield from raw
-                return
-            buf = []
-            for s in raw:
-                if len(buf) < self.shuffle:
-                    buf.append(s)
-                    continue
-                j = rng.randrange(len(buf))
-                buf[j], s = s, buf[j]
-                yield s
-            while buf:
-                j = rng.randrange(len(buf))
-                buf[j], buf[-1] = buf[-1], buf[j]
-                yield buf.pop()
-
-        for s in mixed():
-            n += 1
-            if n > skip: yield n, _read_refs(s)  # references drawn after the skip are read now
-
-    def decode(self, s: dict, epoch: int) -> dict | None:
-        "A raw sample as it is in `epoch` (the caption and augmentation `TarPairs` gives it), or None when unusable."
-        log = SkipLog()
-        caps = sample_captions(s.get("txt"), s.get("json"), log, s["__key__"], self.max_caption_chars)
-        ext = next(e for e in IMAGE_EXTS if e in s)
-        return self._pair(s["__key__"], caps[:self.captions_per_image], lambda: s[ext], epoch, log, "skipped")
-
-    def samples(self, epoch: int, worker: int = 0, workers: int = 1) -> Iterator[dict]:
-        "One worker's decoded samples of one epoch (not batched)."
-        for _, s in self.draws(epoch, worker, workers):
-            out = self.decode(s, epoch)
-            if out is not None: yield out
-
-    def _batch(self, items: list[dict], position: dict) -> dict:
-        pix = [b["pixels"] for b in items]
-        return {"pixels": torch.stack(pix) if isinstance(pix[0], torch.Tensor) else pix,
-                "captions": [b["caption"] for b in items], "keys": [b["key"] for b in items], "position": position}
-
-    def _worker(self) -> tuple[int, int, int, int]:
-        "(stream, streams, epoch, draws done) of this DataLoader worker."
-        info = torch.utils.data.get_worker_info()
-        i, workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        if len(self.shards) < self.world_size * workers:
-            raise DataConfigError(f"{len(self.shards)} shards cannot feed {self.world_size} ranks x {workers} "
-                                  f"DataLoader workers: each needs a shard of its own (fewer workers, or more shards)")
-        pos = self._position
-        if pos is None: return i, workers, 0, 0
-        _check_workers(pos, workers)
-        # the DataLoader asks its workers in turn, starting with worker 0: worker i plays the stream that is due next
-        w = (i + pos["next"]) % workers
-        return w, workers, pos["epoch"][w], pos["drawn"][w]
-
     def __iter__(self) -> Iterator[dict]:
         w, workers, epoch, done = self._worker()
         batch = []
@@ -664,6 +592,99 @@ class StreamingPairs(_Pairs, torch.utils.data.IterableDataset):
                                    "... can be decoded")
             epoch, done = epoch + 1, 0
 
+# %% ../notebooks/02_datasets.ipynb #3a36fc9e
+@patch
+def epoch_shards(self: StreamingPairs, epoch: int, worker: int = 0, workers: int = 1) -> list[str]:
+    "The shards worker `worker` of `workers` (of this rank) reads in `epoch`, in reading order."
+    perm = np.random.default_rng(_hash64(self.seed, epoch, "shards")).permutation(len(self.shards))
+    return [self.shards[i] for i in perm[self.rank::self.world_size][worker::workers]]
+
+@patch
+def draws(self: StreamingPairs, epoch: int, worker: int = 0, workers: int = 1,
+          skip: int = 0, # draws to leave out (resume): read from the tar headers, neither read nor decoded
+         ) -> Iterator[tuple[int, dict]]:
+    "(draw number, raw sample) of one worker's epoch: its shards one at a time, through a seeded shuffle buffer."
+    rng = random.Random(_hash64(self.seed, epoch, self.rank, worker, "shuffle"))
+    n = 0
+    lazy = lambda: n < skip  # while skipping, samples are (offset, size) references
+    raw = (s for p in self.epoch_shards(epoch, worker, workers) for s in _shard_samples(p, self.log, lazy))
+
+    def mixed():  # webdataset's buffer: fill it, then each new sample replaces a random one drawn out
+        if self.shuffle <= 1:
+            yield from raw
+            return
+        buf = []
+        for s in raw:
+            if len(buf) < self.shuffle:
+                buf.append(s)
+                continue
+            j = rng.randrange(len(buf))
+            buf[j], s = s, buf[j]
+            yield s
+        while buf:
+            j = rng.randrange(len(buf))
+            buf[j], buf[-1] = buf[-1], buf[j]
+            yield buf.pop()
+
+    for s in mixed():
+        n += 1
+        if n > skip: yield n, _read_refs(s)  # references drawn after the skip are read now
+
+# %% ../notebooks/02_datasets.ipynb #2480ce15
+@patch
+def decode(self: StreamingPairs, s: dict, epoch: int) -> dict | None:
+    "A raw sample as it is in `epoch` (the caption and augmentation `TarPairs` gives it), or None when unusable."
+    log = SkipLog()
+    caps = sample_captions(s.get("txt"), s.get("json"), log, s["__key__"], self.max_caption_chars)
+    ext = next(e for e in IMAGE_EXTS if e in s)
+    return self._pair(s["__key__"], caps[:self.captions_per_image], lambda: s[ext], epoch, log, "skipped")
+
+@patch
+def samples(self: StreamingPairs, epoch: int, worker: int = 0, workers: int = 1) -> Iterator[dict]:
+    "One worker's decoded samples of one epoch (not batched)."
+    for _, s in self.draws(epoch, worker, workers):
+        out = self.decode(s, epoch)
+        if out is not None: yield out
+
+@patch
+def _batch(self: StreamingPairs, items: list[dict], position: dict) -> dict:
+    pix = [b["pixels"] for b in items]
+    return {"pixels": torch.stack(pix) if isinstance(pix[0], torch.Tensor) else pix,
+            "captions": [b["caption"] for b in items], "keys": [b["key"] for b in items], "position": position}
+
+# %% ../notebooks/02_datasets.ipynb #e0404ec1
+def _check_workers(position: dict | None, workers: int) -> None:
+    if position is not None and position["workers"] != max(workers, 1):
+        raise ValueError(f"the data position was saved with {position['workers']} DataLoader worker(s), this loader "
+                         f"has {workers}: each worker is its own stream, so resume with num_workers="
+                         f"{position['workers'] if position['workers'] > 1 else 0}")
+
+@patch
+def set_position(self: StreamingPairs, position: dict | None) -> None:
+    "Resume from a state of `advance_position` (what the train loop saved); None: from the start."
+    if position is not None:
+        for k, want in (("rank", self.rank), ("world_size", self.world_size), ("config", self.config)):
+            if position.get(k) != want:
+                raise ValueError(f"saved data position has {k}={position.get(k)!r}, this loader {want!r}: "
+                                 "it cannot resume exactly (set_position(None) starts the stream afresh)")
+    self._position = position
+
+@patch
+def _worker(self: StreamingPairs) -> tuple[int, int, int, int]:
+    "(stream, streams, epoch, draws done) of this DataLoader worker."
+    info = torch.utils.data.get_worker_info()
+    i, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+    if len(self.shards) < self.world_size * workers:
+        raise DataConfigError(f"{len(self.shards)} shards cannot feed {self.world_size} ranks x {workers} "
+                              f"DataLoader workers: each needs a shard of its own (fewer workers, or more shards)")
+    pos = self._position
+    if pos is None: return i, workers, 0, 0
+    _check_workers(pos, workers)
+    # the DataLoader asks its workers in turn, starting with worker 0: worker i plays the stream that is due next
+    w = (i + pos["next"]) % workers
+    return w, workers, pos["epoch"][w], pos["drawn"][w]
+
+# %% ../notebooks/02_datasets.ipynb #8116396f
 def advance_position(state: dict | None, # the position so far (None: the run's start)
                      pos: dict,          # a batch's `position`
                     ) -> dict:
@@ -693,6 +714,7 @@ class StreamLoader:
             self.position = advance_position(self.position, b["position"])
             yield b
 
+# %% ../notebooks/02_datasets.ipynb #4bc5ad6a
 class _EpochSamples(torch.utils.data.IterableDataset):
     def __init__(self, ds: StreamingPairs, epoch: int): self.ds, self.epoch = ds, epoch
     def __iter__(self):

@@ -59,7 +59,7 @@ class Layout:
     imagecache: str = "data/imagecache"  # imagecache, imagecache_eval
     lm: str = "models/lm"                # convert: the embedded LM (SmolLM2-135M), saved once (safetensors + tokenizer)
     vision: str = "models/vision"        # convert: the embedded ViT (DINOv2 ViT-S/14) as a timm checkpoint
-    evaluate: str = "results/evaluate"   # evaluate@<variant>: <evaluate>/<variant>.json and <evaluate>/<variant>/
+    evaluate: str = "results/evaluate"   # evaluate@<variant>-<set>: <evaluate>/<set>/<variant>.json and <variant>/
     search: str = "results/search"       # search
     reports: str = "results/reports"     # report
     def model(self, variant: str) -> str: return f"models/{variant}"        # train@<variant>: model/, checkpoints/
