@@ -21,8 +21,8 @@ from onnx import numpy_helper
 from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from .params import LoadedParams, ParamsError, load_params, save_resolved
-from .runtime import replace_dir, resolve_path, run_cli, stage_parser, temp_dir, write_json
+from .params import LoadedParams, ParamsError, load_params
+from .runtime import replace_dir, resolve_path, run_cli, save_resolved, stage_parser, temp_dir, write_json
 from .text import smollm2_gguf
 
 # %% auto #0

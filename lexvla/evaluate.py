@@ -20,9 +20,9 @@ from .metrics import (patchdis, patchdis_from_labels, retrieval_metrics, save_pe
                             upsample_nearest)
 from .model import load_trained
 from .oracle import scene_oracle
-from .params import EvaluateParams, LoadedParams, ParamsError, load_params, record_run, save_resolved
-from .runtime import (LAYOUT, environment_record, repo_relative, resolve_device, resolve_path, run_cli,
-                            seed_everything, stage_parser, write_json)
+from .params import EvaluateParams, LoadedParams, ParamsError, load_params
+from .runtime import (LAYOUT, environment_record, record_run, repo_relative, resolve_device, resolve_path,
+                            run_cli, save_resolved, seed_everything, stage_parser, write_json)
 from .sparse import SparseVectors, save_vectors, threshold_for
 from .vectors import class_vectors, encode_images, encode_texts
 

@@ -16,7 +16,7 @@ import types
 import typing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Any, Callable, Iterable, Literal
 
 import yaml
 
@@ -27,8 +27,8 @@ __all__ = ['SECTIONS', 'EVAL_SET_NAME', 'PROMPT', 'REPLACED_BY_PROFILES', 'Param
            'BaseParams', 'PrepareParams', 'VariantSpec', 'TrainParams', 'EvalSetSpec', 'EvaluateParams',
            'ImagecacheParams', 'TextcacheParams', 'ReportParams', 'SearchParams', 'LMParams', 'VocabParams',
            'LoraParams', 'VisionParams', 'LogitShiftParams', 'AdapterParams', 'ModelParams', 'register_model',
-           'list_models', 'describe_model', 'model_dict', 'model_config', 'tiny', 'embedded', 'paper', 'LoadedParams',
-           'load_params', 'params_from_dict', 'apply_profile', 'overrides', 'save_resolved', 'record_run', 'key_docs',
+           'list_models', 'describe_model', 'merge_over', 'model_dict', 'model_config', 'tiny', 'embedded', 'paper',
+           'LoadedParams', 'load_params', 'params_from_dict', 'apply_profile', 'overrides', 'key_docs',
            'show_commented', 'main']
 
 # %% ../notebooks/00_params.ipynb #826b6ecf
@@ -482,17 +482,26 @@ def _preset(name: str) -> Callable[[], ModelParams]:
         raise ParamsError(f"model.preset: got {json.dumps(name)}, expected one of {', '.join(list_models())}")
     return _MODELS[name]
 
-def _merge_over(base: dict, over: dict, prefix: str) -> dict:
-    "`over` merged into `base` key by key (nested mappings too); a key `base` lacks is an error that names it."
+def merge_over(base: dict, over: dict,  # the mapping and what is merged over it
+               prefix: str,                # the dotted name of `base`, for messages
+               known: Callable[[str], Iterable[str]] | None = None, # dotted name -> the keys it may have besides
+                                                                    # base's (a schema's fields; None: any)
+               whole: Iterable[str] = (),  # dotted names of maps given whole (a profile's own variants)
+              ) -> dict:
+    "The one merge rule: `over` into `base` key by key, nested mappings too; a key neither has is named as an error."
     out = dict(base)
     for k, v in over.items():
-        if k not in base:
-            close = difflib.get_close_matches(str(k), list(base), n=1)
-            hint = f" (did you mean {prefix}.{close[0]}?)" if close else f" (known keys: {', '.join(base)})"
-            raise ParamsError(f"{prefix}.{k}: unknown key{hint}")
+        key = f"{prefix}.{k}" if prefix else str(k)
+        extra = known(prefix) if known else ()
+        allowed = set(base) | set(extra or ())
+        if k not in allowed and extra is not None:
+            close = difflib.get_close_matches(str(k), sorted(allowed), n=1)
+            hint = (f" (did you mean {f'{prefix}.' if prefix else ''}{close[0]}?)" if close
+                    else f" (known keys: {', '.join(sorted(allowed))})")
+            raise ParamsError(f"{key}: unknown key{hint}")
         if dataclasses.is_dataclass(v): v = dataclasses.asdict(v)
-        nested = isinstance(v, dict) and isinstance(base[k], dict)
-        out[k] = _merge_over(base[k], v, f"{prefix}.{k}") if nested else v
+        nested = isinstance(v, dict) and isinstance(base.get(k), dict) and key not in set(whole)
+        out[k] = merge_over(base[k], v, key, known, whole) if nested else v
     return out
 
 def model_dict(section: dict, # params.yaml's `model`: `preset` plus the keys it changes
@@ -501,7 +510,7 @@ def model_dict(section: dict, # params.yaml's `model`: `preset` plus the keys it
     if not isinstance(section, dict) or "preset" not in section:
         raise ParamsError(f"{prefix}.preset: missing key (expected the name of a registered preset)")
     base = dataclasses.asdict(_preset(section["preset"])())
-    return (_merge_over(base, {k: v for k, v in section.items() if k != "preset"}, prefix)
+    return (merge_over(base, {k: v for k, v in section.items() if k != "preset"}, prefix)
             | {"preset": section["preset"]})
 
 def model_config(name: str, **overrides) -> ModelParams:
@@ -622,19 +631,11 @@ def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
 # a profile gives these maps whole (its own set of variants), where other sections merge key by key
 REPLACED_BY_PROFILES = ("train.variants", "evaluate.sets")
 
-def _merge(base: dict, over: dict, prefix: str = "") -> dict:
-    out = dict(base)
-    for k, v in over.items():
-        if prefix == "model." and k != "preset":  # any key of the preset (checked when the result is loaded)
-            out[k] = _merge(base[k], v, f"{prefix}{k}.") if isinstance(base.get(k), dict) and isinstance(v, dict) else v
-            continue
-        schema = SECTIONS.get(prefix.rstrip("."))  # a key params.yaml leaves to its default is known too
-        known = k in base or (schema is not None and k in {f.name for f in dataclasses.fields(schema)})
-        if not known: raise ParamsError(f"{prefix}{k}: unknown key in profile")
-        whole = f"{prefix}{k}" in REPLACED_BY_PROFILES
-        nested = isinstance(v, dict) and isinstance(base[k], dict) and not whole
-        out[k] = _merge(base[k], v, f"{prefix}{k}.") if nested and k in base else v
-    return out
+def _profile_keys(prefix: str) -> list[str] | None:
+    "The keys a profile may give at `prefix` besides params.yaml's: a section's schema fields; any in `model`."
+    if prefix == "model" or prefix.startswith("model."): return None  # the preset's keys, checked once merged
+    schema = SECTIONS.get(prefix)
+    return [f.name for f in dataclasses.fields(schema)] if schema is not None else []
 
 def apply_profile(profile: str | Path,              # a partial params file, or the name of one in profiles/
                   params: str | Path = "params.yaml", # the full params file it overrides
@@ -642,7 +643,9 @@ def apply_profile(profile: str | Path,              # a partial params file, or 
     "The params dict of `params` with `profile` merged over it, checked strictly."
     prof = Path(profile)
     if not prof.exists() and not prof.suffix: prof = repo_root() / "profiles" / f"{profile}.yaml"
-    merged = _merge(_read_yaml(Path(params) if Path(params).exists() else repo_root() / params), _read_yaml(prof))
+    base = _read_yaml(Path(params) if Path(params).exists() else repo_root() / params)
+    try: merged = merge_over(base, _read_yaml(prof), "", _profile_keys, REPLACED_BY_PROFILES)
+    except ParamsError as e: raise ParamsError(f"{prof}: {e}") from None
     params_from_dict(merged, source=prof)  # checked in memory: an error names the profile and the key
     return merged
 
@@ -664,28 +667,6 @@ def overrides(profile: str | Path, params: str | Path = "params.yaml") -> list[s
         out += [f"{key}.{k}={json.dumps(v)}" for k, v in _flatten(kept).items()]
     # a key params.yaml does not list (a model key left to the preset) is added: `+`
     return out + [f"{'' if k in base else '+'}{k}={json.dumps(v)}" for k, v in _flatten(over).items()]
-
-# %% ../notebooks/00_params.ipynb #6f78d6eb
-def save_resolved(params: LoadedParams, # what the stage loaded
-                  out_dir: str | Path,  # the stage's output folder
-                  extra: dict | None = None, # anything else worth recording (device, versions, ...)
-                 ) -> Path:
-    "Write the resolved params (and `extra`) as `params.resolved.json` next to a stage's outputs."
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    rec = {"params_file": repo_relative(params.path), "params": params.to_dict(), **(extra or {})}
-    return write_json(out_dir / "params.resolved.json", rec, sort_keys=True)
-
-def record_run(stage: str,  # e.g. "train-lexvla": the file name
-               facts: dict, # what varies between runs of the same inputs: wall time, host, versions, resumes
-               results: str | Path | None = None, # the results folder (default: the repository's `results/`)
-              ) -> Path:
-    "Keep a run's volatile facts in `results/runs/<stage>.json`, which no DVC stage declares or reads."
-    # a DVC output that later stages depend on holds only what its inputs determine, so that a re-run gives the
-    # same hashes (and the same dvc.lock) and DVC skips what did not change; times and hosts go here instead
-    folder = Path(results or repo_root() / "results") / "runs"
-    folder.mkdir(parents=True, exist_ok=True)
-    return write_json(folder / f"{stage}.json", facts, sort_keys=True)
 
 # %% ../notebooks/00_params.ipynb #40f23549
 _FIELD = re.compile(r"^    (\w+): [^#]*?(?:#\s?(.*))?$")  # a field line of a dataclass body, and its comment

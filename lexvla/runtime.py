@@ -22,7 +22,8 @@ import numpy as np
 # %% auto #0
 __all__ = ['LAYOUT', 'repo_root', 'resolve_path', 'repo_relative', 'Layout', 'atomic_write', 'write_json', 'temp_dir',
            'replace_dir', 'remove_dir', 'DamagedFile', 'checked_load', 'read_checked_json', 'seed_everything',
-           'rng_state', 'set_rng_state', 'resolve_device', 'environment_record', 'run_cli', 'stage_parser']
+           'rng_state', 'set_rng_state', 'resolve_device', 'environment_record', 'save_resolved', 'record_run',
+           'run_cli', 'stage_parser']
 
 # %% ../notebooks/00a_runtime.ipynb #6564c0c2
 def repo_root(start: str | Path | None = None, # folder to start from (default: the cwd, then this file's)
@@ -196,6 +197,28 @@ def environment_record(device: str) -> dict:
     return {"device": device, "gpu": torch.cuda.get_device_name(0) if device == "cuda" else None,
             "threads": torch.get_num_threads(), "python": platform.python_version(), "platform": platform.platform(),
             "packages": pk}
+
+# %% ../notebooks/00a_runtime.ipynb #6f78d6eb
+def save_resolved(params,               # what the stage loaded (`params.LoadedParams`: `path`, `to_dict()`)
+                  out_dir: str | Path,  # the stage's output folder
+                  extra: dict | None = None, # anything else worth recording (device, versions, ...)
+                 ) -> Path:
+    "Write the resolved params (and `extra`) as `params.resolved.json` next to a stage's outputs."
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rec = {"params_file": repo_relative(params.path), "params": params.to_dict(), **(extra or {})}
+    return write_json(out_dir / "params.resolved.json", rec, sort_keys=True)
+
+def record_run(stage: str,  # e.g. "train-lexvla": the file name
+               facts: dict, # what varies between runs of the same inputs: wall time, host, versions, resumes
+               results: str | Path | None = None, # the results folder (default: the repository's `results/`)
+              ) -> Path:
+    "Keep a run's volatile facts in `results/runs/<stage>.json`, which no DVC stage declares or reads."
+    # a DVC output that later stages depend on holds only what its inputs determine, so that a re-run gives the
+    # same hashes (and the same dvc.lock) and DVC skips what did not change; times and hosts go here instead
+    folder = Path(results or repo_root() / "results") / "runs"
+    folder.mkdir(parents=True, exist_ok=True)
+    return write_json(folder / f"{stage}.json", facts, sort_keys=True)
 
 # %% ../notebooks/00a_runtime.ipynb #a4239559
 def run_cli(ap: argparse.ArgumentParser,        # the stage's parser (its `prog` names the stage in errors)

@@ -17,8 +17,9 @@ import numpy as np
 from .index import Hit, InvertedIndex, topk_agrees
 from .milvus import MilvusIndex, connect, export_jsonl, is_embedded
 from .model import load_trained
-from .params import load_params, record_run, save_resolved
-from .runtime import LAYOUT, repo_relative, repo_root, resolve_device, resolve_path, run_cli, write_json
+from .params import load_params
+from .runtime import (LAYOUT, record_run, repo_relative, repo_root, resolve_device, resolve_path, run_cli,
+                            save_resolved, write_json)
 from .sparse import SparseVectors, VectorShards, load_vectors, threshold_for
 from .vectors import (check_texts, checkpoint_digest, cut_notes, encode_collection, encode_texts,
                             image_collection, list_images)

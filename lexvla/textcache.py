@@ -14,8 +14,9 @@ from .caches import TextPrefixCache, cache_meta
 from .datasets import (PARTS, eval_set_paths, load_karpathy, part_folders, prepared_paths, read_categories,
                               train_dataset)
 from .model import create_model_from_params
-from .params import LoadedParams, load_params, save_resolved
-from .runtime import LAYOUT, replace_dir, resolve_device, resolve_path, run_cli, stage_parser, temp_dir
+from .params import LoadedParams, load_params
+from .runtime import (LAYOUT, replace_dir, resolve_device, resolve_path, run_cli, save_resolved, stage_parser,
+                            temp_dir)
 
 # %% auto #0
 __all__ = ['build_text_cache', 'cache_captions', 'build', 'main']

@@ -35,10 +35,10 @@ from .caches import ImageTokenCache, TextPrefixCache, check_cache, check_image_c
 from .datasets import StreamingPairs, StreamLoader, collate_pairs, image_transform, train_dataset
 from .losses import create_loss
 from .model import create_model_from_params, save_trained, trainable_state
-from .params import (LoadedParams, ParamsError, TrainParams, VariantSpec, load_params, record_run,
-                           save_resolved)
-from .runtime import (LAYOUT, environment_record, remove_dir, repo_relative, resolve_device, resolve_path,
-                            rng_state, run_cli, seed_everything, set_rng_state, stage_parser, write_json)
+from .params import LoadedParams, ParamsError, TrainParams, VariantSpec, load_params
+from .runtime import (LAYOUT, environment_record, record_run, remove_dir, repo_relative, resolve_device,
+                            resolve_path, rng_state, run_cli, save_resolved, seed_everything, set_rng_state,
+                            stage_parser, write_json)
 from .sparse import threshold_for
 
 # %% auto #0

@@ -97,7 +97,8 @@ def test_profile_with_unknown_key_is_refused(tmp_path):
 
 
 def test_save_resolved_records_params(tmp_path):
-    from lexvla.params import load_params, save_resolved
+    from lexvla.params import load_params
+    from lexvla.runtime import save_resolved
     dest = save_resolved(load_params(), tmp_path / "out", extra={"device": "cpu"})
     rec = json.loads(dest.read_text())
     assert rec["params"]["base"] == GOOD["base"] and rec["device"] == "cpu"
