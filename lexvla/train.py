@@ -712,9 +712,9 @@ def main(argv: list[str] | None = None) -> int:
                       results="metrics folder (default results/train/<variant>)")
     ap.add_argument("--variant", required=True, help="a key of train.variants")
     rc = run_cli(ap, _run, argv, errors=(CheckpointError, NonFiniteLoss, NearUniformVectors))
-    # a launched process tears its process group down itself: left to the interpreter's exit, gloo's threads can
-    # outlive it and abort the process after its work is done ("terminate called without an active exception")
-    if _launched() and torch.distributed.is_initialized(): torch.distributed.destroy_process_group()
+    # a finished launched process tears its process group down itself (as PyTorch asks), rather than leaving it to
+    # the interpreter's exit; after a failure the collectives may be mid-flight, so the error exit stays as it is
+    if rc == 0 and _launched() and torch.distributed.is_initialized(): torch.distributed.destroy_process_group()
     return rc
 
 # %% ../notebooks/12_train.ipynb #96637778

@@ -12,6 +12,7 @@
 Each process writes OUT_DIR/PHASE-RANK.json.
 """
 import json
+import os
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -101,6 +102,8 @@ elif phase in ("resume", "checkpoint"):
 acc.wait_for_everyone()  # a process still stuck in a collective would never get here
 result["finished"] = True
 (out_dir / f"{phase}-{rank}.json").write_text(json.dumps(result))
-# an orderly teardown: left to the interpreter's exit, gloo's threads sometimes outlive the process group and the
-# process aborts ("terminate called without an active exception", exit -6) after its work was done
-acc.end_training()  # destroys the process group
+# the results are on disk. The failure phases leave DDP's reducer and gloo mid-collective on purpose (one process
+# skipped an all-reduce), and their C++ teardown at interpreter exit (or in destroy_process_group) then sometimes
+# aborts ("terminate called without an active exception", exit -6) after the work was done: leave without it
+sys.stdout.flush(); sys.stderr.flush()
+os._exit(0)

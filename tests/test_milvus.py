@@ -244,10 +244,10 @@ def test_search_stage(lite, tmp_path, capsys):
     "The DVC stage through its command line (lexvla.search): exact top-k, idempotent, one-line user errors."
     import yaml
     from lexvla.search import main
-    fake_variant(tmp_path / "evaluate" / "lexvla")
-    fake_variant(tmp_path / "evaluate" / "dense", lexical=False)
-    search = {"variant": "lexvla", "uri": str(lite / "stage.db"), "collection": "stage", "topk": 16, "k": 5,
-              "n_queries": 20, "explain": 3, "impact_scale": 1000}
+    fake_variant(tmp_path / "evaluate" / "demo" / "lexvla")  # results/evaluate/<set>/<variant>/
+    fake_variant(tmp_path / "evaluate" / "demo" / "dense", lexical=False)
+    search = {"variant": "lexvla", "set": "demo", "uri": str(lite / "stage.db"), "collection": "stage", "topk": 16,
+              "k": 5, "n_queries": 20, "explain": 3, "impact_scale": 1000}
     (tmp_path / "params.yaml").write_text(yaml.safe_dump({"search": search}))
     args = ["--params", str(tmp_path / "params.yaml"), "--evaluate", str(tmp_path / "evaluate"),
             "--out", str(tmp_path / "search")]
