@@ -296,7 +296,8 @@ def _real_jobs(pp, paths: dict, seed: int, log,
         root = paths["eval_image_root"] or paths["image_root"]
         if root is None: raise ParamsError("prepare.eval_image_root: eval_json needs an image folder")
         d = read_karpathy(eval_json)
-        evals = {s: split_jobs(d, root, mask_for, ecfg, pp.n_val, pp.n_test).get(s, []) for s in ("val", "test")}
+        got = split_jobs(d, root, mask_for, ecfg, pp.n_val, pp.n_test)
+        evals = {s: got.get(s, []) for s in ("val", "test")}
         name = d.get("dataset") or Path(eval_json).stem.removeprefix("dataset_")
     else:  # hold out val + test from the training source, by a seeded shuffle
         perm = np.random.default_rng([seed, 7]).permutation(len(train))
@@ -348,7 +349,7 @@ def write_eval_set(out: Path,                   # the eval set's folder
                    categories_json: Path | None, workers: int, log: SkipLog, progress: bool) -> dict:
     "Check each evaluated image (kept byte for byte), write the Karpathy JSON and the masks; {split: count}."
     name = "".join(ch for ch in str(name) if ch.isalnum() or ch in "_-") or "eval"
-    entries, counts = [], {}
+    entries, counts, first_sentid = [], {}, 0
     (out / "karpathy" / "images").mkdir(parents=True, exist_ok=True)
     for split, jobs in evals.items():
         if masks: (out / "masks" / split).mkdir(parents=True, exist_ok=True)
@@ -359,8 +360,8 @@ def write_eval_set(out: Path,                   # the eval set's folder
             stem = Path(c.name.split(":")[-1]).stem
             (out / "karpathy" / "images" / f"{stem}{c.ext}").write_bytes(c.data)
             if c.mask is not None: (out / "masks" / split / f"{stem}.png").write_bytes(c.mask)
-            first_sentid = sum(len(e["sentences"]) for e in entries)
             entries.append(karpathy_entry(len(entries), f"{stem}{c.ext}", split, c.captions, first_sentid))
+            first_sentid += len(c.captions)
             n += 1
         counts[split] = n
     write_json(out / "karpathy" / f"dataset_{name}.json", {"images": entries, "dataset": name}, **_COMPACT)
@@ -395,14 +396,14 @@ def coco_captions_set(path: Path, spec) -> dict:
         if not isinstance(a, dict) or "image_id" not in a or not isinstance(a.get("caption"), str):
             raise DataConfigError(f"{path}: annotations[{i}]: expected an image_id and a caption")
         caps.setdefault(a["image_id"], []).append(a["caption"].strip())
-    entries = []
+    entries, first = [], 0  # `first`: the next sentence id
     for i, im in enumerate(sorted(d["images"], key=lambda im: im.get("id", -1) if isinstance(im, dict) else -1)):
         if not isinstance(im, dict) or "id" not in im or "file_name" not in im:
             raise DataConfigError(f"{path}: images[{i}]: expected an id and a file_name")
         if im["id"] not in caps: continue  # an image nobody captioned is not a retrieval target
-        first = sum(len(e["sentences"]) for e in entries)
         entries.append(karpathy_entry(len(entries), im["file_name"], spec.split, caps[im["id"]], first,
                                       cocoid=int(im["id"])))
+        first += len(caps[im["id"]])
     return {"images": entries, "dataset": Path(path).stem}
 
 def build_eval_set(pp,            # the prepare section (sizes, workers, cleaning limits)
