@@ -812,7 +812,7 @@ def write_categories(names: list[str], path: str | Path, supercategory: str = "s
     return write_json(path, {"categories": cats}, indent=None, sort_keys=True, ensure_ascii=False)
 
 def png_bytes(arr: np.ndarray) -> bytes:
-    "PNG bytes of a uint8 array (L for 2-D, RGB for 3-D), deterministic."
+    "PNG bytes of a uint8 array (L for 2-D, RGB for 3-D) or a 2-D uint16 one (16-bit grey), deterministic."
     b = io.BytesIO()
     Image.fromarray(np.ascontiguousarray(arr)).save(b, "PNG", optimize=False, compress_level=6)
     return b.getvalue()
@@ -863,9 +863,9 @@ def load_masks(mask_dir: str | Path,        # folder of {id}.png semantic masks
     if not mask_dir.is_dir(): raise DataConfigError(f"{mask_dir}: mask folder not found")
     cats = read_categories(categories_json)
     cat_ids = [int(c["id"]) for c in cats]
-    lut = np.full(256, -1, np.int16)
+    lut = np.full(max([256] + [cid - id_offset + 1 for cid in cat_ids]), -1, np.int16)  # 16-bit masks: >255 ids
     for j, cid in enumerate(cat_ids):
-        if 0 <= cid - id_offset < 256: lut[cid - id_offset] = j
+        if 0 <= cid - id_offset: lut[cid - id_offset] = j
     masks = []
     ids = [f"{i:012d}" if isinstance(i, (int, np.integer)) else str(i) for i in ids]
     for i in ids:
@@ -877,7 +877,7 @@ def load_masks(mask_dir: str | Path,        # folder of {id}.png semantic masks
         if len(bad):
             raise DataConfigError(f"{p}: pixel value {int(bad[0])} is no category of {categories_json} "
                                   f"(id_offset {id_offset})")
-        m = lut[a.astype(np.int64)]
+        m = lut[np.minimum(a.astype(np.int64), len(lut) - 1)]  # out-of-range values were refused above
         masks.append(m)
     return Masks(masks, [c["name"] for c in cats], cat_ids, ids)
 

@@ -19,7 +19,7 @@ from .datasets import eval_set_paths, image_transform, load_karpathy, load_masks
 from .metrics import (patchdis, patchdis_from_labels, retrieval_metrics, save_per_query, sparsity_sweep,
                             upsample_nearest)
 from .model import load_trained
-from .oracle import scene_oracle
+from .worlds import world_oracle
 from .params import EvaluateParams, LoadedParams, ParamsError, load_params
 from .runtime import (LAYOUT, environment_record, record_run, repo_relative, resolve_device, resolve_path,
                             run_cli, save_resolved, seed_everything, stage_parser, write_json)
@@ -81,8 +81,8 @@ def eval_caches(model, ep, # the trained model; the evaluate params
     return cache, icache
 
 def _oracle(data_dir: Path, ep, n_txt: int) -> dict:
-    "The retrieval the captions allow at all, `{ceiling, oracle}` (embedded scenes only; nothing on real data)."
-    orc = scene_oracle(data_dir, ep.split, max_images=ep.max_images)
+    "The retrieval the captions allow at all, `{ceiling, oracle}`, by the world that drew the scenes (none: real data)."
+    orc = world_oracle(data_dir, ep.split, max_images=ep.max_images)
     if orc is None: return {}
     if orc["n_captions"] != n_txt: raise ValueError(f"{data_dir}: the oracle's split differs from the evaluated one")
     return {"ceiling": orc.pop("ceiling"), "oracle": orc}

@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -275,6 +275,9 @@ def scene_oracle(data_dir: str | Path,             # an eval set's folder (or a 
                  split: str = "test",              # val | test
                  ks: Sequence[int] = (1, 5, 10),   # recall cut-offs
                  max_images: int = 0,              # the first N images only, as `evaluate.max_images` (0 = all)
+                 fits: Callable | None = None,     # fits(metas, captions, size) -> (n_img, n_txt) bool; None: this
+                                                   # module's parser of the shapes captions (`lexvla.worlds` passes
+                                                   # the oracle of the world that drew the split)
                 ) -> dict | None:
     "Ceiling and ambiguity of a prepared split's captions; None without `eval/scenes/{split}.json` (real data)."
     pa = eval_set_paths(data_dir)
@@ -289,7 +292,8 @@ def scene_oracle(data_dir: str | Path,             # an eval set's folder (or a 
     if max_images and max_images < len(scenes):  # the images evaluate keeps, and their captions
         keep = t2i < max_images
         scenes, captions, t2i = scenes[:max_images], [c for c, k in zip(captions, keep) if k], t2i[keep]
-    fit = oracle_scores(scenes, captions, size, posterior=False)
+    fit = (oracle_scores(scenes, captions, size, posterior=False) if fits is None else
+           fits(scenes, captions, size).astype(np.float32))
     per_caption = fit.sum(0, dtype=np.float64)          # images each caption fits
     post = fit / np.maximum(per_caption, 1)
     return {"ceiling": oracle_ceiling(post, t2i, ks), "ceiling_fit_only": oracle_ceiling(fit, t2i, ks),

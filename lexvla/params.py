@@ -148,6 +148,9 @@ class PrepareParams:
     shard_size: int             # samples per webdataset tar shard (img2dataset writes 10,000)
     workers: int                # processes that draw / decode (0 = the main process); the output does not depend on it
     jpeg_quality: int           # quality of every JPEG written (4:4:4 chroma)
+    world: Literal["shapes", "pictograms"] = "pictograms"  # embedded: the data world drawn (a key of lexvla.worlds)
+    unseen_share: float = 0.2   # pictograms: share of each concept group never drawn or named in training
+    zipf: float = 1.0           # pictograms: training concepts drawn with weight 1 / rank^zipf (0: uniform)
     # real data: shard pattern ("cc12m/{00000..01242}.tar"), Karpathy JSON, or CSV/JSONL manifest
     source: str | None = None
     image_root: str | None = None       # folder the Karpathy JSON's or the manifest's image paths are relative to
@@ -175,6 +178,9 @@ class PrepareParams:
             if self.n_train < 1:
                 raise ParamsError(f"{prefix}.n_train: got {self.n_train}, expected >= 1 for the embedded set")
             if self.max_objects > 4: raise ParamsError(f"{prefix}.max_objects: got {self.max_objects}, expected 1..4")
+            if not 0 < self.unseen_share < 1:
+                raise ParamsError(f"{prefix}.unseen_share: got {self.unseen_share}, expected a share in (0, 1)")
+            at_least(self, prefix, ("zipf",), 0)
         elif self.source is None:
             raise ParamsError(f"{prefix}.source: got null, expected a path for kind {self.kind!r}")
         if (self.mask_dir is None) != (self.categories_json is None):
@@ -255,6 +261,8 @@ class EvalSetSpec:
     mask_dir: str | None = None        # mask PNGs named after the images (COCO-Stuff stuffthingmaps); null = none
     categories_json: str | None = None # COCO categories JSON of mask_dir
     mask_id_offset: int = 0            # category id = pixel + offset (COCO-Stuff stuffthingmaps: 1)
+    concepts: Literal["all", "seen", "unseen"] = "all"  # source null, embedded: the world's concept pool its scenes
+                                       # draw (pictograms: seen = training concepts, unseen = held out)
 
 EVAL_SET_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")  # a folder name and a DVC stage-name part
 
@@ -299,8 +307,15 @@ class EvaluateParams:
                                   "(prepare.eval_image_root, prepare.mask_dir); give a source for its own")
             if s.mask_id_offset < 0:
                 raise ParamsError(f"{prefix}.sets.{name}.mask_id_offset: got {s.mask_id_offset}, expected >= 0")
-        if sum(s.source is None for s in self.sets.values()) > 1:
-            raise ParamsError(f"{prefix}.sets: more than one set has source null (prepare's split): they are one set")
+        drawn = {}  # prepare's own split: one set per concept pool
+        for name, s in self.sets.items():
+            if s.source is None and s.concepts in drawn:
+                raise ParamsError(f"{prefix}.sets.{name}: source null with concepts {s.concepts!r} is set "
+                                  f"{drawn[s.concepts]!r} again (prepare's split): they are one set")
+            if s.source is None: drawn[s.concepts] = name
+            elif s.concepts != "all":
+                raise ParamsError(f"{prefix}.sets.{name}.concepts: got {s.concepts!r}, but a set with a source of "
+                                  "its own has no concept pool (all)")
         if "{name}" not in self.patchdis_prompt:
             raise ParamsError(f"{prefix}.patchdis_prompt: "
                               f"got {json.dumps(self.patchdis_prompt)}, expected a template with {{name}}")
@@ -612,6 +627,11 @@ def params_from_dict(d: dict,                    # section name -> mapping, as r
         try:  # the model section is a preset and the keys it changes: resolved first, then checked like the rest
             out[name] = from_dict(SECTIONS[name], model_dict(d[name]) if name == "model" else d[name], name)
         except ParamsError as e: raise ParamsError(f"{path}: {e}") from None
+    if "evaluate" in out and "prepare" in out and out["prepare"].kind != "embedded":  # real data: one split
+        own = [n for n, s in out["evaluate"].sets.items() if s.source is None]
+        if len(own) > 1 or any(out["evaluate"].sets[n].concepts != "all" for n in own):
+            raise ParamsError(f"{path}: evaluate.sets: {', '.join(own)}: kind {out['prepare'].kind!r} defines one "
+                              "evaluated split (source null, concepts all); concept pools are the embedded worlds'")
     if "evaluate" in out:  # the sections that name an evaluated set name one that is evaluated
         for name in ("search", "report"):
             if name in out and out[name].set not in out["evaluate"].sets:

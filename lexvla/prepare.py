@@ -26,7 +26,7 @@ from .datasets import (
 from .params import LoadedParams, ParamsError, load_params
 from .runtime import (LAYOUT, replace_dir, repo_root, resolve_path, run_cli, save_resolved, stage_parser,
                             write_json)
-from .scenes import CATEGORIES, make_scene, scene_rng
+from .worlds import WorldConfig, caption_word_stats, get_world
 
 # %% auto #0
 __all__ = ['READERS', 'EVAL_FORMATS', 'Job', 'Reader', 'register_reader', 'webdataset_jobs', 'karpathy_jobs', 'manifest_jobs',
@@ -128,64 +128,84 @@ def pmap(fn, jobs: list, workers: int, desc: str, progress: bool):
 
 # %% ../notebooks/03_prepare.ipynb #ade2bc5a
 def _render(job: tuple) -> dict:
-    "Draw one scene and encode everything the output needs (runs in a worker)."
-    seed, split, i, size, max_objects, n_captions, quality = job
-    sc = make_scene(scene_rng(seed, split, i), size, 1, max_objects, n_captions)
+    "Draw one scene of a registered world and encode everything the output needs (runs in a worker)."
+    world, cfg, seed, split, i, pool, quality = job
+    sc = get_world(world).draw(cfg, seed, split, i, pool)
     return {"jpg": encode_jpeg(sc.image, quality), "meta": sc.meta(), "semantic": png_bytes(sc.semantic),
-            "panoptic": panoptic_png(sc.instance),
-            "segments": panoptic_segments(sc.instance, [CATEGORIES.index(o.shape) for o in sc.objects])}
+            "panoptic": panoptic_png(sc.instance), "segments": panoptic_segments(sc.instance, sc.category_ids)}
 
 # %% ../notebooks/03_prepare.ipynb #ca6efe95
 _COMPACT = dict(indent=None, sort_keys=True, ensure_ascii=False)  # every JSON of the layout: one line, keys sorted
 
-def build_embedded(pp,          # the prepare section
+def build_embedded(pp,          # the prepare section (prepare.world: the world drawn)
                    size: int,   # px: the scenes' side (the vision tower's input size, `model.vision.img_size`)
                    seed: int,
-                   outs: dict[str, Path], # part (train | eval) -> the folder it is written to
-                   progress: bool = True) -> dict:
-    "Generate the embedded scenes of each part in `outs` (train shards; Karpathy val/test, masks). Split counts."
-    job = lambda split, i: (seed, split, i, size, pp.max_objects, pp.captions_per_image, pp.jpeg_quality)
-    counts = {}
-    if "train" in outs:
-        def train_samples():
-            jobs = [job("train", i) for i in range(pp.n_train)]
-            for i, r in enumerate(pmap(_render, jobs, pp.workers, "draw train", progress)):
-                key, caps = sample_key(i, pp.shard_size), r["meta"]["captions"]
-                meta = {"key": key, "status": "success", "error_message": None, "url": None, "caption": caps[0],
-                        "width": size, "height": size, "original_width": size, "original_height": size, **r["meta"]}
-                yield {"__key__": key, "jpg": r["jpg"], "txt": caps[0], "json": meta}
-        write_shards(train_samples(), outs["train"], pp.shard_size, progress=progress, total=pp.n_train)
-        counts["train"] = pp.n_train
-    if "eval" not in outs: return counts
-    out = outs["eval"]  # scenes are a function of (seed, split, index): the parts are drawn independently
-    write_categories(list(CATEGORIES), out / "masks" / "categories.json")
-    cats = [{"id": i, "name": n, "supercategory": "background" if i == 0 else "shape", "isthing": int(i > 0)}
-            for i, n in enumerate(CATEGORIES)]
-    entries = []
-    for split, n in (("val", pp.n_val), ("test", pp.n_test)):
-        (out / "karpathy" / "images").mkdir(parents=True, exist_ok=True)
-        (out / "masks" / split).mkdir(parents=True, exist_ok=True)
-        (out / "masks" / f"panoptic_{split}").mkdir(parents=True, exist_ok=True)
-        pan_images, pan_anns, metas = [], [], []
-        jobs = [job(split, i) for i in range(n)]
-        for i, r in enumerate(pmap(_render, jobs, pp.workers, f"draw {split}", progress)):
+                   outs: dict[str, Path], # part -> its folder: `train` (shards) or an evaluated set's name
+                   progress: bool = True,
+                   pools: dict[str, str] | None = None, # evaluated set -> the world's concept pool (default all)
+                   facts: dict | None = None,           # filled with each part's world facts for its report
+                  ) -> dict[str, dict]:
+    "Draw the embedded world's scenes of each part in `outs` (train shards; Karpathy val/test, masks); counts."
+    world, cfg = get_world(pp.world), WorldConfig.from_prepare(pp, size)
+    job = lambda split, i, pool: (pp.world, cfg, seed, split, i, pool, pp.jpeg_quality)
+    counts, facts = {}, facts if facts is not None else {}
+    described = world.describe(cfg)  # the concept split (pictograms), written beside each part
+    for part, out in outs.items():
+        facts[part] = {"world": pp.world, **({"notice": world.notice} if world.notice else {})}
+        if described is not None: write_json(out / "concepts.json", described, **_COMPACT)
+        if part == "train":
+            caps: list[str] = []
+            _write_train_scenes(pp, size, [job("train", i, "train") for i in range(pp.n_train)], out, caps, progress)
+            counts[part], facts[part]["caption_words"] = {"train": pp.n_train}, caption_word_stats(caps)
+        else:
+            pool = (pools or {}).get(part, "all")
+            facts[part]["concepts"] = pool
+            counts[part] = _write_eval_scenes(pp, size, world, cfg, lambda split, i: job(split, i, pool), out,
+                                              progress)
+    return counts
+
+# %% ../notebooks/03_prepare.ipynb #0e19acf4
+def _write_train_scenes(pp, size: int, jobs: list, out: Path, caps: list, progress: bool):
+    "The training scenes as webdataset shards (img2dataset layout); their captions appended to `caps`."
+    def samples():
+        for i, r in enumerate(pmap(_render, jobs, pp.workers, "draw train", progress)):
+            key, cs = sample_key(i, pp.shard_size), r["meta"]["captions"]
+            caps.extend(cs)
+            meta = {"key": key, "status": "success", "error_message": None, "url": None, "caption": cs[0],
+                    "width": size, "height": size, "original_width": size, "original_height": size, **r["meta"]}
+            yield {"__key__": key, "jpg": r["jpg"], "txt": cs[0], "json": meta}
+    write_shards(samples(), out, pp.shard_size, progress=progress, total=len(jobs))
+
+def _write_eval_scenes(pp, size: int, world, cfg, job: Callable, out: Path, progress: bool) -> dict:
+    "One evaluated set's val and test scenes: images, Karpathy JSON, masks, mask classes, scenes; {split: count}."
+    drawn = {split: list(pmap(_render, [job(split, i) for i in range(n)], pp.workers, f"draw {split}", progress))
+             for split, n in (("val", pp.n_val), ("test", pp.n_test))}
+    classes = world.categories(cfg, [r["meta"] for rs in drawn.values() for r in rs])  # [(id, name)]
+    sup = lambda i: "background" if i == 0 else world.supercategory
+    write_json(out / "masks" / "categories.json",
+               {"categories": [{"id": i, "name": n, "supercategory": sup(i)} for i, n in classes]}, **_COMPACT)
+    cats = [{"id": i, "name": n, "supercategory": sup(i), "isthing": int(i > 0)} for i, n in classes]
+    entries, first = [], 0  # `first`: the next sentence id
+    (out / "karpathy" / "images").mkdir(parents=True, exist_ok=True)
+    for split, rs in drawn.items():
+        for d in (out / "masks" / split, out / "masks" / f"panoptic_{split}"): d.mkdir(parents=True, exist_ok=True)
+        pan_images, pan_anns = [], []
+        for i, r in enumerate(rs):
             stem = f"{split}_{i:06d}"
             (out / "karpathy" / "images" / f"{stem}.jpg").write_bytes(r["jpg"])
             (out / "masks" / split / f"{stem}.png").write_bytes(r["semantic"])
             (out / "masks" / f"panoptic_{split}" / f"{stem}.png").write_bytes(r["panoptic"])
-            imgid = len(entries)
-            entries.append(karpathy_entry(imgid, f"{stem}.jpg", split, r["meta"]["captions"],
-                                          sum(len(e["sentences"]) for e in entries)))
-            pan_images.append({"id": imgid, "file_name": f"{stem}.jpg", "width": size, "height": size})
-            pan_anns.append({"image_id": imgid, "file_name": f"{stem}.png", "segments_info": r["segments"]})
-            metas.append(r["meta"])
+            entries.append(karpathy_entry(len(entries), f"{stem}.jpg", split, r["meta"]["captions"], first))
+            first += len(r["meta"]["captions"])
+            pan_images.append({"id": entries[-1]["imgid"], "file_name": f"{stem}.jpg", "width": size, "height": size})
+            pan_anns.append({"image_id": entries[-1]["imgid"], "file_name": f"{stem}.png",
+                             "segments_info": r["segments"]})
         write_json(out / "masks" / f"panoptic_{split}.json",
                    {"images": pan_images, "annotations": pan_anns, "categories": cats}, **_COMPACT)
-        write_json(out / "scenes" / f"{split}.json", {"size": size, "scenes": metas},
-                   **_COMPACT)  # for lexvla.oracle
-        counts[split] = n
+        write_json(out / "scenes" / f"{split}.json", {"world": pp.world, "size": size,  # for lexvla.worlds' oracle
+                                                      "scenes": [r["meta"] for r in rs]}, **_COMPACT)
     write_json(out / "karpathy" / "dataset_embedded.json", {"images": entries, "dataset": "embedded"}, **_COMPACT)
-    return counts
+    return {split: len(rs) for split, rs in drawn.items()}
 
 # %% ../notebooks/03_prepare.ipynb #63b8dda8
 _FORMATS = {"JPEG": ".jpg", "PNG": ".png", "WEBP": ".webp", "BMP": ".bmp", "GIF": ".gif", "TIFF": ".tif"}
@@ -428,23 +448,33 @@ def build_eval_set(pp,            # the prepare section (sizes, workers, cleanin
                           pp.workers, log, progress)
 
 # %% ../notebooks/03_prepare.ipynb #5a283eb5
-def _build(params, tmps: dict[str, Path], logs: dict[str, SkipLog], progress: bool) -> dict[str, dict]:
-    "Build each target into its temp folder; {target: counts}."
+def _build(params, tmps: dict[str, Path], logs: dict[str, SkipLog], progress: bool,
+           facts: dict) -> dict[str, dict]:
+    "Build each target into its temp folder; {target: counts} (`facts`: filled with each embedded part's world facts)."
     pp, sets, seed = params.prepare, params.evaluate.sets, params.base.seed
-    primary = next((s for s in tmps if s != "train" and sets[s].source is None), None)  # prepare's own split
+    own = [s for s in tmps if s != "train" and sets[s].source is None]  # prepare's own split(s)
     counts = {}
-    if "train" in tmps or primary is not None:
+    if pp.kind == "embedded" and ("train" in tmps or own):  # scenes at the vision tower's input size
+        pools = {s: sets[s].concepts for s in own}
+        world = get_world(pp.world)
+        for s, pool in pools.items():
+            if pool not in world.pools:
+                raise DataConfigError(f"evaluate.sets.{s}.concepts: got {pool!r}, but world {pp.world!r} draws "
+                                      f"{', '.join(world.pools)}")
+        outs = {k: tmps[k] for k in ("train", *own) if k in tmps}
+        counts.update(build_embedded(pp, params.model.vision.img_size, seed, outs, progress, pools, facts))
+    elif "train" in tmps or own:
+        primary = own[0] if own else None
         outs = {k: tmps[t] for k, t in (("train", "train"), ("eval", primary)) if t in tmps}
         lg = {k: logs[t] for k, t in (("train", "train"), ("eval", primary)) if t in tmps}
-        if pp.kind == "embedded":  # scenes at the vision tower's input size
-            got = build_embedded(pp, params.model.vision.img_size, seed, outs, progress)
-        else: got = build_real(pp, seed, outs, lg, progress)
+        got = build_real(pp, seed, outs, lg, progress)
         if "train" in tmps: counts["train"] = {"train": got.pop("train", 0)}
         if primary is not None: counts[primary] = got
     for s in tmps:
         if s not in counts: counts[s] = build_eval_set(pp, sets[s], s, tmps[s], logs[s], progress)
     return counts
 
+# %% ../notebooks/03_prepare.ipynb #6f72febc
 def prepare(params: LoadedParams,                  # the loaded params (base, prepare, evaluate.sets; the ViT's size)
             out_dir: str | Path | None = None,     # default data/prepared
             progress: bool = True,
@@ -462,7 +492,8 @@ def prepare(params: LoadedParams,                  # the loaded params (base, pr
         for t in tmps.values():
             if t.exists(): shutil.rmtree(t)
             t.mkdir(parents=True)
-        counts = _build(params, tmps, logs, progress)
+        facts: dict = {}
+        counts = _build(params, tmps, logs, progress, facts)
         if "train" in rel and counts["train"]["train"] == 0:
             raise ParamsError(f"prepare: no usable training image (skips: {dict(logs['train'].skipped)})")
         reports = {}
@@ -470,7 +501,7 @@ def prepare(params: LoadedParams,                  # the loaded params (base, pr
             named = k != "train" and params.evaluate.sets[k].source is not None  # a set with its own JSON
             kind = params.evaluate.sets[k].format if named else pp.kind
             reports[rel[k]] = {"kind": kind, "part": "train" if k == "train" else "eval", "counts": counts[k],
-                               **({"set": k} if named else {}), **logs[k].to_dict()}
+                               **({"set": k} if named else {}), **facts.get(k, {}), **logs[k].to_dict()}
             write_json(t / "report.json", reports[rel[k]], **_COMPACT)
             save_resolved(params, t)
         for k, t in tmps.items(): replace_dir(t, out / rel[k])  # each part swapped in whole, never half of one

@@ -162,6 +162,11 @@ class Scene:
     background: str
     captions: list[str] = field(default_factory=list)
 
+    @property
+    def category_ids(self) -> list[int]:
+        "The mask class of each object (its index in CATEGORIES)."
+        return [CATEGORIES.index(o.shape) for o in self.objects]
+
     def meta(self) -> dict:
         "JSON-ready description (no pixels)."
         return {"background": self.background, "objects": [asdict(o) for o in self.objects], "captions": self.captions}

@@ -18,7 +18,7 @@ from lexvla.datasets import (DataConfigError, collate_pairs, encode_jpeg, image_
                              load_karpathy, load_masks, png_bytes, prepared_paths, read_manifest, train_dataset,
                              write_categories, write_shards, backbone_data_config, karpathy_entry,
                              streaming_dataset, sample_key)
-from lexvla.params import ParamsError, load_params
+from lexvla.params import ParamsError, apply_profile, load_params
 from lexvla.prepare import prepare
 from lexvla.runtime import write_json
 
@@ -35,7 +35,8 @@ def scenes(n=150, seed=3, split="val"):
 
 
 def tiny_params(d: Path, **over):
-    y = yaml.safe_load((ROOT / "params.yaml").read_text())
+    "The shapes world's params (profiles/shapes.yaml: one evaluated set, `embedded`), small; then `over`."
+    y = apply_profile(ROOT / "profiles" / "shapes.yaml", ROOT / "params.yaml")
     y["prepare"].update(n_train=24, n_val=4, n_test=5, shard_size=10, workers=0)
     y["model"] = {"preset": "embedded", "vision": {"img_size": 64}}  # small scenes (the data tests build no model)
     y["prepare"].update(over)

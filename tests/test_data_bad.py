@@ -13,7 +13,7 @@ from PIL import Image
 from conftest import ROOT
 from lexvla.datasets import (SkipLog, decode_image, encode_jpeg, index_shards, prepared_paths, read_manifest,
                              sample_key, train_dataset, write_shards)
-from lexvla.params import load_params
+from lexvla.params import apply_profile, load_params
 from lexvla.prepare import prepare
 
 
@@ -75,7 +75,8 @@ def test_decode_each_bad_image(tmp_path):
 
 
 def _params(d: Path, **over) -> Path:
-    y = yaml.safe_load((ROOT / "params.yaml").read_text())
+    "Real-data params: one evaluated set (`embedded`, the split prepare holds out), as profiles/shapes.yaml has."
+    y = apply_profile(ROOT / "profiles" / "shapes.yaml", ROOT / "params.yaml")
     y["prepare"].update(n_train=0, n_val=0, n_test=0, shard_size=4, workers=0, store_size=64, **over)
     (d / "params.yaml").write_text(yaml.safe_dump(y))
     return d / "params.yaml"

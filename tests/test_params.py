@@ -44,10 +44,18 @@ def test_good_file_passes(tmp_path):
     (lambda d: d["evaluate"]["sets"].update({"a/b": {"source": "x.json"}}), "evaluate.sets.a/b: expected a name of"),
     (lambda d: d["evaluate"]["sets"].update(coco={"source": "c.json", "format": "cocoa"}),
      "evaluate.sets.coco.format: got \"cocoa\", expected 'karpathy' | 'coco'"),
-    (lambda d: d["evaluate"]["sets"].update(again={"source": None}),
-     "evaluate.sets: more than one set has source null"),
-    (lambda d: d["search"].update(set="coco"), "search.set: got 'coco', expected a key of evaluate.sets (embedded)"),
-    (lambda d: d["report"].update(set="coco"), "report.set: got 'coco', expected a key of evaluate.sets (embedded)"),
+    (lambda d: d["evaluate"]["sets"].update(zz={"source": None, "concepts": "seen"}),
+     "evaluate.sets.zz: source null with concepts 'seen' is set 'seen' again (prepare's split): they are one set"),
+    (lambda d: d["evaluate"]["sets"].update(coco={"source": "c.json", "concepts": "unseen"}),
+     "evaluate.sets.coco.concepts: got 'unseen', but a set with a source of its own has no concept pool"),
+    (lambda d: d["evaluate"]["sets"]["seen"].update(concepts="rare"),
+     "evaluate.sets.seen.concepts: got \"rare\", expected 'all' | 'seen' | 'unseen'"),
+    (lambda d: d["prepare"].update(kind="manifest", source="pairs.csv"),
+     "evaluate.sets: seen, unseen: kind 'manifest' defines one evaluated split"),
+    (lambda d: d["prepare"].update(world="lego"), "prepare.world: got \"lego\", expected 'shapes' | 'pictograms'"),
+    (lambda d: d["prepare"].update(unseen_share=1.0), "prepare.unseen_share: got 1.0, expected a share in (0, 1)"),
+    (lambda d: d["search"].update(set="coco"), "search.set: got 'coco', expected a key of evaluate.sets (seen, unseen)"),
+    (lambda d: d["report"].update(set="coco"), "report.set: got 'coco', expected a key of evaluate.sets (seen, unseen)"),
 ])
 def test_bad_file_fails_with_one_named_line(tmp_path, mutate, expected):
     r = check(tmp_path, mutated(mutate))

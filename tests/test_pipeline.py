@@ -264,9 +264,9 @@ def test_image_cache_equals_the_live_vision_tower(tiny_root):
     model = create_model_from_params(params, variant="lexvla").eval()
     tf = image_transform(model.data_config, train=False)
     cache_dir = tiny_root / "data" / "imagecache"
-    test = ImageTokenCache.load(cache_dir / "eval" / "embedded", "test")
+    test = ImageTokenCache.load(cache_dir / "eval" / "seen", "test")
     check_image_cache(test, model)
-    split = load_split(tiny_root / "data" / "prepared", "test")
+    split = load_split(tiny_root / "data" / "prepared" / "eval" / "seen", "test")
     assert len(test) == len(split.images) == 8
     for patches in (False, True):
         live = encode_images(model, split.images, tf, 4, patches=patches)

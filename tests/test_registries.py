@@ -7,7 +7,7 @@ import typing
 
 import pytest
 
-from lexvla import losses, model, params, prepare, vocab
+from lexvla import losses, model, params, prepare, vocab, worlds
 
 
 def choices(cls, field: str) -> set[str]:
@@ -23,7 +23,8 @@ def choices(cls, field: str) -> set[str]:
     (params.VocabParams, "filter", vocab.FILTERS),
     (params.PrepareParams, "kind", {"embedded": None, **prepare.READERS}),  # embedded scenes are drawn, not read
     (params.EvalSetSpec, "format", prepare.EVAL_FORMATS),
-], ids=["regularisers", "model variants", "vocabulary filters", "dataset readers", "eval set formats"])
+    (params.PrepareParams, "world", worlds.WORLDS),
+], ids=["regularisers", "model variants", "vocabulary filters", "dataset readers", "eval set formats", "data worlds"])
 def test_schema_choices_are_the_registry_keys(cls, field, registry):
     assert choices(cls, field) == set(registry)
 

@@ -13,7 +13,6 @@ import pytest
 import yaml
 from conftest import EXTRA_SET_IMAGES, run, tool
 
-from lexvla.scenes import COLOURS, SHAPES
 
 pytestmark = pytest.mark.repro
 
@@ -28,7 +27,7 @@ def test_two_fresh_copies_write_the_same_dvc_lock(tiny_repro):
     diff = list(difflib.unified_diff(a.splitlines(), b.splitlines(), "a/dvc.lock", "b/dvc.lock", lineterm="", n=1))
     assert not diff, "\n".join(diff[:80])
     lock = yaml.safe_load(a)["stages"]
-    sets = ("embedded", "extra")  # the copies evaluate a second set, a Karpathy JSON of their own (conftest)
+    sets = ("seen", "unseen", "extra")  # the world's two sets, and a Karpathy JSON of the copies' own (conftest)
     assert {"prepare", "convert", "imagecache", "textcache", "train@lexvla", "train@dense", "search", "report",
             *(f"{s}@{e}" for s in ("prepare_eval", "imagecache_eval", "textcache_eval") for e in sets),
             *(f"evaluate@{v}-{e}" for v in ("lexvla", "dense") for e in sets)} == set(lock)
@@ -56,29 +55,36 @@ def test_convert_ran_on_the_installed_packages(tiny_repro):
 
 
 def test_trained_models_clear_their_thresholds(tiny_repro):
-    """Fixed seeds, 24 steps on 128 scenes, 48 test images x 5 captions.
+    """Fixed seeds, 24 steps on 128 pictogram scenes, 48 test images x 5 captions of the `seen` set.
 
-    - The dense baseline (same towers) retrieves at 3x chance or better in both directions (measured: 5x and 6x).
+    - The dense baseline (same towers) retrieves above chance: text->image R@1 at 2.5x chance or better (measured
+      4.2x), image->text R@10 at 1.3x or better (measured 1.7x); a pipeline that mixes up images and captions sits
+      at 1x.
     - LexVLA's 1/sqrt(V) threshold keeps fewer than half of the 21,504 words, for images and for captions.
-    - LexVLA's caption vectors are about the captions: at least half of their 20 most-used words name a colour or a
-      shape of the scenes (the prompted LM predicts the caption's words).
+    - LexVLA's caption vectors are about the captions: at least 4 of their 20 most-used words are words of the
+      world's concept names (measured 5: microbe, face, ghost, ...; a vocabulary-blind vector: about 1, since those
+      words are 6 % of the vocabulary).
+    - Each set has its oracle ceiling, and PatchDis runs on the 16-bit pictogram masks.
     - The search stage's every top-k equals brute force, ids included.
 
-    LexVLA's own retrieval is not asserted: at this size it stays near chance (its loss falls from 3.49 to 3.40 in
-    24 steps, the dense baseline's from 3.52 to 1.82). The embedded default (120 steps, 2,000 scenes) is where it
-    learns; see the README's results."""
+    LexVLA's own retrieval is not asserted: at this size it stays near chance. The embedded default (300 steps,
+    2,000 scenes) is where it learns; see the README's results."""
+    from lexvla.pictograms import load_concepts
     root = tiny_repro["a"]
-    dense, lex = (_json(root, f"results/evaluate/embedded/{v}.json") for v in ("dense", "lexvla"))
+    dense, lex = (_json(root, f"results/evaluate/seen/{v}.json") for v in ("dense", "lexvla"))
     assert dense["n_images"] == 48 and dense["n_captions"] == 240
-    for d in ("image_to_text_R@1", "text_to_image_R@1"):
-        assert dense["dense"][d] >= 3 * dense["chance"][d], (d, dense["dense"][d], dense["chance"][d])
+    assert dense["dense"]["text_to_image_R@1"] >= 2.5 * dense["chance"]["text_to_image_R@1"], dense["dense"]
+    assert dense["dense"]["image_to_text_R@10"] >= 1.3 * dense["chance"]["image_to_text_R@10"], dense["dense"]
     thr = next(s for s in lex["sparsity"] if s["name"] == "threshold")
     assert thr["image_active_words"] < lex["dim"] / 2 and thr["text_active_words"] < lex["dim"] / 2, thr
-    scene_words = set(SHAPES) | {w for name, (_, syn) in COLOURS.items() for w in (name, *syn)}
+    concept_words = {w for c in load_concepts() for w in (*c.name.split(), *c.plural.split())}
     top = lex["word_use"]["text"]["top20_words"]
-    assert sum(w in scene_words for w in top) >= 10, top
-    for r in (dense, lex):
-        assert all(math.isfinite(v) for v in (r["dense"]["image_to_text_R@1"], r["patchdis"]["mIoU"]))
+    assert sum(w in concept_words for w in top) >= 4, top
+    for s in ("seen", "unseen"):
+        for v in ("dense", "lexvla"):
+            r = _json(root, f"results/evaluate/{s}/{v}.json")
+            assert r["oracle"]["own_caption_fit_rate"] == 1.0 and r["oracle"]["world"] == "pictograms"
+            assert r["ceiling"]["text_to_image_R@1"] > 0.5 and math.isfinite(r["patchdis"]["mIoU"])
     srch = _json(root, "results/search/summary.json")
     assert srch["stored"] == 48 and srch["queries"] == 20 and srch["topk_equals_brute_force"] == 1.0, srch
 
@@ -87,7 +93,7 @@ def test_reports_are_built_from_the_profile(tiny_repro):
     "The report stage: the summary table, the executed notebooks (papermill -p) and their HTML, the figures."
     out = tiny_repro["a"] / "results" / "reports"
     summary = _json(out, "summary.json")["sets"]
-    assert list(summary) == ["embedded", "extra"] and all(set(s["variants"]) == {"lexvla", "dense"}
+    assert list(summary) == ["extra", "seen", "unseen"] and all(set(s["variants"]) == {"lexvla", "dense"}
                                                           for s in summary.values())
     assert "## Set `extra`" in (out / "summary.md").read_text()
     for nb in ("retrieval", "words", "patches"):
@@ -105,8 +111,8 @@ def test_volatile_facts_stay_out_of_dvc_outputs(tiny_repro):
     root = tiny_repro["a"]
     facts = _json(root, "results/runs/train-lexvla.json")
     assert facts["wall_s_this_run"] > 0 and facts["environment"]["packages"]["torch"]
-    assert _json(root, "results/runs/evaluate-dense-embedded.json")["wall_s"] > 0
-    assert "wall_s" not in _json(root, "results/evaluate/embedded/dense.json")
+    assert _json(root, "results/runs/evaluate-dense-seen.json")["wall_s"] > 0
+    assert "wall_s" not in _json(root, "results/evaluate/seen/dense.json")
     assert "wall_s_this_run" not in _json(root, "results/train/lexvla/summary.json")
 
 
@@ -124,7 +130,7 @@ def test_a_second_eval_set_is_evaluated_beside_the_first(tiny_repro):
     Karpathy JSON (no masks: no PatchDis), and no model trained on either."""
     root = tiny_repro["a"]
     for v in ("lexvla", "dense"):
-        first, extra = (_json(root, f"results/evaluate/{e}/{v}.json") for e in ("embedded", "extra"))
+        first, extra = (_json(root, f"results/evaluate/{e}/{v}.json") for e in ("seen", "extra"))
         n = EXTRA_SET_IMAGES
         assert (first["n_images"], extra["n_images"], extra["n_captions"]) == (48, n, 3 * n)
         assert extra["chance"]["text_to_image_R@1"] == pytest.approx(1 / EXTRA_SET_IMAGES)

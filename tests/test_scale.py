@@ -116,7 +116,7 @@ def test_textcache_runs_on_the_device_and_skips_an_embedding_lookup(tmp_path, mo
     monkeypatch.setattr(TC, "create_model_from_params", spy)
     TC.build(params_from_dict(p), data_dir=tmp_path / "no-data", out=tmp_path / "tc", progress=False)
     assert moved == [("cpu",)]
-    for part in ("train", "eval/embedded"):
+    for part in ("train", "eval/seen", "eval/unseen"):
         c = TextPrefixCache.load(tmp_path / "tc" / part)
         assert len(c) == 0 and "every block" in c.meta["disabled"]
 
