@@ -155,8 +155,10 @@ def build_embedded(pp,          # the prepare section (prepare.world: the world 
         if described is not None: write_json(out / "concepts.json", described, **_COMPACT)
         if part == "train":
             caps: list[str] = []
-            _write_train_scenes(pp, size, [job("train", i, "train") for i in range(pp.n_train)], out, caps, progress)
+            classes = _write_train_scenes(pp, size, [job("train", i, "train") for i in range(pp.n_train)], out, caps,
+                                          progress)
             counts[part], facts[part]["caption_words"] = {"train": pp.n_train}, caption_word_stats(caps)
+            facts[part]["classes_drawn"] = len(classes)  # distinct mask classes (concepts) the training scenes show
         else:
             pool = (pools or {}).get(part, "all")
             facts[part]["concepts"] = pool
@@ -165,16 +167,19 @@ def build_embedded(pp,          # the prepare section (prepare.world: the world 
     return counts
 
 # %% ../notebooks/03_prepare.ipynb #0e19acf4
-def _write_train_scenes(pp, size: int, jobs: list, out: Path, caps: list, progress: bool):
-    "The training scenes as webdataset shards (img2dataset layout); their captions appended to `caps`."
+def _write_train_scenes(pp, size: int, jobs: list, out: Path, caps: list, progress: bool) -> set:
+    "The training scenes as webdataset shards (img2dataset layout); their captions appended to `caps`; their classes."
+    classes = set()
     def samples():
         for i, r in enumerate(pmap(_render, jobs, pp.workers, "draw train", progress)):
             key, cs = sample_key(i, pp.shard_size), r["meta"]["captions"]
             caps.extend(cs)
+            classes.update(s["category_id"] for s in r["segments"])
             meta = {"key": key, "status": "success", "error_message": None, "url": None, "caption": cs[0],
                     "width": size, "height": size, "original_width": size, "original_height": size, **r["meta"]}
             yield {"__key__": key, "jpg": r["jpg"], "txt": cs[0], "json": meta}
     write_shards(samples(), out, pp.shard_size, progress=progress, total=len(jobs))
+    return classes
 
 def _write_eval_scenes(pp, size: int, world, cfg, job: Callable, out: Path, progress: bool) -> dict:
     "One evaluated set's val and test scenes: images, Karpathy JSON, masks, mask classes, scenes; {split: count}."

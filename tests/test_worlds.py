@@ -190,6 +190,7 @@ def test_the_prepared_report_says_the_world_and_its_words(prepared):
     tr = reports["train"]
     assert tr["world"] == "pictograms" and "OpenMoji" in tr["notice"] and "CC BY-SA 4.0" in tr["notice"]
     assert tr["caption_words"]["captions"] == 1500 and tr["caption_words"]["distinct_words"] > 300
+    assert 100 <= tr["classes_drawn"] <= sum(c.seen for c in P.load_concepts())  # a long tail of seen concepts
     assert reports["eval/unseen"]["concepts"] == "unseen" and reports["eval/seen"]["concepts"] == "seen"
     table = json.loads((out / "train" / "concepts.json").read_text())
     assert table["n_seen"] + table["n_unseen"] == table["n_concepts"] == len(P.load_concepts())
