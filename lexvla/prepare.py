@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from .datasets import (
     PARTS, DataConfigError, SkipLog, read_at, clean_caption, decode_image, encode_jpeg, expand_shards, index_shards,
     karpathy_entry, karpathy_image_path, part_folders, panoptic_png, panoptic_segments, png_bytes, read_categories,
-    read_karpathy, read_manifest, sample_captions, sample_key, write_categories, write_shards)
+    read_karpathy, read_manifest, sample_captions, sample_key, write_shards)
 from .params import LoadedParams, ParamsError, load_params
 from .runtime import (LAYOUT, replace_dir, repo_root, resolve_path, run_cli, save_resolved, stage_parser,
                             write_json)

@@ -1,7 +1,6 @@
 """The data worlds (`lexvla.worlds`): the pictograms world's determinism, its seen/unseen split, its masks and its
 oracle; the shapes world's bytes; how `prepare` draws each evaluated set from its concept pool."""
 import hashlib
-import io
 import json
 import re
 import subprocess
@@ -12,7 +11,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from PIL import Image
 
 from conftest import ROOT
 from lexvla import pictograms as P
