@@ -190,7 +190,8 @@ def summarize_set(results_dir: str | Path, # one set's folder of `<variant>.json
         if name.startswith("ceiling"): vals["patchdis/mIoU"] = summary["patchdis_grid_ceiling_mIoU"]
         md += [f"| {name} | | | " + " | ".join(cell(vals, k) for _, k in _MD) + " |"]
     if ceiling: md += ["", "Gap closed = (R@1 - chance) / (ceiling - chance). The ceiling is the retrieval an oracle "
-                       "reading the scenes' true objects, colours and positions achieves (`lexvla.oracle`); its "
+                       "that checks each caption against every scene's true content achieves (the world's oracle, "
+                       "`lexvla.worlds`); its "
                        "PatchDis entry is what the patch grid allows (each patch labelled with its majority class)."]
     summary["claims"] = paper_claims(results_dir, runs, topk)
     md += claims_markdown(summary["claims"], summary["n_images"])
