@@ -25,7 +25,7 @@ CFG = WorldConfig(112)
 def pictogram_params(d: Path, **over) -> Path:
     "params.yaml (the pictograms default) with a small prepare section, written to `d`."
     y = yaml.safe_load((ROOT / "params.yaml").read_text())
-    y["prepare"].update(n_train=40, n_val=6, n_test=8, shard_size=20, workers=0, **over)
+    y["prepare"].update({"n_train": 40, "n_val": 6, "n_test": 8, "shard_size": 20, "workers": 0, **over})
     d.mkdir(parents=True, exist_ok=True)
     (d / "params.yaml").write_text(yaml.safe_dump(y))
     return d / "params.yaml"
@@ -114,7 +114,8 @@ def test_no_unseen_concept_reaches_training(prepared):
                 n += 1
     assert n == 300
     # and no seen name or grammar phrase could say one: the guarantee for every scene, not only these
-    said = [c.name for c in cs if c.seen] + [c.plural for c in cs if c.seen] + P.grammar_phrases()
+    said = [c.name for c in cs if c.seen] + [f"{k} {c.plural}" for c in cs if c.seen for k in P.COUNT_WORDS.values()]
+    said += P.grammar_phrases()
     for u in unseen:
         assert not any(_said(s, u.name) or _said(s, u.plural) for s in said), u
     # the unseen set draws only unseen concepts
