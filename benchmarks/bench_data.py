@@ -225,7 +225,7 @@ def main(argv=None):
         prepare(p, data, progress=False)
         rows.append((f"prepare stage, whole default set ({pp.n_train + pp.n_val + pp.n_test} images, "
                      f"{pp.workers} workers)", (pp.n_train + pp.n_val + pp.n_test) / (time.perf_counter() - t0)))
-    shards = prepared_paths(data)["shards"]
+    shards = prepared_paths(data, "train")["shards"]
     cfg = backbone_data_config(vp.timm_name, vp.img_size)
     tf = image_transform(cfg, train=True)
     ds = train_dataset(shards, tf, seed=p.base.seed, captions_per_image=tp.captions_per_image)

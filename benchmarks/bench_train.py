@@ -67,7 +67,7 @@ def main(argv=None) -> int:
     lex, dense = make("lexvla").to(dev).train(), make("dense").to(dev).train()
     b = a.batch
     try:
-        p = prepared_paths(repo_root() / "data" / "prepared")
+        p = prepared_paths(repo_root() / "data" / "prepared", "train")
         ds = train_dataset(p["shards"], image_transform(lex.data_config, train=True), seed=0, captions_per_image=2)
         batch = collate_pairs([ds[i] for i in range(b)])
         pixels, captions, source = batch["pixels"], batch["captions"], "data/prepared"

@@ -366,7 +366,7 @@ def test_killed_prepare_leaves_old_output(tmp_path, monkeypatch):
     P.prepare(p, tmp_path / "out", progress=False)
     before = digest(tmp_path / "out")
     def boom(*a, **k): raise KeyboardInterrupt
-    monkeypatch.setattr(P, "write_categories", boom)  # prepare's own name: it imports it at the top
+    monkeypatch.setattr(P, "write_json", boom)  # prepare's own name (it imports it at the top): after the shards
     with pytest.raises(KeyboardInterrupt): P.prepare(p, tmp_path / "out", progress=False)
     assert digest(tmp_path / "out") == before and [x.name for x in tmp_path.iterdir() if x.name.startswith(".")] == []
 

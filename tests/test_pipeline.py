@@ -273,7 +273,7 @@ def test_image_cache_equals_the_live_vision_tower(tiny_root):
         cached = encode_images(model, split.images, tf, 4, patches=patches, cache=test)
         torch.testing.assert_close(cached, live, atol=1e-5, rtol=1e-5)
     train = ImageTokenCache.load(cache_dir / "train", "train")
-    ds = train_dataset(prepared_paths(tiny_root / "data" / "prepared")["shards"], tf, seed=0)
+    ds = train_dataset(prepared_paths(tiny_root / "data" / "prepared", "train")["shards"], tf, seed=0)
     assert train.keys == ds.keys and len(train) == 48
     s = ds.load(5)
     with torch.no_grad():
