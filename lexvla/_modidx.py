@@ -674,6 +674,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                               'lexvla.train._run': ('train.html#_run', 'lexvla/train.py'),
                               'lexvla.train.agree': ('train.html#agree', 'lexvla/train.py'),
                               'lexvla.train.attach_model': ('train.html#attach_model', 'lexvla/train.py'),
+                              'lexvla.train.cpu_bf16_flags': ('train.html#cpu_bf16_flags', 'lexvla/train.py'),
                               'lexvla.train.fault_point': ('train.html#fault_point', 'lexvla/train.py'),
                               'lexvla.train.finish': ('train.html#finish', 'lexvla/train.py'),
                               'lexvla.train.launch_command': ('train.html#launch_command', 'lexvla/train.py'),

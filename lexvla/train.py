@@ -11,6 +11,7 @@ import importlib.util
 import json
 import math
 import os
+import platform
 import shutil
 import signal
 import subprocess
@@ -45,8 +46,8 @@ from .sparse import threshold_for
 __all__ = ['TRAINING_CODE', 'CheckpointError', 'fault_point', 'Checkpointer', 'NonFiniteLoss', 'run_fingerprint', 'agree',
            'NearUniformVectors', 'mean_pairwise_cosine', 'uniform_check', 'regularised', 'param_groups',
            'make_optimizer', 'resume', 'save_checkpoint', 'StepContext', 'train_step', 'scalars', 'log_step',
-           'native_bf16', 'mixed_precision', 'make_accelerator', 'Run', 'open_run', 'attach_model', 'BatchSource',
-           'StepLog', 'run_steps', 'finish', 'train', 'launch_command', 'main']
+           'cpu_bf16_flags', 'native_bf16', 'mixed_precision', 'make_accelerator', 'Run', 'open_run', 'attach_model',
+           'BatchSource', 'StepLog', 'run_steps', 'finish', 'train', 'launch_command', 'main']
 
 # %% ../notebooks/12_train.ipynb #7a1bb3be
 class CheckpointError(RuntimeError):
@@ -373,12 +374,25 @@ def log_step(live: Live, parts: dict, out: dict, lr: float, raw) -> dict[str, fl
     return rec
 
 # %% ../notebooks/12_train.ipynb #60074a89
-def native_bf16(device: str # "cpu" or "cuda"
+def cpu_bf16_flags() -> dict[str, bool]:
+    "This CPU's bf16 facts: x86, its AVX512-BF16 and AMX instructions, and whether oneDNN runs bf16 at all."
+    def ask(f):
+        try: return bool(f())
+        except (AttributeError, RuntimeError): return False
+    return {"x86": platform.machine().lower() in ("x86_64", "amd64", "i386", "i686"),
+            "avx512_bf16": ask(lambda: torch.cpu._is_avx512_bf16_supported()),
+            "amx": ask(lambda: torch.cpu._is_amx_tile_supported()),
+            "onednn": ask(lambda: torch.ops.mkldnn._is_mkldnn_bf16_supported())}
+
+def native_bf16(device: str, # "cpu" or "cuda"
+                flags: dict[str, bool] | None = None, # `cpu_bf16_flags()` (default: this machine's)
                ) -> bool:
-    "Whether bf16 matmuls run natively on `device`: a bf16-capable GPU, or a CPU with AVX512-BF16 / AMX (oneDNN)."
+    "Whether bf16 matmuls run natively on `device`: a bf16-capable GPU, or a CPU with AVX512-BF16 / AMX."
     if device == "cuda": return torch.cuda.is_bf16_supported()
-    try: return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError): return False
+    f = cpu_bf16_flags() if flags is None else flags
+    # oneDNN also says yes on AVX512 without BF16 (Ice Lake, Cascade Lake), where it emulates bf16 at a third of
+    # the fp32 rate: on x86 only the instructions count
+    return (f["avx512_bf16"] or f["amx"]) if f["x86"] else f["onednn"]
 
 def mixed_precision(precision: str, # train.precision: auto | fp32 | bf16
                     device: str,    # the resolved device
@@ -390,7 +404,8 @@ def mixed_precision(precision: str, # train.precision: auto | fp32 | bf16
     if precision == "fp32" or (precision == "auto" and device != "cuda"): return "no"
     if device == "cpu" and not (native_bf16(device) if native is None else native):
         warnings.warn("train.precision: bf16 asked for, but this CPU has no native bf16 matmuls (AVX512-BF16/AMX): "
-                      "torch's fallback runs them ~400x slower than fp32, so this run trains in fp32 (its numbers "
+                      "emulated there, they run 3x (AVX512) to 400x (AVX2) slower than fp32, so this run trains in "
+                      "fp32 (its numbers "
                       "differ from a bf16 machine's in the last digits; set train.precision: fp32 to silence this)")
         return "no"
     return "bf16"
