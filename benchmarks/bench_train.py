@@ -1,6 +1,6 @@
 """Where a training step of the embedded default spends its time, and how close its GEMMs run to the machine's own.
 
-    python benchmarks/bench_train.py [--params params.yaml] [--batch 64] [--reps 3] [--precision bf16] [--out benchmarks/results/train.md]
+    python benchmarks/bench_train.py [--params params.yaml] [--batch 64] [--reps 3] [--precision train|fp32|bf16] [--out auto|-|FILE]
 
 Builds the models that `dvc repro` trains (params.yaml's model section: SmolLM2-135M + LoRA on its last 2 layers,
 the frozen DINOv2 ViT-S/14) and times, on one batch of the prepared training data (or random pixels and captions
@@ -40,15 +40,86 @@ def best_time(fn, reps: int, sync) -> float:
     return best
 
 
+def cpu_name() -> str:
+    "The CPU's model name (/proc/cpuinfo), or platform's answer."
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"): return line.split(":", 1)[1].strip()
+    except OSError: pass
+    return platform.processor() or "CPU"
+
+
+def cpu_kind(flags: dict) -> str:
+    "The machine class the README's tables name: AVX512-BF16 / AMX, AVX512 without BF16, or AVX2 only."
+    if flags["amx"]: return "AMX (native bf16)"
+    if flags["avx512_bf16"]: return "AVX512-BF16 (native bf16)"
+    if torch.cpu._is_avx512_supported(): return "AVX512 without BF16 (bf16 emulated by oneDNN: training runs fp32)"
+    return "AVX2 only (no bf16 kernels: training runs fp32)"
+
+
+def kind_slug(flags: dict) -> str:
+    "The CPU kind as a file-name part: amx, avx512_bf16, avx512 (no BF16) or avx2."
+    if flags["amx"]: return "amx"
+    if flags["avx512_bf16"]: return "avx512_bf16"
+    return "avx512" if torch.cpu._is_avx512_supported() else "avx2"
+
+
+def rows_t(rows, prefix: str) -> float:
+    return next(t for n, t, _ in rows if n.startswith(prefix))
+
+
+def loader_and_text_cache(a, lex, params, b, source, part, rows) -> list[str]:
+    "Time the training loader's batch and the text cache's tokens/s; return lines on padding and duplicate captions."
+    from lexvla.datasets import collate_pairs, image_transform, prepared_paths, train_dataset
+    from lexvla.textcache import build_text_cache
+    cpi = params.train.captions_per_image
+    if source == "data/prepared":
+        from lexvla.runtime import repo_root
+        shards = prepared_paths(repo_root() / "data" / "prepared", "train")["shards"]
+        # what BatchSource reads with the image cache on: decode + the eval transform, although the step reads the
+        # cached tokens (the loader runs in its own worker beside the step)
+        ds = train_dataset(shards, image_transform(lex.data_config, train=False), seed=0, captions_per_image=cpi)
+        dl = torch.utils.data.DataLoader(ds, batch_size=b, num_workers=0, collate_fn=collate_pairs, drop_last=True)
+        it = iter(dl)
+        part("data: one batch from the training loader (decode + transform, in a worker)", lambda: next(it),
+             "beside the step, not in it")
+        raw = [c for i in range(len(ds.samples)) for c in ds.captions(i)[:cpi]]
+    else:
+        raw = [f"a {c} {s} left of a {s2}" for c, s, s2 in zip(["red", "blue", "green", "pink"] * 64,
+                                                               ["circle", "star", "ring"] * 86, ["square", "moon"] * 128)]
+    uniq = list(dict.fromkeys(raw))
+    sample = uniq[:4 * b]
+    t = best_time(lambda: build_text_cache(lex, sample, batch_size=b, progress=False), 1, lambda: None)
+    real = sum(int(lex.tokenize([c])["attention_mask"].sum()) for c in sample)
+    rows.append(("text cache: frozen LM prefix over 4 batches (length-sorted)", t,
+                 f"{real / t:.0f} real tokens/s, {len(sample) / t:.1f} captions/s"))
+    print(f"{rows[-1][0]:58s} {t * 1000:9.1f} ms", file=sys.stderr)
+    def padded(order):
+        tot = 0
+        for s in range(0, len(order), b):
+            m = lex.tokenize([uniq[i] for i in order[s:s + b]])["attention_mask"]
+            tot += m.numel()
+        return tot
+    n_real = sum(int(lex.tokenize(uniq[s:s + b])["attention_mask"].sum()) for s in range(0, len(uniq), b))
+    as_read, by_len = padded(list(range(len(uniq)))), padded(sorted(range(len(uniq)), key=lambda i: len(uniq[i])))
+    return [f"Text cache over the {len(raw)} training captions ({cpi} per image): {1 - len(uniq) / len(raw):.1%} are "
+            f"duplicates (encoded once); {n_real} real tokens; padding would be {1 - n_real / as_read:.1%} of the "
+            f"tokens in reading order and is {1 - n_real / by_len:.1%} in the cache's length-sorted batches."]
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--params", default="params.yaml")
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--precision", choices=["fp32", "bf16"], default="bf16", help="bf16 autocast, as train.precision")
+    ap.add_argument("--precision", choices=["train", "fp32", "bf16"], default="train",
+                    help="train (default): what train.precision resolves to on this machine (fp32 where bf16 is not "
+                         "native); bf16: autocast, emulated or not")
     ap.add_argument("--preset", default=None, help="a registry preset instead of params.yaml's model (e.g. tiny)")
-    ap.add_argument("--out", default=None)
+    ap.add_argument("--out", default="auto",
+                    help="where the table goes (auto: benchmarks/results/train_<CPU kind>.md, e.g. train_avx2.md; "
+                         "'-': nowhere)")
     a = ap.parse_args(argv)
 
     from lexvla.datasets import collate_pairs, image_transform, prepared_paths, train_dataset
@@ -58,11 +129,17 @@ def main(argv=None) -> int:
     from lexvla.params import load_params
     from lexvla.runtime import repo_root
     from lexvla.textcache import build_text_cache
+    from lexvla.train import cpu_bf16_flags, mixed_precision, param_groups
 
     torch.manual_seed(0)
     dev = torch.device(a.device)
     sync = (lambda: torch.cuda.synchronize()) if dev.type == "cuda" else (lambda: None)
     params = load_params(a.params)
+    if a.precision == "train":
+        import warnings
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            a.precision = "bf16" if mixed_precision(params.train.precision, dev.type) == "bf16" else "fp32"
     make = (lambda v: create_model(a.preset, variant=v)) if a.preset else (lambda v: create_model_from_params(params, variant=v))
     lex, dense = make("lexvla").to(dev).train(), make("dense").to(dev).train()
     b = a.batch
@@ -163,11 +240,19 @@ def main(argv=None) -> int:
         return step
     t_lex = part("whole step, LexVLA (cached ViT tokens and text prefix)", step_fn(lex), "fwd+bwd+AdamW")
     t_dense = part("whole step, dense baseline (same towers and caches)", step_fn(dense), "fwd+bwd+AdamW")
+    # the optimiser alone, with LexVLA's gradients in place (its share of the step)
+    trainable = [q for q in lex.parameters() if q.requires_grad]
+    for q in trainable: q.grad = torch.randn_like(q) * 1e-3
+    opt = torch.optim.AdamW(param_groups(lex, 0.05), lr=1e-9)
+    t_opt = part("optimiser: AdamW step over LexVLA's trainable parameters", opt.step,
+                 f"{sum(q.numel() for q in trainable) / 1e6:.1f} M parameters")
+    extra = loader_and_text_cache(a, lex, params, b, source, part, rows)
     rows.append(("GEMM rate, bf16, (b*n, d) x (d, V)", head_flops / gemm["bf16"], f"{gemm['bf16'] / 1e9:.0f} GFLOP/s"))
     rows.append(("GEMM rate, fp32, (b*n, d) x (d, V)", head_flops / gemm["fp32"], f"{gemm['fp32'] / 1e9:.0f} GFLOP/s"))
 
     when = datetime.date.today().isoformat()
-    dev_name = torch.cuda.get_device_name(0) if dev.type == "cuda" else f"{platform.processor() or 'CPU'}, {torch.get_num_threads()} threads"
+    dev_name = (torch.cuda.get_device_name(0) if dev.type == "cuda"
+                else f"{cpu_name()}, {torch.get_num_threads()} threads, {cpu_kind(cpu_bf16_flags())}")
     load = " ".join(f"{x:.1f}" for x in os.getloadavg())
     md = [f"# Benchmark: where a training step spends its time\n",
           f"`python benchmarks/bench_train.py{' --preset ' + a.preset if a.preset else ''} --batch {b}` ({when}, {dev_name}, "
@@ -179,9 +264,19 @@ def main(argv=None) -> int:
     md += [f"| {n} | {t * 1000:.1f} ms | {note} |" for n, t, note in rows]
     md += ["", "| model | step time | images/s |", "|---|---|---|",
            f"| LexVLA | {t_lex * 1000:.0f} ms | {b / t_lex:.1f} |", f"| dense baseline | {t_dense * 1000:.0f} ms | {b / t_dense:.1f} |"]
+    named = {"adapter": rows_t(rows, "vision: adapter"), "LoRA layers": rows_t(rows, "text: LoRA"),
+             "lexical head, image": rows_t(rows, "lexical head, image: fused max-pool + "),
+             "lexical head, text": rows_t(rows, "lexical head, text"), "loss": rows_t(rows, "loss:"), "optimiser": t_opt}
+    md += ["", "Each part's share of the LexVLA step (parts timed alone; the rest is autograd glue, norms and the "
+           "dense-free remainder of the forward):", "", "| part | share of the step |", "|---|---|"]
+    md += [f"| {k} | {v / t_lex:.0%} |" for k, v in named.items()]
+    md += [f"| rest | {1 - sum(named.values()) / t_lex:.0%} |"]
+    md += ["", *extra]
     text = "\n".join(md) + "\n"
     print(text)
-    if a.out:
+    if a.out == "auto":
+        a.out = f"benchmarks/results/train_{'gpu' if dev.type == 'cuda' else kind_slug(cpu_bf16_flags())}.md"
+    if a.out != "-":
         Path(a.out).parent.mkdir(parents=True, exist_ok=True); Path(a.out).write_text(text)
     return 0
 

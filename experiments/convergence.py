@@ -90,8 +90,13 @@ def points(steps: int, eval_every: int) -> list[int]:
 
 
 def eval_set(d: dict) -> str:
-    "The evaluated set these runs use: the first of evaluate.sets (the default's embedded scenes)."
+    "The first evaluated set of evaluate.sets (the one the figures and the old single-set records use)."
     return next(iter(d["evaluate"]["sets"]))
+
+
+def eval_sets(d: dict) -> list[str]:
+    "Every evaluated set of evaluate.sets: each point is evaluated on each (the default's `seen` and `unseen`)."
+    return list(d["evaluate"]["sets"])
 
 
 def build_val_caches(d: dict, data: Path, cache: Path) -> None:
@@ -101,7 +106,7 @@ def build_val_caches(d: dict, data: Path, cache: Path) -> None:
     pfile = cache / "params.yaml"
     pfile.write_text(yaml.safe_dump(d, sort_keys=False))
     for mod, out in ((textcache, cache / "text"), (imagecache, cache / "image")):
-        if (out / "eval" / eval_set(d) / "params.resolved.json").is_file(): continue  # metadata checked on use
+        if all((out / "eval" / es / "params.resolved.json").is_file() for es in eval_sets(d)): continue
         if mod.main(["--params", str(pfile), "--data", str(data), "--out", str(out), "--part", "eval"]) != 0:
             raise SystemExit(f"{mod.__name__} failed")
 
@@ -141,65 +146,57 @@ def _train_s(name: str, pt: int) -> float | None:
     return json.loads(f.read_text())["train_s"] if f.is_file() else None
 
 
-def run_variant(d: dict, name: str, data: Path, steps: int, eval_every: int, progress: bool) -> list[dict]:
-    "Train `name` point by point (resuming), evaluate each point on val; the curve."
+def run_variant(d: dict, name: str, data: Path, steps: int, eval_every: int, progress: bool) -> dict[str, list]:
+    "Train `name` point by point (resuming), evaluate each point on val of every set: `{set: curve}`."
     from lexvla.evaluate import evaluate
     from lexvla.train import train
     p = params_from_dict(d, source=str(CACHE / "params.yaml"))
     out, root = HERE / "runs" / name, repo_root()
-    curve = []
+    curves = {es: [] for es in eval_sets(d)}
     for pt in points(steps, eval_every):
-        res = HERE / "runs" / "val" / f"step-{pt:05d}" / eval_set(d) / f"{name}.json"
+        folder = HERE / "runs" / "val" / f"step-{pt:05d}"
         timing = HERE / "runs" / "wall" / f"{name}-{pt:05d}.json"
-        if not res.is_file():
+        if not timing.is_file():  # written after the point's last evaluation: a killed point is trained again
             t0 = time.perf_counter()
             train(p, name, data, root / "data" / "textcache", out, out / "results", progress=progress,
                   image_cache_dir=root / "data" / "imagecache", stop_after=pt)
             t1 = time.perf_counter()
-            evaluate(p, name, out / "model", data, CACHE / "text", res.parent.parent, progress=False,
-                     image_cache_dir=CACHE / "image")
+            for es in eval_sets(d):
+                evaluate(p, name, out / "model", data, CACHE / "text", folder, progress=False,
+                         image_cache_dir=CACHE / "image", eval_set=es)
             timing.parent.mkdir(parents=True, exist_ok=True)
             timing.write_text(json.dumps({"train_s": t1 - t0, "eval_s": time.perf_counter() - t1}))
-        curve.append(curve_row(pt, json.loads(res.read_text()), _train_s(name, pt)))
-        print(json.dumps({"variant": name, **{k: v for k, v in curve[-1].items() if k != "top20_words"}}), flush=True)
-    return curve
+        for es, curve in curves.items():
+            curve.append(curve_row(pt, json.loads((folder / es / f"{name}.json").read_text()), _train_s(name, pt)))
+            print(json.dumps({"variant": name, "set": es,
+                              **{k: v for k, v in curve[-1].items() if k != "top20_words"}}), flush=True)
+    return curves
 
 
-def test_claims(d: dict, names: list[str], data: Path, topk: int = 256) -> list[dict]:
-    "Each finished run's final model on test (the default's eval caches), then the claims with their intervals."
+def test_claims(d: dict, names: list[str], data: Path, topk: int = 256, es: str | None = None) -> list[dict]:
+    "Each finished run's final model on test of set `es` (the default's eval caches), then the claims' intervals."
     from lexvla.evaluate import evaluate
     from lexvla.report import paper_claims
     root = repo_root()
     dt = {**d, "evaluate": {**d["evaluate"], "split": "test"}}
     p = params_from_dict(dt, source=str(CACHE / "params.yaml"))
     out = HERE / "runs" / "test"
-    runs, es = {}, eval_set(d)
+    runs, es = {}, es or eval_set(d)
     for name in names:
         f = out / es / f"{name}.json"
         if not f.is_file():
             evaluate(p, name, HERE / "runs" / name / "model", data, root / "data" / "textcache", out, progress=False,
-                     image_cache_dir=root / "data" / "imagecache")
+                     image_cache_dir=root / "data" / "imagecache", eval_set=es)
         runs[name] = json.loads(f.read_text())
     return paper_claims(out / es, runs, topk), runs
 
 
-def report(rec: dict) -> None:
-    "results.json, results.md and curves.png from the record."
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    HERE.mkdir(parents=True, exist_ok=True)
-    (HERE / "results.json").write_text(json.dumps(rec, indent=1) + "\n")
+def _set_lines(es: str, sub: dict) -> list[str]:
+    "One evaluated set's section: the curves, the plateaus and the test claims."
     f = lambda v: "" if v is None else f"{v:.3f}"
-    prov = rec.get("provenance") or {}
-    md = [f"Convergence on the **val** split. Horizon {rec['steps']} steps (cosine), evaluated every "
-          f"{rec['eval_every']}; every other setting as in params.yaml. Plateau rule: {rec['rule']}", "",
-          "| variant | machine | commit | trained in |", "|---|---|---|---|",
-          *(f"| {v} | {pv.get('machine', '?')} | {pv.get('commit', '?')} | {pv.get('precision', '?')} |"
-            for v, pv in prov.items()), "",
-          "| variant | step | i->t R@1 | t->i R@1 | active words / image (caption) | top-64 R@1 | top-256 R@1 | "
-          "top-20 share | PatchDis | train s |", "|---|---|---|---|---|---|---|---|---|---|"]
-    for v, curve in rec["curves"].items():
+    md = [f"## Set `{es}`", "", "| variant | step | i->t R@1 | t->i R@1 | active words / image (caption) | top-64 R@1 | "
+          "top-256 R@1 | top-20 share | PatchDis | train s |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for v, curve in sub["curves"].items():
         for c in curve:
             aw = (f"{c['image_active_words']:.0f} ({c['text_active_words']:.0f})" if "image_active_words" in c else "-")
             tk = {k: " / ".join(f(x) for x in c[k]) if k in c else "-" for k in ("top64_R@1", "top256_R@1")}
@@ -208,37 +205,60 @@ def report(rec: dict) -> None:
                       f"{'' if c.get('wall_s') is None else round(c['wall_s'])} |")
     md += ["", "| variant | plateau reached | mean R@1 gained over the last third | plateau i->t / t->i R@1 |",
            "|---|---|---|---|"]
-    for v, pl in rec["plateaus"].items():
+    for v, pl in sub["plateaus"].items():
         md.append(f"| {v} | {'yes' if pl.get('reached') else 'no'} | {f(pl.get('gain_last_third'))} | "
                   f"{f(pl.get('i2t_R@1'))} / {f(pl.get('t2i_R@1'))} |")
-    if rec.get("claims"):
-        md += ["", f"Claims on **test** ({rec['test_n_images']} images x 5 captions), final models, 95 % paired "
-               "bootstrap over images:", "", "| claim | estimate | 95 % interval | verdict |", "|---|---|---|---|"]
+    if sub.get("claims"):
+        md += ["", f"Claims on **test** of `{es}` ({sub['test_n_images']} images x 5 captions), final models, 95 % "
+               "paired bootstrap over images:", "", "| claim | estimate | 95 % interval | verdict |",
+               "|---|---|---|---|"]
         md += [f"| {c['claim']} | {c['estimate']:+.3f} | [{c['low']:+.3f}, {c['high']:+.3f}] | **{c['verdict']}** |"
-               for c in rec["claims"]]
+               for c in sub["claims"]]
+    return md + [""]
+
+
+def report(rec: dict) -> None:
+    "results.json, results.md and curves.png from the record (one section and one row of plots per set)."
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    HERE.mkdir(parents=True, exist_ok=True)
+    (HERE / "results.json").write_text(json.dumps(rec, indent=1) + "\n")
+    sets = rec.get("sets") or {"(first set)": rec}  # records before the per-set layout held one set
+    prov = {v: pv for sub in sets.values() for v, pv in (sub.get("provenance") or {}).items()}
+    md = [f"Convergence on the **val** split of each evaluated set ({', '.join(f'`{es}`' for es in sets)}). Horizon "
+          f"{rec['steps']} steps (cosine), evaluated every {rec['eval_every']}; every other setting as in params.yaml. "
+          f"Plateau rule: {rec['rule']}", "", "| variant | machine | commit | trained in |", "|---|---|---|---|",
+          *(f"| {v} | {pv.get('machine', '?')} | {pv.get('commit', '?')} | {pv.get('precision', '?')} |"
+            for v, pv in prov.items()), ""]
+    for es, sub in sets.items(): md += _set_lines(es, sub)
     notes = {pv["note"]: v for v, pv in reversed(list(prov.items())) if pv.get("note")}  # each note once
-    md += [ln for n in notes for ln in ("", n)]
-    (HERE / "results.md").write_text("\n".join(md) + "\n")
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-    for v, curve in rec["curves"].items():
-        x = [c["step"] for c in curve]
-        axes[0].plot(x, [c["i2t_R@1"] for c in curve], "o-", label=f"{v} i->t")
-        axes[0].plot(x, [c["t2i_R@1"] for c in curve], "s--", label=f"{v} t->i")
-        if "top256_R@1" in curve[0]:
-            axes[1].plot(x, [c["top256_R@1"][0] / max(c["i2t_R@1"], 1e-9) for c in curve], "o-", label=f"{v} i->t")
-            axes[1].plot(x, [c["top256_R@1"][1] / max(c["t2i_R@1"], 1e-9) for c in curve], "s--", label=f"{v} t->i")
-        if curve[0].get("patchdis_mIoU") is not None:
-            axes[2].plot(x, [c["patchdis_mIoU"] for c in curve], "o-", label=v)
-    axes[1].axhline(0.95, color="grey", lw=0.8, ls=":")
-    for ax, t in zip(axes, ("val R@1", "top-256 R@1 / full R@1 (paper: >= 0.95)", "val PatchDis mIoU")):
-        ax.set_title(t); ax.set_xlabel("step"); ax.grid(alpha=.3); ax.legend(fontsize=7)
+    md += [ln for n in notes for ln in (n, "")]
+    (HERE / "results.md").write_text("\n".join(md).rstrip() + "\n")
+    fig, grid = plt.subplots(len(sets), 3, figsize=(15, 4 * len(sets)), squeeze=False)
+    for axes, (es, sub) in zip(grid, sets.items()):
+        for v, curve in sub["curves"].items():
+            x = [c["step"] for c in curve]
+            axes[0].plot(x, [c["i2t_R@1"] for c in curve], "o-", label=f"{v} i->t")
+            axes[0].plot(x, [c["t2i_R@1"] for c in curve], "s--", label=f"{v} t->i")
+            if "top256_R@1" in curve[0]:
+                axes[1].plot(x, [c["top256_R@1"][0] / max(c["i2t_R@1"], 1e-9) for c in curve], "o-", label=f"{v} i->t")
+                axes[1].plot(x, [c["top256_R@1"][1] / max(c["t2i_R@1"], 1e-9) for c in curve], "s--",
+                             label=f"{v} t->i")
+            if curve[0].get("patchdis_mIoU") is not None:
+                axes[2].plot(x, [c["patchdis_mIoU"] for c in curve], "o-", label=v)
+        axes[1].axhline(0.95, color="grey", lw=0.8, ls=":")
+        for ax, t in zip(axes, ("val R@1", "top-256 R@1 / full R@1 (paper: >= 0.95)", "val PatchDis mIoU")):
+            ax.set_title(f"{es}: {t}"); ax.set_xlabel("step"); ax.grid(alpha=.3); ax.legend(fontsize=7)
     fig.tight_layout(); fig.savefig(HERE / "curves.png", dpi=110)
 
 
-def merge_previous(rec: dict, path: Path) -> None:
-    "Add the variants of an earlier record at the same horizon and points that `rec` lacks, with their provenance."
+def merge_previous(rec: dict, path: Path, es: str | None = None) -> None:
+    "Add the variants of an earlier record (of set `es`) at the same horizon that `rec` lacks, with provenance."
     if not path.is_file(): return
     old = json.loads(path.read_text())
+    if "sets" in old:  # the per-set layout: this set's record, with the experiment's horizon
+        old = {**{k: old.get(k) for k in ("steps", "eval_every", "split")}, **old["sets"].get(es, {"curves": {}})}
     same = {k: (old.get(k), rec[k]) for k in ("steps", "eval_every", "split")}
     if any(o != n for o, n in same.values()):
         raise SystemExit(f"--merge: {path} is another experiment ({same}: old, new); run without --merge")
@@ -274,25 +294,31 @@ def main(argv: list[str] | None = None) -> int:
     d = experiment_params(root / a.params, names, a.steps, a.eval_every, "val")
     data = root / "data" / "prepared"
     if not a.only_report: build_val_caches(d, data, CACHE)
-    curves = {}
+    by_set = {es: {} for es in eval_sets(d)}
     for name in names:
         if a.only_report:
-            done = sorted((HERE / "runs" / "val").glob(f"step-*/{name}.json"))
-            if not done: continue
-            curves[name] = [curve_row(int(f.parent.name[5:]), json.loads(f.read_text()), _train_s(name, int(f.parent.name[5:])))
-                            for f in done]
-        else: curves[name] = run_variant(d, name, data, a.steps, a.eval_every, progress=True)
+            for es in by_set:
+                done = sorted((HERE / "runs" / "val").glob(f"step-*/{es}/{name}.json"))
+                if done: by_set[es][name] = [curve_row(int(f.parent.parent.name[5:]), json.loads(f.read_text()),
+                                                       _train_s(name, int(f.parent.parent.name[5:]))) for f in done]
+        else:
+            for es, curve in run_variant(d, name, data, a.steps, a.eval_every, progress=True).items():
+                by_set[es][name] = curve
     rule = (f"a run has plateaued when the last third of its steps gained < {a.plateau_gain} mean R@1 "
             "(mean of i->t and t->i) on val.")
     here = {"machine": machine(), "commit": commit(), "precision": effective_precision(d), "note": a.note}
     rec = {"steps": a.steps, "eval_every": a.eval_every, "split": "val", "rule": rule, "plateau_gain": a.plateau_gain,
-           "curves": curves, "provenance": {v: here for v in curves}}
-    if a.merge: merge_previous(rec, HERE / "results.json")
-    rec["plateaus"] = {v: plateau(c, a.plateau_gain) for v, c in rec["curves"].items()}
-    finished = [v for v, c in curves.items() if c and c[-1]["step"] == a.steps]
-    if finished and not a.no_test:
-        claims, runs = test_claims(d, finished, data)
-        rec["claims"], rec["test_n_images"] = claims, next(iter(runs.values()))["n_images"]
+           "sets": {}}
+    for es, curves in by_set.items():
+        sub = {"steps": a.steps, "eval_every": a.eval_every, "split": "val", "curves": curves,
+               "provenance": {v: here for v in curves}}
+        if a.merge: merge_previous(sub, HERE / "results.json", es)
+        sub["plateaus"] = {v: plateau(c, a.plateau_gain) for v, c in sub["curves"].items()}
+        finished = [v for v, c in curves.items() if c and c[-1]["step"] == a.steps]
+        if finished and not a.no_test:
+            claims, runs = test_claims(d, finished, data, es=es)
+            sub["claims"], sub["test_n_images"] = claims, next(iter(runs.values()))["n_images"]
+        rec["sets"][es] = {k: v for k, v in sub.items() if k not in ("steps", "eval_every", "split")}
     report(rec)
     print(f"wrote {HERE / 'results.md'} and {HERE / 'curves.png'}")
     return 0

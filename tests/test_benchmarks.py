@@ -26,8 +26,10 @@ def test_training_step_breakdown_runs_on_the_tiny_preset(tmp_path):
     run([sys.executable, str(ROOT / "benchmarks" / "bench_train.py"), "--preset", "tiny", "--batch", "8", "--reps", "1",
          "--out", str(out)], timeout=300)
     text = out.read_text()
-    for part in ("vision", "text: LoRA layers", "lexical head, image", "loss", "whole step, LexVLA", "whole step, dense"):
+    for part in ("vision", "text: LoRA layers", "lexical head, image", "loss", "whole step, LexVLA", "whole step, dense",
+                 "optimiser: AdamW", "text cache: frozen LM prefix", "share of the step", "padding would be"):
         assert part in text, part
+    assert any(k in text for k in ("AVX2 only", "AVX512 without BF16", "AVX512-BF16", "AMX")), text[:400]  # the kind
 
 
 def test_maxpool_benchmark_fused_head_needs_less_memory(tmp_path):

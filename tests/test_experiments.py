@@ -107,3 +107,23 @@ def test_merge_keeps_other_variants_with_their_provenance(tmp_path):
     assert rec["provenance"]["lexvla"] == {"machine": "old box", "commit": "abc1234", "precision": "?", "note": "?"}
     with pytest.raises(SystemExit, match="another experiment"):
         conv.merge_previous({**rec, "steps": 1200}, tmp_path / "results.json")
+
+
+def test_convergence_record_has_a_section_per_evaluated_set(tmp_path, monkeypatch):
+    "Each evaluated set (the default's seen and unseen) gets its curves, plateaus and claims; merges stay per set."
+    monkeypatch.setattr(conv, "HERE", tmp_path)
+    d = conv.experiment_params(ROOT / "params.yaml", ["lexvla"], steps=300, eval_every=100, split="val")
+    assert conv.eval_sets(d) == list(d["evaluate"]["sets"]) and len(conv.eval_sets(d)) >= 2
+    sub = lambda m: {"curves": {"lexvla": _curve(m)}, "plateaus": {"lexvla": conv.plateau(_curve(m), 0.005)},
+                     "provenance": {"lexvla": {"machine": "box", "commit": "abc", "precision": "fp32", "note": ""}}}
+    rec = {"steps": 300, "eval_every": 100, "split": "val", "rule": "r", "plateau_gain": 0.005,
+           "sets": {"seen": sub([0.1, 0.2, 0.3]), "unseen": sub([0.05, 0.06, 0.061])}}
+    conv.report(rec)
+    md = (tmp_path / "results.md").read_text()
+    assert "## Set `seen`" in md and "## Set `unseen`" in md and (tmp_path / "curves.png").is_file()
+    seen_part, unseen_part = md.split("## Set `unseen`")
+    assert "| lexvla | no |" in seen_part and "| lexvla | yes |" in unseen_part  # each set's own plateau
+    new = {"steps": 300, "eval_every": 100, "split": "val", "curves": {"dense": _curve([0.4])},
+           "provenance": {"dense": {}}}
+    conv.merge_previous(new, tmp_path / "results.json", "unseen")
+    assert new["curves"]["lexvla"] == _curve([0.05, 0.06, 0.061])  # the unseen set's, not the seen set's
