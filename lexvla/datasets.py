@@ -386,12 +386,21 @@ def _seeded(seed: int):
         np.random.set_state(npst)
         gen.set_state(th)
 
+_CACHED = object()  # `_Pairs._pair`: the image is in the image cache, not decoded
+
 class _Pairs:
     "What both training readers share: one sample's decode, caption draw and seeded augmentation."
+    # the keys whose images an exact image cache holds (`train.image_cache`): then no image is decoded, the step
+    # reads the cached tokens, and a key the cache lacks is skipped (the cache holds exactly the decodable ones)
+    cached_keys: frozenset[str] | None = None
+
     def _pair(self, key: str, caps: list[str], read_image: Callable[[], bytes], epoch: int, log: SkipLog,
               then: str) -> dict | None:
         img = None
-        if caps: img = decode_image(read_image(), log, key, self.min_side, self.max_pixels)
+        if caps and self.cached_keys is not None:
+            if key in self.cached_keys: img = _CACHED
+            else: log.skip("not_in_image_cache", key)
+        elif caps: img = decode_image(read_image(), log, key, self.min_side, self.max_pixels)
         self.log.update(log)
         if img is None:
             for r in log.skipped:
@@ -400,6 +409,7 @@ class _Pairs:
                     warnings.warn(f"training data: skipping bad samples ({r}, e.g. {key}); {then}")
             return None
         caption = caps[_hash64(self.seed, epoch, key, "caption") % len(caps)]
+        if img is _CACHED: return {"pixels": None, "caption": caption, "key": key}
         if self.transform is not None:
             with _seeded(_hash64(self.seed, epoch, key, "augment") % 2**63): img = self.transform(img)
         return {"pixels": img, "caption": caption, "key": key}
@@ -499,9 +509,9 @@ def train_dataset(shards,                       # shard paths, a folder, or a br
     return TarPairs(shards, transform, seed, captions_per_image, **kw)
 
 def collate_pairs(batch: list[dict]) -> dict:
-    "Stack a list of samples into `dict(pixels=(b,3,H,W), captions=[...], keys=[...])`."
-    return {"pixels": torch.stack([b["pixels"] for b in batch]), "captions": [b["caption"] for b in batch],
-            "keys": [b["key"] for b in batch]}
+    "Stack a list of samples into `dict(pixels=(b,3,H,W), captions=[...], keys=[...])` (pixels None: images cached)."
+    pixels = None if batch[0]["pixels"] is None else torch.stack([b["pixels"] for b in batch])
+    return {"pixels": pixels, "captions": [b["caption"] for b in batch], "keys": [b["key"] for b in batch]}
 
 # %% ../notebooks/02_datasets.ipynb #ace71c2c
 def _shard_samples(path: str, log: SkipLog,

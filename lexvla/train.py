@@ -260,8 +260,11 @@ def param_groups(model, weight_decay: float,
 
 def make_optimizer(model, tp: TrainParams):
     "`(AdamW, cosine-with-warm-up scheduler)` over `model`'s trainable parameters, as `train` params say."
+    # fused: one kernel per parameter group (7x faster on a 2-core CPU than the per-tensor loop: 22 against 150 ms
+    # for LexVLA's 14.7 M trainable parameters); the same update up to the last bit of fp32
+    fused = all(p.device.type in ("cpu", "cuda") for p in model.parameters() if p.requires_grad)
     opt = torch.optim.AdamW(param_groups(model, tp.weight_decay, tp.codebook_weight_decay), lr=tp.lr,
-                            betas=(0.9, 0.98), eps=1e-6)
+                            betas=(0.9, 0.98), eps=1e-6, fused=fused or None)
     return opt, get_cosine_schedule_with_warmup(opt, tp.warmup_steps, tp.steps)
 
 # %% ../notebooks/12_train.ipynb #b2a8428c
@@ -518,8 +521,10 @@ class BatchSource:
         if self.streaming:  # CC-12M scale: no index, one open shard per worker, split by process and worker
             self.ds = StreamingPairs(run.shards, transform, seed=seed, captions_per_image=tp.captions_per_image,
                                      batch_size=self.micro, rank=acc.process_index, world_size=acc.num_processes)
+            self._no_decode(run)
             return
         self.ds = train_dataset(run.shards, transform, seed=seed, captions_per_image=tp.captions_per_image)
+        self._no_decode(run)
         g = torch.Generator()
         g.manual_seed(seed)
         self.dl = torch.utils.data.DataLoader(_Epochs(self.ds), batch_size=self.micro, num_workers=tp.num_workers,
@@ -529,6 +534,10 @@ class BatchSource:
         if per_epoch < tp.grad_accum:
             raise ParamsError(f"train.batch_size: {tp.batch_size} is larger than the training set "
                               f"({len(self.ds)} images)")
+
+    def _no_decode(self, run: Run):
+        "The step reads the cached ViT tokens: decode no image (the same order, captions and skips; pixels None)."
+        if run.icache is not None: self.ds.cached_keys = frozenset(run.icache.keys)
 
     def prepare(self, model, opt) -> tuple:
         "accelerate's `prepare` of the model, the optimiser and (indexed) the loader; the stream is split already."
@@ -619,7 +628,7 @@ def run_steps(run: Run, model, source: BatchSource, c: StepContext, log: StepLog
         try: out, parts = train_step(model, batch, step, c)
         except NonFiniteLoss as e:
             raise NonFiniteLoss(f"{e}. Last good checkpoint: {run.ck.latest() or 'none'}") from None
-        log.saw(batch["pixels"].shape[0] * acc.num_processes)
+        log.saw(len(batch["keys"]) * acc.num_processes)
         if not acc.sync_gradients: continue
         step += 1
         with torch.no_grad(): raw.logit_scale.clamp_(0, math.log(100))  # CLIP's clamp: 1/T at most 100
