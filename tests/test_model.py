@@ -2,6 +2,7 @@
 import dataclasses
 import json
 import math
+import re
 import shutil
 
 import pytest
@@ -14,7 +15,7 @@ from transformers import PreTrainedTokenizerFast
 from lexvla.model import LexVLA, bow_targets, create_model, create_model_from_params, load_trained, save_trained
 from lexvla.params import ParamsError, describe_model, list_models, load_params, model_config
 from lexvla.sparse import SparseVectors, threshold_for
-from lexvla.text import positions_from_mask, tiny_lm, tiny_tokenizer
+from lexvla.text import SMOLLM2_GGUF, lm_location, positions_from_mask, smollm2_gguf, tiny_lm, tiny_tokenizer
 from lexvla.vocab import FILTERS, Vocabulary, build_vocabulary
 
 CAPS = ["a red ring above a green square", "two blue stars", "one small yellow circle left of a big purple cross"]
@@ -435,3 +436,28 @@ def test_embedded_text_tower_in_context_lexical_prediction(tiny_repro):
     assert {"red", "green", "ring"} <= set(top), top
     top2 = [w for w, _ in m.top_words(full[1], k=10)]
     assert {"red", "blue", "star"} <= set(top2), top2
+
+
+def test_stale_converted_lm_is_refused(tmp_path):
+    """Issue 34: the convert stage's folder (`model.lm.converted`) stands in for the GGUF only when the params ask for
+    a GGUF and its source.json records that GGUF; an LM swapped in the params never loads the old copy silently."""
+    tok = tiny_tokenizer()
+    conv = tmp_path / "lm"  # a converted folder as the convert stage leaves it, but of another GGUF
+    tiny_lm(tok).save_pretrained(conv)
+    tok.save_pretrained(conv)
+    (conv / "source.json").write_text(json.dumps({"gguf": "Other-1B.Q4_0.gguf", "bytes": 123, "max_logit_diff": 0.0}))
+    gguf = dataclasses.replace(model_config("embedded").lm, converted=str(conv))
+    msg = (rf"model.lm.converted: {re.escape(str(conv))} holds Other-1B.Q4_0.gguf \(123 bytes\).*"
+           rf"asks for {re.escape(SMOLLM2_GGUF)}")
+    with pytest.raises(ParamsError, match=msg): lm_location(gguf)
+    with pytest.raises(ParamsError, match=msg):
+        create_model("embedded", lm={"converted": str(conv)}, vision={"pretrained": False, "depth": 1})
+    # source hf: its own path (here a copy of the tiny Llama), never the converted folder
+    shutil.copytree(conv, tmp_path / "llama")
+    assert lm_location(dataclasses.replace(gguf, source="hf", path=str(tmp_path / "llama"))) == (
+        str(tmp_path / "llama"), {})
+    # the recorded GGUF is the one asked for (the default pipeline): the converted folder
+    (conv / "source.json").write_text(json.dumps({"gguf": SMOLLM2_GGUF, "bytes": smollm2_gguf().stat().st_size}))
+    assert lm_location(gguf) == (str(conv), {})
+    (conv / "source.json").unlink()  # a folder that records no source: refused too
+    with pytest.raises(ParamsError, match="no recorded GGUF source"): lm_location(gguf)
