@@ -16,9 +16,30 @@ from .datasets import image_transform
 from .model import LexVLA, load_trained, save_trained
 from .sparse import threshold_for
 from .vectors import check_texts
+from .vocab import Vocabulary
 
 # %% auto #0
-__all__ = ['LexVLAModule', 'sparse_encoder']
+__all__ = ['VocabularyTokenizer', 'LexVLAModule', 'sparse_encoder']
+
+# %% ../notebooks/18_sparse_encoder.ipynb #a08b147a
+class VocabularyTokenizer:
+    """What sentence-transformers reads as the `SparseEncoder`'s tokenizer (`decode`, its search-engine helpers): id i
+    is dimension i of a lexical vector, the model's vocabulary word `vocab.words[i]`, not the LM tokenizer's piece i."""
+    def __init__(self, vocab: Vocabulary): self.vocab = vocab
+    def __len__(self) -> int: return self.vocab.size
+    @property
+    def vocab_size(self) -> int: return self.vocab.size
+    def get_vocab(self) -> dict[str, int]: return {w: self.vocab.index(w) for w in self.vocab.unique_words}
+
+    def convert_ids_to_tokens(self, ids, skip_special_tokens: bool = False):
+        "The word of each dimension id (one id: its word)."
+        if isinstance(ids, int): return self.vocab.word(ids)
+        return [self.vocab.word(i) for i in ids]
+
+    def convert_tokens_to_ids(self, tokens):
+        "The dimension of each word (its word-start piece's where several spell it)."
+        if isinstance(tokens, str): return self.vocab.index(tokens)
+        return [self.vocab.index(t) for t in tokens]
 
 # %% ../notebooks/18_sparse_encoder.ipynb #f981ab22
 class LexVLAModule(InputModule):
@@ -31,7 +52,7 @@ class LexVLAModule(InputModule):
                 ):
         super().__init__()
         if not model.lexical: raise ValueError("the dense variant has no words: not a sparse encoder")
-        self.model, self.tokenizer = model.eval(), model.tokenizer
+        self.model, self.tokenizer = model.eval(), VocabularyTokenizer(model.vocab)  # decode's words
         self.threshold = threshold_for(model.dim) if threshold is None else float(threshold)
         self.transform = image_transform(model.data_config, train=False)
 

@@ -40,3 +40,28 @@ def test_sparse_encoder_gives_the_repository_vectors(tmp_path):
     same(back.encode_query(caps), ref_q)
     same(back.encode_document(ims), ref_d)
     with pytest.raises(ValueError, match="query 2 of 2 is empty"): enc.encode_query(["red", ""])
+
+
+def test_decode_names_the_words_that_lexvla_explains():
+    """Issue 34: `SparseEncoder.decode` (how sentence-transformers users read a vector) names dimension i by the
+    model's vocabulary word i, as `LexVLA.top_words` does, not by the LM tokenizer's piece i."""
+    model = create_model("tiny").eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad: p.add_(0.02 * torch.randn_like(p))
+    enc = sparse_encoder(model)
+    caps = ["a pink flamingo", "two blue squares left of a star", "sky"]
+    q = enc.encode_query(caps)
+    ims = [Image.fromarray(np.random.default_rng(i).integers(0, 255, (30, 30, 3), dtype=np.uint8)) for i in range(2)]
+    d = enc.encode_document(ims)
+    for vectors in (q, d):
+        decoded, dense = enc.decode(vectors, top_k=8), vectors.to_dense()
+        for got, v in zip(decoded, dense):
+            want = model.top_words(v, 8)  # the tiny vocabulary spells each word once: no pieces to merge
+            assert [w for w, _ in got] == [w for w, _ in want], (got, want)
+            np.testing.assert_allclose([x for _, x in got], [x for _, x in want], rtol=1e-6)
+    one = enc.decode(q[0], top_k=3)  # one vector: one list
+    assert [w for w, _ in one] == [w for w, _ in model.top_words(q.to_dense()[0], 3)]
+    ids = q.coalesce().indices()[1, :3].tolist()
+    assert enc.tokenizer.convert_ids_to_tokens(ids) == [model.vocab.words[i] for i in ids]
+    assert enc.tokenizer.convert_ids_to_tokens(ids) != model.tokenizer.convert_ids_to_tokens(ids)
