@@ -419,4 +419,6 @@ def load_trained(folder: str | Path, # a `save_trained` folder, e.g. models/lexv
     if unexpected: raise ValueError(f"{folder}: weights this model does not have: {unexpected[:3]}")
     lost = set(trainable_state(model)) - set(weights)
     if lost: raise ValueError(f"{folder}: trained weights missing: {sorted(lost)[:3]}")
-    return model.to(device).eval()
+    model = model.to(device).eval()
+    model.trained_folder = folder.resolve()  # its run's params and results (the model card)
+    return model
