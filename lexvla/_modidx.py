@@ -660,7 +660,6 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
             'lexvla.train': { 'lexvla.train.BatchSource': ('train.html#batchsource', 'lexvla/train.py'),
                               'lexvla.train.BatchSource.__init__': ('train.html#batchsource.__init__', 'lexvla/train.py'),
                               'lexvla.train.BatchSource.__iter__': ('train.html#batchsource.__iter__', 'lexvla/train.py'),
-                              'lexvla.train.BatchSource._no_decode': ('train.html#batchsource._no_decode', 'lexvla/train.py'),
                               'lexvla.train.BatchSource.position': ('train.html#batchsource.position', 'lexvla/train.py'),
                               'lexvla.train.BatchSource.prepare': ('train.html#batchsource.prepare', 'lexvla/train.py'),
                               'lexvla.train.BatchSource.seek': ('train.html#batchsource.seek', 'lexvla/train.py'),

@@ -521,10 +521,10 @@ class BatchSource:
         if self.streaming:  # CC-12M scale: no index, one open shard per worker, split by process and worker
             self.ds = StreamingPairs(run.shards, transform, seed=seed, captions_per_image=tp.captions_per_image,
                                      batch_size=self.micro, rank=acc.process_index, world_size=acc.num_processes)
-            self._no_decode(run)
-            return
-        self.ds = train_dataset(run.shards, transform, seed=seed, captions_per_image=tp.captions_per_image)
-        self._no_decode(run)
+        else: self.ds = train_dataset(run.shards, transform, seed=seed, captions_per_image=tp.captions_per_image)
+        # the step reads the cached ViT tokens: decode no image (the same order, captions and skips; pixels None)
+        if run.icache is not None: self.ds.cached_keys = frozenset(run.icache.keys)
+        if self.streaming: return
         g = torch.Generator()
         g.manual_seed(seed)
         self.dl = torch.utils.data.DataLoader(_Epochs(self.ds), batch_size=self.micro, num_workers=tp.num_workers,
@@ -534,10 +534,6 @@ class BatchSource:
         if per_epoch < tp.grad_accum:
             raise ParamsError(f"train.batch_size: {tp.batch_size} is larger than the training set "
                               f"({len(self.ds)} images)")
-
-    def _no_decode(self, run: Run):
-        "The step reads the cached ViT tokens: decode no image (the same order, captions and skips; pixels None)."
-        if run.icache is not None: self.ds.cached_keys = frozenset(run.icache.keys)
 
     def prepare(self, model, opt) -> tuple:
         "accelerate's `prepare` of the model, the optimiser and (indexed) the loader; the stream is split already."
