@@ -15,11 +15,17 @@ from lexvla.sparse import SparseVectors, threshold_for  # noqa: E402
 from lexvla.sparse_encoder import sparse_encoder  # noqa: E402
 
 
-def test_sparse_encoder_gives_the_repository_vectors(tmp_path):
+def trained_tiny():
+    "The tiny model with its trainable weights moved off their init (as training would), in eval mode."
     model = create_model("tiny").eval()
     with torch.no_grad():
         for p in model.parameters():
             if p.requires_grad: p.add_(0.02 * torch.randn_like(p))
+    return model
+
+
+def test_sparse_encoder_gives_the_repository_vectors(tmp_path):
+    model = trained_tiny()
     enc = sparse_encoder(model)
     caps = ["a red ring", "two blue squares left of a star", "sky"]
     ims = [Image.fromarray(np.random.default_rng(i).integers(0, 255, (30, 30, 3), dtype=np.uint8)) for i in range(4)]
@@ -45,10 +51,7 @@ def test_sparse_encoder_gives_the_repository_vectors(tmp_path):
 def test_decode_names_the_words_that_lexvla_explains():
     """Issue 34: `SparseEncoder.decode` (how sentence-transformers users read a vector) names dimension i by the
     model's vocabulary word i, as `LexVLA.top_words` does, not by the LM tokenizer's piece i."""
-    model = create_model("tiny").eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad: p.add_(0.02 * torch.randn_like(p))
+    model = trained_tiny()
     enc = sparse_encoder(model)
     caps = ["a pink flamingo", "two blue squares left of a star", "sky"]
     q = enc.encode_query(caps)
