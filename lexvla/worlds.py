@@ -107,7 +107,9 @@ def caption_word_stats(captions: list[str], top: int = 20) -> dict:
     return {"captions": len(captions), "distinct_words": len(freq),
             f"top{top}_token_share": round(sum(c for _, c in freq.most_common(top)) / n_tok, 4),
             "words_in_5pct_of_captions": sum(c >= 0.05 * len(captions) for c in docs.values()),
-            "caption_share": {w: round(docs[w] / max(len(captions), 1), 4) for w, _ in docs.most_common(top)}}
+            # ties by word: `docs` counts each caption's set of words, whose order follows Python's string hashing
+            "caption_share": {w: round(c / max(len(captions), 1), 4)
+                              for w, c in sorted(docs.items(), key=lambda wc: (-wc[1], wc[0]))[:top]}}
 
 # %% ../notebooks/01c_worlds.ipynb #9de4dff0
 def world_oracle(data_dir: str | Path,           # an eval set's folder (or a `prepare` output with one)
