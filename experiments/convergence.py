@@ -38,7 +38,8 @@ import yaml
 from lexvla.params import params_from_dict, repo_root
 
 HERE = Path(__file__).resolve().parent / "convergence"  # the results folder (`--out` moves it)
-CACHE = HERE / "cache"  # the val caches, shared by every results folder
+CACHE = HERE / "cache"  # the val caches, shared by every results folder (`--caches`: a lever's own)
+OWN_CACHES = False  # `--caches` given: CACHE also holds the training captions' text cache (a prompt or LM lever)
 VARIANTS = {"lexvla": {"model": "lexvla", "reg": "overuse", "lam": None},
             "dense": {"model": "dense", "reg": "none", "lam": None},
             "flops": {"model": "lexvla", "reg": "flops", "lam": None},
@@ -73,9 +74,22 @@ def effective_precision(d: dict) -> str:
     return "fp32" if mp == "no" else mp
 
 
-def experiment_params(params_file: Path, variants: list[str], steps: int, eval_every: int, split: str) -> dict:
+def set_key(d: dict, assignment: str) -> dict:
+    "Apply one `--set a.b.c=VALUE` (VALUE read as YAML) to params `d`; a partial `model` map merges over the preset."
+    key, sep, raw = assignment.partition("=")
+    if not sep or not key: raise SystemExit(f"--set {assignment!r}: expected KEY=VALUE, e.g. model.vocab.filter=words")
+    *path, last = key.split(".")
+    node = d
+    for k in path: node = node.setdefault(k, {})
+    node[last] = yaml.safe_load(raw)
+    return d
+
+
+def experiment_params(params_file: Path, variants: list[str], steps: int, eval_every: int, split: str,
+                      sets: list[str] = ()) -> dict:
     "params.yaml with the experiment's variants, horizon, checkpoints at the evaluation points, and `split` evaluated."
     d = yaml.safe_load(params_file.read_text())
+    for a in sets: set_key(d, a)
     d["train"]["variants"] = {v: VARIANTS[v] for v in variants}
     d["train"]["steps"] = steps
     d["train"]["checkpoint_every"] = eval_every
@@ -99,8 +113,9 @@ def eval_sets(d: dict) -> list[str]:
     return list(d["evaluate"]["sets"])
 
 
-def build_val_caches(d: dict, data: Path, cache: Path) -> None:
-    "The val split's text and image caches (the eval part of each cache stage), once."
+def build_val_caches(d: dict, data: Path, cache: Path, train_text: bool = False) -> None:
+    """The val split's text and image caches (the eval part of each cache stage), once; `train_text`: also the training
+    captions' text cache (`--caches`: a lever that changes the prompt or the LM cannot use data/textcache)."""
     from lexvla import imagecache, textcache
     cache.mkdir(parents=True, exist_ok=True)
     pfile = cache / "params.yaml"
@@ -109,6 +124,15 @@ def build_val_caches(d: dict, data: Path, cache: Path) -> None:
         if all((out / "eval" / es / "params.resolved.json").is_file() for es in eval_sets(d)): continue
         if mod.main(["--params", str(pfile), "--data", str(data), "--out", str(out), "--part", "eval"]) != 0:
             raise SystemExit(f"{mod.__name__} failed")
+    if train_text and not (cache / "text" / "train" / "params.resolved.json").is_file():
+        if textcache.main(["--params", str(pfile), "--data", str(data), "--out", str(cache / "text"),
+                           "--part", "train"]) != 0:
+            raise SystemExit("textcache (train part) failed")
+
+
+def train_text_cache() -> Path:
+    "The folder whose `train/` holds the training captions' text cache: data/textcache, or `--caches`' own."
+    return CACHE / "text" if OWN_CACHES else repo_root() / "data" / "textcache"
 
 
 def curve_row(step: int, r: dict, wall_s: float | None) -> dict:
@@ -158,7 +182,7 @@ def run_variant(d: dict, name: str, data: Path, steps: int, eval_every: int, pro
         timing = HERE / "runs" / "wall" / f"{name}-{pt:05d}.json"
         if not timing.is_file():  # written after the point's last evaluation: a killed point is trained again
             t0 = time.perf_counter()
-            train(p, name, data, root / "data" / "textcache", out, out / "results", progress=progress,
+            train(p, name, data, train_text_cache(), out, out / "results", progress=progress,
                   image_cache_dir=root / "data" / "imagecache", stop_after=pt)
             t1 = time.perf_counter()
             for es in eval_sets(d):
@@ -228,9 +252,10 @@ def report(rec: dict) -> None:
     prov = {v: pv for sub in sets.values() for v, pv in (sub.get("provenance") or {}).items()}
     md = [f"Convergence on the **val** split of each evaluated set ({', '.join(f'`{es}`' for es in sets)}). Horizon "
           f"{rec['steps']} steps (cosine), evaluated every {rec['eval_every']}; every other setting as in params.yaml. "
-          f"Plateau rule: {rec['rule']}", "", "| variant | machine | commit | trained in |", "|---|---|---|---|",
-          *(f"| {v} | {pv.get('machine', '?')} | {pv.get('commit', '?')} | {pv.get('precision', '?')} |"
-            for v, pv in prov.items()), ""]
+          f"Plateau rule: {rec['rule']}", "", "| variant | machine | commit | trained in | levers (params changed) |",
+          "|---|---|---|---|---|",
+          *(f"| {v} | {pv.get('machine', '?')} | {pv.get('commit', '?')} | {pv.get('precision', '?')} | "
+            f"{', '.join(f'`{x}`' for x in pv.get('levers') or []) or 'none'} |" for v, pv in prov.items()), ""]
     for es, sub in sets.items(): md += _set_lines(es, sub)
     notes = {pv["note"]: v for v, pv in reversed(list(prov.items())) if pv.get("note")}  # each note once
     md += [ln for n in notes for ln in (n, "")]
@@ -284,16 +309,23 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default="",
                     help="results folder instead of experiments/convergence (e.g. experiments/convergence/h300 for a "
                          "300-step horizon); its runs/ is scratch")
+    ap.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                    help="a lever: change one params key for every variant (VALUE is YAML; repeatable), e.g. "
+                         "model.vocab.filter=words or 'model.prompt=...'; recorded in the results")
+    ap.add_argument("--caches", default="",
+                    help="this experiment's own cache folder (val caches and the training text cache), for a lever "
+                         "that changes the prompt or the LM (default: data/textcache and convergence/cache)")
     a = ap.parse_args(argv)
-    global HERE
+    global HERE, CACHE, OWN_CACHES
     if a.out: HERE = (repo_root() / a.out).resolve()
+    if a.caches: CACHE, OWN_CACHES = (repo_root() / a.caches).resolve(), True
     names = [v.strip() for v in a.variants.split(",") if v.strip()]
     bad = [v for v in names if v not in VARIANTS]
     if bad: raise SystemExit(f"--variants: unknown {', '.join(bad)} (have: {', '.join(VARIANTS)})")
     root = repo_root()
-    d = experiment_params(root / a.params, names, a.steps, a.eval_every, "val")
+    d = experiment_params(root / a.params, names, a.steps, a.eval_every, "val", a.sets)
     data = root / "data" / "prepared"
-    if not a.only_report: build_val_caches(d, data, CACHE)
+    if not a.only_report: build_val_caches(d, data, CACHE, train_text=OWN_CACHES)
     by_set = {es: {} for es in eval_sets(d)}
     for name in names:
         if a.only_report:
@@ -306,7 +338,8 @@ def main(argv: list[str] | None = None) -> int:
                 by_set[es][name] = curve
     rule = (f"a run has plateaued when the last third of its steps gained < {a.plateau_gain} mean R@1 "
             "(mean of i->t and t->i) on val.")
-    here = {"machine": machine(), "commit": commit(), "precision": effective_precision(d), "note": a.note}
+    here = {"machine": machine(), "commit": commit(), "precision": effective_precision(d), "note": a.note,
+            "levers": a.sets}
     rec = {"steps": a.steps, "eval_every": a.eval_every, "split": "val", "rule": rule, "plateau_gain": a.plateau_gain,
            "sets": {}}
     for es, curves in by_set.items():
