@@ -19,8 +19,10 @@ from pathlib import Path
 
 import torch
 
-from lexvla.datasets import (StreamingPairs, StreamLoader, backbone_data_config, collate_pairs, encode_jpeg,
-                             image_transform, prepared_paths, streaming_dataset, train_dataset)
+from lexvla.pairs import StreamLoader, StreamingPairs, collate_pairs, streaming_dataset, train_dataset
+from lexvla.prepared import prepared_paths
+from lexvla.shards import encode_jpeg
+from lexvla.transforms import backbone_data_config, image_transform
 from lexvla.params import load_params, repo_root
 from lexvla.prepare import prepare
 from lexvla.scenes import make_scene, scene_rng
@@ -90,7 +92,7 @@ class _Cycle(torch.utils.data.Dataset):
 
 
 def _synthetic_shards(d: Path, n_shards: int, per_shard: int, size: int) -> list:
-    from lexvla.datasets import sample_key, write_shards
+    from lexvla.shards import sample_key, write_shards
     import numpy as np
     rng = np.random.default_rng(0)
     jpgs = [encode_jpeg(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)) for _ in range(32)]
@@ -102,7 +104,7 @@ def _synthetic_shards(d: Path, n_shards: int, per_shard: int, size: int) -> list
 def _index_bytes_per_sample(shards) -> float:
     "Python heap the indexed reader's sample index takes, per sample (tracemalloc)."
     import tracemalloc
-    from lexvla.datasets import index_shards
+    from lexvla.shards import index_shards
     tracemalloc.start()
     idx = index_shards(shards)
     keys = [s.key for s in idx]

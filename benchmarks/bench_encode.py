@@ -74,7 +74,7 @@ def child(a):
         r = encode_collection(model, Collection("image", ids, paths, "scenes"), a.shards, a.shard_size,
                               a.batch_size, "auto", a.topk)
     else:  # the old path: (n, V) dense, then sparsified
-        from lexvla.datasets import image_transform
+        from lexvla.transforms import image_transform
         dense = encode_images(model, paths, image_transform(model.data_config, train=False), a.batch_size)
         r = {"nnz": SparseVectors.from_dense(dense, threshold_for(a.V), a.topk, ids).nnz}
     secs = time.perf_counter() - t0

@@ -70,7 +70,9 @@ def rows_t(rows, prefix: str) -> float:
 
 def loader_and_text_cache(a, lex, params, b, source, part, rows) -> list[str]:
     "Time the training loader's batch and the text cache's tokens/s; return lines on padding and duplicate captions."
-    from lexvla.datasets import collate_pairs, image_transform, prepared_paths, train_dataset
+    from lexvla.pairs import collate_pairs, train_dataset
+    from lexvla.prepared import prepared_paths
+    from lexvla.transforms import image_transform
     from lexvla.textcache import build_text_cache
     cpi = params.train.captions_per_image
     if source == "data/prepared":
@@ -122,7 +124,9 @@ def main(argv=None) -> int:
                          "'-': nowhere)")
     a = ap.parse_args(argv)
 
-    from lexvla.datasets import collate_pairs, image_transform, prepared_paths, train_dataset
+    from lexvla.pairs import collate_pairs, train_dataset
+    from lexvla.prepared import prepared_paths
+    from lexvla.transforms import image_transform
     from lexvla.losses import create_loss, elu1p
     from lexvla.maxpool import lexical_maxpool
     from lexvla.model import create_model, create_model_from_params, l2norm

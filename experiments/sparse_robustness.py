@@ -101,8 +101,8 @@ def analyse(img: torch.Tensor, txt: torch.Tensor, t2i: torch.Tensor, ks: list[in
 def val_vectors(name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[str]]:
     "A convergence run's final model's val vectors (images, captions), each caption's image, and the vocabulary."
     from lexvla.caches import ImageTokenCache, TextPrefixCache
-    from lexvla.datasets import image_transform
-    from lexvla.evaluate import load_split
+    from lexvla.transforms import image_transform
+    from lexvla.datasets import load_split
     from lexvla.model import load_trained
     from lexvla.params import repo_root
     from lexvla.vectors import encode_images, encode_texts

@@ -7,15 +7,18 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Callable
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from .caches import ImageTokenCache, TextPrefixCache, usable_image_cache, usable_text_cache
-from .datasets import eval_set_paths, image_transform, load_karpathy, load_masks, mask_transform
+from .datasets import load_split, split_masks
+from .karpathy import Split
+from .transforms import image_transform
 from .metrics import (patchdis, patchdis_from_labels, retrieval_metrics, save_per_query, sparsity_sweep,
                             upsample_nearest)
 from .model import load_trained
@@ -27,8 +30,9 @@ from .sparse import SparseVectors, save_vectors, threshold_for
 from .vectors import class_vectors, encode_images, encode_texts
 
 # %% auto #0
-__all__ = ['chance_levels', 'word_use', 'eval_caches', 'set_folders', 'evaluate', 'Split', 'load_split', 'patch_grid',
-           'grid_majority', 'run_patchdis', 'split_masks', 'save_report_vectors', 'main']
+__all__ = ['chance_levels', 'word_use', 'eval_caches', 'set_folders', 'Evaluation', 'open_evaluation', 'encode_split', 'describe',
+           'score_retrieval', 'score_patchdis', 'save_evaluation', 'evaluate', 'patch_grid', 'grid_majority',
+           'run_patchdis', 'save_report_vectors', 'main']
 
 # %% ../notebooks/13_evaluate.ipynb #253b6bd0
 def chance_levels(txt2img,               # (captions,) image index of each caption
@@ -90,22 +94,39 @@ def _oracle(data_dir: Path, ep, n_txt: int) -> dict:
 # %% ../notebooks/13_evaluate.ipynb #cfd45e7a
 def set_folders(eval_set: str, data_dir=None, cache_dir=None, image_cache_dir=None, out_dir=None) -> tuple[Path, ...]:
     "One eval set's folders below the stages' outputs (default `LAYOUT`'s): prepared, caches, results."
+    es = LAYOUT.eval_set(eval_set)  # below the prepared data and the caches; the results are <evaluate>/<set>
     return tuple(resolve_path(d, dflt) / sub for d, dflt, sub in (
-        (data_dir, LAYOUT.prepared, f"eval/{eval_set}"), (cache_dir, LAYOUT.textcache, f"eval/{eval_set}"),
-        (image_cache_dir, LAYOUT.imagecache, f"eval/{eval_set}"), (out_dir, LAYOUT.evaluate, eval_set)))
+        (data_dir, LAYOUT.prepared, es), (cache_dir, LAYOUT.textcache, es),
+        (image_cache_dir, LAYOUT.imagecache, es), (out_dir, LAYOUT.evaluate, eval_set)))
 
-# %% ../notebooks/13_evaluate.ipynb #4baabb9f
-def evaluate(params: LoadedParams,        # the loaded params file
-             variant: str,                # a key of train.variants
-             model_dir: str | Path | None = None,  # default models/<variant>/model
-             data_dir: str | Path | None = None,   # default data/prepared
-             cache_dir: str | Path | None = None,  # default data/textcache
-             out_dir: str | Path | None = None,    # default results/evaluate
-             progress: bool = True,
-             image_cache_dir: str | Path | None = None, # default data/imagecache
-             eval_set: str | None = None,          # a key of evaluate.sets (default: the first)
-            ) -> dict:
-    "Evaluate one variant on one set: write `<out_dir>/<set>/<variant>.json` and `<variant>/` there; the metrics."
+# %% ../notebooks/13_evaluate.ipynb #139082f1
+@dataclass
+class Evaluation:
+    "One variant on one evaluated set, opened: the params, the set's folders, and the model, split and caches loaded."
+    params: LoadedParams
+    variant: str         # a key of train.variants
+    eval_set: str        # a key of evaluate.sets
+    model_dir: Path      # the trained model folder
+    data_dir: Path       # the set's prepared folder (`LAYOUT.eval_set` below the prepared data)
+    out_dir: Path        # the set's results folder: <results>/<set>
+    results: Path        # the evaluate results folder (runs are recorded beside it)
+    device: str
+    t0: float            # when loading began: the run's wall time counts from here
+    model: Any = None
+    split: Split | None = None
+    transform: Callable | None = None  # the evaluation transform of the model's backbone
+    cache: Any = None    # the set's text prefix cache (or None)
+    icache: Any = None   # the set's frozen-ViT token cache (or None)
+
+    @property
+    def ep(self) -> EvaluateParams: return self.params.evaluate
+
+# %% ../notebooks/13_evaluate.ipynb #6ae85392
+def open_evaluation(params: LoadedParams, variant: str, # the params and a key of train.variants
+                    eval_set: str | None = None,       # a key of evaluate.sets (default: the first)
+                    model_dir=None, data_dir=None, cache_dir=None, image_cache_dir=None, out_dir=None, # as `evaluate`
+                   ) -> Evaluation:
+    "Check the variant, the set and their folders; seed; load the model, the split, the transform and the caches."
     ep = params.evaluate
     if variant not in params.train.variants:
         raise ParamsError(f"train.variants: no variant {variant!r} (have: {', '.join(params.train.variants)})")
@@ -124,61 +145,85 @@ def evaluate(params: LoadedParams,        # the loaded params file
     split = load_split(data_dir, ep.split, ep.max_images)
     tf = image_transform(model.data_config, train=False)
     cache, icache = eval_caches(model, ep, cache_dir, image_cache_dir)
-    img = encode_images(model, split.images, tf, ep.batch_size, progress=progress, cache=icache)
-    txt = encode_texts(model, split.captions, ep.batch_size, cache, progress=progress)
-    t2i = torch.as_tensor(split.txt2img, dtype=torch.long)
-    n_img, n_txt = len(img), len(txt)
-    res = {"variant": variant, "model": model.variant, "reg": params.train.variants[variant].reg,
+    return Evaluation(params, variant, es, model_dir, data_dir, out_dir, results, device, t0, model, split, tf,
+                      cache, icache)
+
+# %% ../notebooks/13_evaluate.ipynb #a57c170c
+def encode_split(ev: Evaluation, progress: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    "The split's image and caption vectors, (images, dim) and (captions, dim), through the caches the model can use."
+    ep = ev.ep
+    img = encode_images(ev.model, ev.split.images, ev.transform, ep.batch_size, progress=progress, cache=ev.icache)
+    txt = encode_texts(ev.model, ev.split.captions, ep.batch_size, ev.cache, progress=progress)
+    return img, txt
+
+def describe(ev: Evaluation, n_img: int, n_txt: int) -> dict:
+    "What was evaluated (variant, split, sizes, encoders), the chance levels and, for scenes, the captions' ceiling."
+    model, ep = ev.model, ev.ep
+    res = {"variant": ev.variant, "model": model.variant, "reg": ev.params.train.variants[ev.variant].reg,
            "lexical": bool(model.lexical), "split": ep.split, "n_images": n_img, "n_captions": n_txt,
-           "dim": int(model.dim), "text_encoding": "text cache" if usable_text_cache(model, cache) else "text tower",
-           "image_encoding": "image cache" if usable_image_cache(icache, model) else "vision tower",
-           "chance": chance_levels(split.txt2img, n_img)}
-    if ep.oracle: res.update(_oracle(data_dir, ep, n_txt))
+           "dim": int(model.dim), "text_encoding": "text cache" if usable_text_cache(model, ev.cache) else "text tower",
+           "image_encoding": "image cache" if usable_image_cache(ev.icache, model) else "vision tower",
+           "chance": chance_levels(ev.split.txt2img, n_img)}
+    if ep.oracle: res.update(_oracle(ev.data_dir, ep, n_txt))
+    return res
+
+# %% ../notebooks/13_evaluate.ipynb #8a2be0a6
+def score_retrieval(ev: Evaluation, img: torch.Tensor, txt: torch.Tensor) -> tuple[dict, dict]:
+    "Retrieval metrics (dense; for a lexical model the sparsity sweep and word use) and every query's ranks."
+    model, ep = ev.model, ev.ep
+    t2i = torch.as_tensor(ev.split.txt2img, dtype=torch.long)
     ranks = {"dense": {}}  # every query's rank per setting: the report's paired-bootstrap intervals
-    res["dense"] = {**retrieval_metrics(img @ txt.T, t2i, ranks=ranks["dense"]),
-                    "image_active_words": _dense_stats(img)["active"],
-                    "text_active_words": _dense_stats(txt)["active"]}
+    res = {"dense": {**retrieval_metrics(img @ txt.T, t2i, ranks=ranks["dense"]),
+                     "image_active_words": _dense_stats(img)["active"],
+                     "text_active_words": _dense_stats(txt)["active"]}}
     if model.lexical:
         res["sparsity"] = sparsity_sweep(img, txt, t2i, model.dim, list(ep.topks), ep.threshold, ranks=ranks)
         res["word_use"] = {"image": word_use(img, model.vocab.words), "text": word_use(txt, model.vocab.words)}
-    pd = run_patchdis(model, split, data_dir, tf, ep, progress, cache, icache) if ep.patchdis else None
-    if pd is not None:
-        per_image = {k: pd["metrics"].pop(f"per_image_{k}") for k in ("intersection", "union")}
-        res["patchdis"] = pd["metrics"]
-    save_per_query(out_dir / variant / "per_query.npz", ranks, split.txt2img, per_image if pd is not None else None)
-    save_report_vectors(out_dir / variant / "vectors.npz", model, split, img, txt, pd, data_dir=data_dir)
-    save_resolved(params, out_dir / variant, extra={"variant": variant, "model_dir": repo_relative(model_dir),
-                                                    "device": device})
-    facts = {"stage": f"evaluate@{variant}-{es}", "wall_s": round(time.perf_counter() - t0, 2),
-             "environment": environment_record(device)}
-    record_run(f"evaluate-{variant}-{es}", facts, results=results.parent)
-    write_json(out_dir / f"{variant}.json", res)
+    return res, ranks
+
+def score_patchdis(ev: Evaluation, progress: bool = True) -> tuple[dict | None, dict | None]:
+    "`run_patchdis`'s result and the per-image intersections and unions (apart: they go to per_query.npz); or Nones."
+    pd = run_patchdis(ev.model, ev.split, ev.data_dir, ev.transform, ev.ep, progress, ev.cache, ev.icache) \
+        if ev.ep.patchdis else None
+    if pd is None: return None, None
+    return pd, {k: pd["metrics"].pop(f"per_image_{k}") for k in ("intersection", "union")}
+
+# %% ../notebooks/13_evaluate.ipynb #33b5b36e
+def save_evaluation(ev: Evaluation, res: dict, ranks: dict, img, txt,
+                    pd: dict | None = None, per_image: dict | None = None, # `score_patchdis`'s
+                   ) -> Path:
+    "Write `<set>/<variant>/` (per-query ranks, report vectors, params) and then `<set>/<variant>.json`; its path."
+    out = ev.out_dir / ev.variant
+    save_per_query(out / "per_query.npz", ranks, ev.split.txt2img, per_image)
+    save_report_vectors(out / "vectors.npz", ev.model, ev.split, img, txt, pd, data_dir=ev.data_dir)
+    save_resolved(ev.params, out, extra={"variant": ev.variant, "model_dir": repo_relative(ev.model_dir),
+                                         "device": ev.device})
+    facts = {"stage": f"evaluate@{ev.variant}-{ev.eval_set}", "wall_s": round(time.perf_counter() - ev.t0, 2),
+             "environment": environment_record(ev.device)}
+    record_run(f"evaluate-{ev.variant}-{ev.eval_set}", facts, results=ev.results.parent)  # results/runs/, untracked
+    return write_json(ev.out_dir / f"{ev.variant}.json", res)
+
+# %% ../notebooks/13_evaluate.ipynb #b0f284b1
+def evaluate(params: LoadedParams,        # the loaded params file
+             variant: str,                # a key of train.variants
+             model_dir: str | Path | None = None,  # default models/<variant>/model
+             data_dir: str | Path | None = None,   # default data/prepared
+             cache_dir: str | Path | None = None,  # default data/textcache
+             out_dir: str | Path | None = None,    # default results/evaluate
+             progress: bool = True,
+             image_cache_dir: str | Path | None = None, # default data/imagecache
+             eval_set: str | None = None,          # a key of evaluate.sets (default: the first)
+            ) -> dict:
+    "Evaluate one variant on one set: write `<out_dir>/<set>/<variant>.json` and `<variant>/` there; the metrics."
+    ev = open_evaluation(params, variant, eval_set, model_dir, data_dir, cache_dir, image_cache_dir, out_dir)
+    img, txt = encode_split(ev, progress)
+    res = describe(ev, len(img), len(txt))
+    scores, ranks = score_retrieval(ev, img, txt)
+    res.update(scores)
+    pd, per_image = score_patchdis(ev, progress)
+    if pd is not None: res["patchdis"] = pd["metrics"]
+    save_evaluation(ev, res, ranks, img, txt, pd, per_image)
     return res
-
-# %% ../notebooks/13_evaluate.ipynb #1f2701d1
-@dataclass
-class Split:
-    "One evaluation split: image files, their captions (in order) and each caption's image."
-    images: list
-    captions: list[str]
-    txt2img: list[int]
-    ids: list = field(default_factory=list)  # dataset ids of the images (mask lookup)
-    name: str = "test"                       # the Karpathy split name
-
-def load_split(data_dir: str | Path, # an eval set's folder (holds karpathy/), or a `prepare` output with one
-               split: str = "test",
-               max_images: int = 0,  # keep the first N images (0 = all)
-              ) -> Split:
-    "The Karpathy-format split of `data_dir`, optionally cut to its first `max_images` images."
-    p = eval_set_paths(data_dir)
-    s = load_karpathy(p["karpathy_json"], p["image_root"], split=split)
-    images, captions, t2i, ids = list(s.images), list(s.captions), [int(i) for i in s.txt2img], list(s.ids)
-    if max_images and max_images < len(images):
-        keep = [j for j, i in enumerate(t2i) if i < max_images]
-        images, ids = images[:max_images], ids[:max_images]
-        captions, t2i = [captions[j] for j in keep], [t2i[j] for j in keep]
-    return Split(images, captions, t2i, ids, split)
-
 
 # %% ../notebooks/13_evaluate.ipynb #7642fd2f
 def patch_grid(model) -> tuple[int, int]:
@@ -228,20 +273,6 @@ def run_patchdis(model, split: Split, data_dir: str | Path, transform, ep: Evalu
     metrics["grid_ceiling_mIoU"] = patchdis_from_labels(grid_best, masks, names)["mIoU"]
     return {"metrics": metrics, "class_names": names, "class_vectors": cls, "grid": (rows, cols),
             "patches": kept[:ep.report_images], "labels": labels, "masks": masks[:ep.report_images]}
-
-# %% ../notebooks/13_evaluate.ipynb #e039f950
-def split_masks(data_dir: str | Path, split: Split,
-                data_config: dict | None = None, # the model's: each mask resized and cropped like its image
-               ):
-    "`(masks, class names)` of the split's images (each (H, W) of class indices, -1 unlabelled); None without masks."
-    p = eval_set_paths(data_dir)
-    mdir = p["masks"].get(split.name)
-    if mdir is None or p["categories"] is None: return None
-    m = load_masks(mdir, p["categories"], split.ids)
-    if data_config is None: return m.masks, m.names
-    crop = mask_transform(data_config)  # a 4:3 COCO image is resized and centre-cropped: so is its mask
-    return [crop(x) for x in m.masks], m.names
-
 
 # %% ../notebooks/13_evaluate.ipynb #34c30e7f
 def _rows(x, threshold: float | None) -> SparseVectors:

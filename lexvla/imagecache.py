@@ -13,8 +13,10 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from .caches import ImageTokenCache, vision_cache_meta
-from .datasets import (PARTS, eval_set_paths, image_transform, load_karpathy, part_folders, prepared_paths,
-                              train_dataset)
+from .karpathy import load_karpathy
+from .pairs import train_dataset
+from .prepared import PARTS, eval_set_paths, part_folders, prepared_paths
+from .transforms import image_transform
 from .model import create_model_from_params
 from .params import LoadedParams, load_params
 from .runtime import (LAYOUT, replace_dir, resolve_device, resolve_path, run_cli, save_resolved, stage_parser,

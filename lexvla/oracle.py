@@ -12,7 +12,8 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from .datasets import eval_set_paths, load_karpathy
+from .karpathy import load_karpathy
+from .prepared import eval_set_paths
 from .scenes import BACKGROUNDS, COLOURS, COUNTS, OPENERS, PLURALS, REGIONS, RELATIONS, SHAPE_SYNONYMS, SHAPES
 from .scenes import SIZES, SceneObject, region_of, relation_of
 

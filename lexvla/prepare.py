@@ -19,10 +19,12 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
-from .datasets import (
-    PARTS, DataConfigError, SkipLog, read_at, clean_caption, decode_image, encode_jpeg, expand_shards, index_shards,
-    karpathy_entry, karpathy_image_path, part_folders, panoptic_png, panoptic_segments, png_bytes, read_categories,
-    read_karpathy, read_manifest, sample_captions, sample_key, write_shards)
+from .decode import DataConfigError, SkipLog, clean_caption, decode_image
+from .karpathy import karpathy_entry, karpathy_image_path, read_karpathy
+from .manifests import read_manifest
+from .masks import panoptic_png, panoptic_segments, png_bytes, read_categories
+from .prepared import PARTS, part_folders
+from .shards import encode_jpeg, expand_shards, index_shards, read_at, sample_captions, sample_key, write_shards
 from .params import LoadedParams, ParamsError, load_params
 from .runtime import (LAYOUT, replace_dir, repo_root, resolve_path, run_cli, save_resolved, stage_parser,
                             write_json)

@@ -66,6 +66,8 @@ class Layout:
     def model(self, variant: str) -> str: return f"models/{variant}"        # train@<variant>: model/, checkpoints/
                                                                             # (so no variant is named lm or vision)
     def train_results(self, variant: str) -> str: return f"results/train/{variant}"  # train@<variant>: metrics
+    def eval_set(self, name: str) -> str: return f"eval/{name}"  # an evaluated set below prepared, textcache and
+                                                                  # imagecache (prepare_eval@<set>, ..._eval@<set>)
 
 LAYOUT = Layout()
 

@@ -22,7 +22,7 @@ from .runtime import (LAYOUT, record_run, repo_relative, repo_root, resolve_devi
                             save_resolved, write_json)
 from .sparse import SparseVectors, VectorShards, load_vectors, threshold_for
 from .vectors import (check_texts, checkpoint_digest, cut_notes, encode_collection, encode_texts,
-                            image_collection, list_images)
+                            image_collection, list_images, threshold_arg)
 
 # %% auto #0
 __all__ = ['STAGE_KEYS', 'run_search', 'build_command', 'query_command', 'parser', 'main']
@@ -102,13 +102,6 @@ def run_search(params,                       # LoadedParams (search section)
     return {**summary, **timing}
 
 # %% ../notebooks/14_search.ipynb #a68e2399
-def _threshold(arg: str, V: int) -> float | None:
-    "--threshold: auto (1/√V, method §5), none, or a number."
-    if arg == "auto": return threshold_for(V)
-    if arg == "none": return None
-    try: return float(arg)
-    except ValueError: raise ValueError(f"--threshold: got {arg!r}, expected auto, none or a number") from None
-
 def _read_words(path: str | Path) -> list[str]:
     "A vocabulary file: a JSON list of words, or one word per line."
     p = Path(path)
@@ -142,7 +135,7 @@ def _shards_for(a: argparse.Namespace) -> Path:
     if not len(coll): raise ValueError(f"{a.images}: no images found")
     model = _load_model(a.checkpoint, resolve_device(a.device))
     folder = Path(a.shards_out or f"{a.out}.shards")
-    encode_collection(model, coll, folder, a.shard_size, a.batch_size, _threshold(a.threshold, model.dim), a.topk,
+    encode_collection(model, coll, folder, a.shard_size, a.batch_size, threshold_arg(a.threshold, model.dim), a.topk,
                       extra={"model_sha256": checkpoint_digest(a.checkpoint)}, progress=True)
     return folder
 
@@ -162,7 +155,7 @@ def build_command(a: argparse.Namespace) -> dict:
         words, sv = _read_words(a.words), SparseVectors.load(a.vectors)
         settings = {"source": str(a.vectors)}
         if a.threshold != "none" or a.topk:  # re-sparsify stored vectors only when asked
-            thr = _threshold(a.threshold, sv.dim)
+            thr = threshold_arg(a.threshold, sv.dim)
             sv = SparseVectors.from_dense(sv.to_dense(), threshold=thr, topk=a.topk, ids=sv.ids)
             settings.update(threshold=thr, topk=a.topk)
         index = InvertedIndex.build(sv, words, dtype=a.dtype, meta={"sparsify": settings})
@@ -193,7 +186,7 @@ def query_command(a: argparse.Namespace) -> list[dict]:
         for note in cut_notes(model, texts, "--text"): print(f"note: {note}", file=sys.stderr)
         index = InvertedIndex.load(a.index, words=_model_words(model))
         sp = index.meta.get("sparsify", {})
-        if a.threshold is not None: thr = _threshold(a.threshold, index.V)
+        if a.threshold is not None: thr = threshold_arg(a.threshold, index.V)
         else: thr = sp.get("threshold", threshold_for(index.V))
         qs = SparseVectors.from_dense(_encode_texts(model, a.text), threshold=thr, topk=a.topk)
         names = list(a.text)

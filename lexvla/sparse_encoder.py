@@ -12,7 +12,7 @@ from PIL import Image
 from sentence_transformers import SparseEncoder
 from sentence_transformers.base.modules.input_module import InputModule
 
-from .datasets import image_transform
+from .transforms import image_transform
 from .model import LexVLA, load_trained, save_trained
 from .sparse import threshold_for
 from .vectors import check_texts

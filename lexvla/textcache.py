@@ -11,8 +11,10 @@ import torch
 from tqdm.auto import tqdm
 
 from .caches import TextPrefixCache, cache_meta
-from .datasets import (PARTS, eval_set_paths, load_karpathy, part_folders, prepared_paths, read_categories,
-                              train_dataset)
+from .karpathy import load_karpathy
+from .masks import read_categories
+from .pairs import train_dataset
+from .prepared import PARTS, eval_set_paths, part_folders, prepared_paths
 from .model import create_model_from_params
 from .params import LoadedParams, load_params
 from .runtime import (LAYOUT, replace_dir, resolve_device, resolve_path, run_cli, save_resolved, stage_parser,

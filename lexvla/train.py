@@ -33,7 +33,8 @@ from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
 from .caches import ImageTokenCache, TextPrefixCache, check_cache, check_image_cache
-from .datasets import StreamingPairs, StreamLoader, collate_pairs, image_transform, train_dataset
+from .pairs import StreamLoader, StreamingPairs, collate_pairs, train_dataset
+from .transforms import image_transform
 from .losses import create_loss
 from .model import create_model_from_params, save_trained, trainable_state
 from .params import LoadedParams, ParamsError, TrainParams, VariantSpec, load_params
@@ -166,8 +167,8 @@ class NonFiniteLoss(RuntimeError):
     "The loss became NaN or infinite; training stopped and the last good checkpoint was kept."
 
 # the modules a training run executes: a checkpoint written by other code is not resumed
-TRAINING_CODE = ("runtime", "params", "datasets", "vocab", "text", "vision", "model", "maxpool", "losses", "caches",
-                 "sparse", "train")
+TRAINING_CODE = ("runtime", "params", "decode", "transforms", "shards", "pairs", "vocab", "text", "vision", "model",
+                 "maxpool", "losses", "caches", "sparse", "train")
 
 def run_fingerprint(params: LoadedParams, variant: str, data_dir: Path,
                     code_dir: Path | None = None, # the package whose TRAINING_CODE is hashed (default: this one)

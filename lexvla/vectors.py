@@ -20,7 +20,9 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from .caches import usable_image_cache, usable_text_cache
-from .datasets import SkipLog, decode_image, expand_shards, image_transform, index_shards
+from .decode import SkipLog, decode_image
+from .shards import expand_shards, index_shards
+from .transforms import image_transform
 from .sparse import SparseVectors, shard_file, start_shards, threshold_for, write_shard
 
 # %% auto #0

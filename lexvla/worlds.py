@@ -18,7 +18,7 @@ from .pictograms import (NOTICE, concept_table, grammar_phrases, load_concepts, 
                                pictogram_fits, pictogram_rng)
 from .scenes import CATEGORIES, make_scene, scene_rng
 from .scenes import vocabulary as shapes_vocabulary
-from .datasets import eval_set_paths
+from .prepared import eval_set_paths
 from .oracle import oracle_scores, scene_oracle
 
 # %% auto #0

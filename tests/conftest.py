@@ -52,7 +52,7 @@ def write_extra_set(folder: Path, n: int = EXTRA_SET_IMAGES) -> str:
     "A small Karpathy split JSON (test split) of `n` scenes unlike the embedded ones, with its images; its path."
     from PIL import Image
 
-    from lexvla.datasets import karpathy_entry
+    from lexvla.karpathy import karpathy_entry
     from lexvla.runtime import write_json
     from lexvla.scenes import make_scene, scene_rng
     (folder / "images").mkdir(parents=True, exist_ok=True)

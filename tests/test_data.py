@@ -14,10 +14,14 @@ from PIL import Image
 
 from conftest import ROOT, run
 from lexvla import scenes as S
-from lexvla.datasets import (DataConfigError, collate_pairs, encode_jpeg, image_transform, index_shards,
-                             load_karpathy, load_masks, png_bytes, prepared_paths, read_manifest, train_dataset,
-                             write_categories, write_shards, backbone_data_config, karpathy_entry,
-                             streaming_dataset, sample_key)
+from lexvla.decode import DataConfigError
+from lexvla.karpathy import karpathy_entry, load_karpathy
+from lexvla.manifests import read_manifest
+from lexvla.masks import load_masks, png_bytes, write_categories
+from lexvla.pairs import collate_pairs, streaming_dataset, train_dataset
+from lexvla.prepared import prepared_paths
+from lexvla.shards import encode_jpeg, index_shards, sample_key, write_shards
+from lexvla.transforms import backbone_data_config, image_transform
 from lexvla.params import ParamsError, apply_profile, load_params
 from lexvla.prepare import prepare
 from lexvla.runtime import write_json

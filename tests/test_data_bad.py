@@ -11,8 +11,11 @@ import yaml
 from PIL import Image
 
 from conftest import ROOT
-from lexvla.datasets import (SkipLog, decode_image, encode_jpeg, index_shards, prepared_paths, read_manifest,
-                             sample_key, train_dataset, write_shards)
+from lexvla.decode import SkipLog, decode_image
+from lexvla.manifests import read_manifest
+from lexvla.pairs import train_dataset
+from lexvla.prepared import prepared_paths
+from lexvla.shards import encode_jpeg, index_shards, sample_key, write_shards
 from lexvla.params import apply_profile, load_params
 from lexvla.prepare import prepare
 

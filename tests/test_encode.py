@@ -65,7 +65,7 @@ def test_encode_shards_resume_and_index(ckpt, images, tmp_path, capsys):
     # the shards hold what the dense encoder gives, sparsified at 1/sqrt(V)
     coll = image_collection(images)
     good = [(i, p) for i, p in zip(coll.ids, coll.items) if i != "broken.png"]
-    from lexvla.datasets import image_transform
+    from lexvla.transforms import image_transform
     dense = encode_images(model, [p for _, p in good], image_transform(model.data_config, train=False))
     ref = SparseVectors.from_dense(dense, threshold=threshold_for(model.dim), ids=[i for i, _ in good])
     got = vs.load()

@@ -156,7 +156,7 @@ def test_patchdis_on_a_non_square_image_crops_the_mask_like_the_image():
     (almost) perfectly against `mask_transform`'s mask, and clearly worse against the mask stretched uncropped."""
     from PIL import Image
 
-    from lexvla.datasets import backbone_data_config, image_transform, mask_transform
+    from lexvla.transforms import backbone_data_config, image_transform, mask_transform
     from lexvla.metrics import patchdis
     cfg = backbone_data_config("vit_small_patch14_dinov2", img_size=56)
     mask = np.zeros((120, 160), dtype=np.int64)       # 160 x 120 px: class 0 (green) in the middle,

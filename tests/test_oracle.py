@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from lexvla import oracle as O
-from lexvla.datasets import karpathy_entry
+from lexvla.karpathy import karpathy_entry
 from lexvla.metrics import retrieval_metrics
 from lexvla.runtime import write_json
 from lexvla.scenes import COLOURS, SHAPES, make_scene, scene_rng

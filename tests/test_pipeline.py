@@ -255,10 +255,12 @@ def test_disk_full_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
 
 def test_image_cache_equals_the_live_vision_tower(tiny_root):
     "The imagecache stage's tokens give the live ViT's image and patch vectors, for training and evaluation images."
-    from lexvla.datasets import image_transform, prepared_paths, train_dataset
+    from lexvla.pairs import train_dataset
+    from lexvla.prepared import prepared_paths
+    from lexvla.transforms import image_transform
     from lexvla.caches import ImageTokenCache, check_image_cache
     from lexvla.vectors import encode_images
-    from lexvla.evaluate import load_split
+    from lexvla.datasets import load_split
     from lexvla.model import create_model_from_params
     params = params_from_dict(tiny_params(), source="test")
     model = create_model_from_params(params, variant="lexvla").eval()

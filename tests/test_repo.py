@@ -162,3 +162,31 @@ def test_dvc_yaml_passes_each_stage_its_folders():
             assert any(out == f or out.startswith(f + "/") for f in given.values()), (name, out)
     m = model_config("embedded")
     assert m.lm.converted == L.lm and m.vision.checkpoint.startswith(L.vision + "/")
+
+
+def test_dvc_yaml_eval_set_folders_are_layout_eval_set():
+    """`dvc.yaml` spells each evaluated set's folders literally; they are `runtime.Layout.eval_set`'s, below the
+    prepared data and the caches, in every stage that names one (so the Python and the pipeline cannot drift)."""
+    import re
+    from lexvla.runtime import LAYOUT as L
+    text = (ROOT / "dvc.yaml").read_text()
+    stages = yaml.safe_load(text)["stages"]
+    k, ms = "${key}", "${item.set}"
+    under = lambda parent, name: f"{parent}/{L.eval_set(name)}"
+    expected = {  # stage: (deps, outs) that are an evaluated set's folder
+        "prepare_eval": ([], [under(L.prepared, k)]),
+        "imagecache_eval": ([under(L.prepared, k)], [under(L.imagecache, k)]),
+        "textcache_eval": ([under(L.prepared, k)], [under(L.textcache, k)]),
+        "evaluate": ([under(L.prepared, ms), under(L.textcache, ms), under(L.imagecache, ms)], [])}
+    parents = "|".join(re.escape(p) for p in (L.prepared, L.textcache, L.imagecache))
+    names = lambda xs: [next(iter(x)) if isinstance(x, dict) else x for x in xs]
+    for name, (deps, outs) in expected.items():
+        s = stages[name].get("do", stages[name])
+        assert [d for d in names(s["deps"]) if re.match(f"({parents})/", d) and d not in deps
+                and not d.endswith("/train")] == [], name
+        assert set(deps) <= set(names(s["deps"])) and set(outs) <= set(names(s["outs"])), name
+    report = stages["report"]["cmd"]
+    assert all(f"-p data_dir {under(L.prepared, '${report.set}')} " in c for c in report if "papermill" in c)
+    spelled = set(re.findall(rf"(?:{parents})/[^\s/]+/[^\s/]+", text))  # every <parent>/<part>/<name> in dvc.yaml
+    assert spelled == {under(p, n) for p in (L.prepared, L.textcache, L.imagecache) for n in (k, ms)} | {
+        under(L.prepared, "${report.set}")}, spelled

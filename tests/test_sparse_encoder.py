@@ -9,7 +9,7 @@ from PIL import Image
 pytest.importorskip("sentence_transformers")
 from sentence_transformers import SparseEncoder  # noqa: E402
 
-from lexvla.datasets import image_transform  # noqa: E402
+from lexvla.transforms import image_transform  # noqa: E402
 from lexvla.model import create_model  # noqa: E402
 from lexvla.sparse import SparseVectors, threshold_for  # noqa: E402
 from lexvla.sparse_encoder import sparse_encoder  # noqa: E402

@@ -6,9 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from lexvla import datasets as D
-from lexvla.datasets import (DataConfigError, StreamingPairs, StreamLoader, advance_position, backbone_data_config,
-                             encode_jpeg, image_transform, sample_key, shard_counts, train_dataset, write_shards)
+from lexvla import pairs as D
+from lexvla.decode import DataConfigError
+from lexvla.pairs import StreamLoader, StreamingPairs, advance_position, train_dataset
+from lexvla.shards import encode_jpeg, sample_key, shard_counts, write_shards
+from lexvla.transforms import backbone_data_config, image_transform
 
 
 def _samples(n, per_shard, bad=()):

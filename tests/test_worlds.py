@@ -14,7 +14,10 @@ import yaml
 
 from conftest import ROOT
 from lexvla import pictograms as P
-from lexvla.datasets import DataConfigError, eval_set_paths, load_karpathy, load_masks
+from lexvla.decode import DataConfigError
+from lexvla.karpathy import load_karpathy
+from lexvla.masks import load_masks
+from lexvla.prepared import eval_set_paths
 from lexvla.params import load_params
 from lexvla.prepare import _render, prepare
 from lexvla.worlds import WORLDS, WorldConfig, get_world, world_oracle
