@@ -9,15 +9,18 @@ import dataclasses
 import json
 import math
 import re
+import tempfile
 from pathlib import Path
 
 import safetensors.torch
 import torch
 import torch.nn.functional as F
 from einops import einsum, reduce
-from fastcore.basics import patch
+from fastcore.basics import patch, patch_to
+from huggingface_hub import HfApi, snapshot_download
 from torch import nn
 
+from .card import model_card, tower_sources
 from .losses import elu1p
 from .maxpool import lexical_maxpool
 from .params import LoadedParams, ModelParams, ParamsError, from_dict, list_models, model_config
@@ -438,3 +441,47 @@ def load_trained(folder: str | Path, # a `save_trained` folder, e.g. models/lexv
     model = model.to(device).eval()
     model.trained_folder = folder.resolve()  # its run's params and results (the model card)
     return model
+
+# %% ../notebooks/06c_model.ipynb #3be2db13
+@patch
+def save_pretrained(self: LexVLA, folder: str | Path, # the folder to write
+                    repo_id: str | None = None, params: dict | None = None, metrics: dict | None = None, # the card's
+                   ) -> Path:
+    "`save_trained`'s two files, plus `config.json` (the towers by source) and `README.md` (the model card)."
+    card = model_card(self, repo_id, params, metrics)  # first: a refused card writes nothing
+    folder = save_trained(self, folder)
+    write_json(folder / "config.json", {"library": "lexvla", "format": "save_trained (weights.safetensors + "
+                                        "model.json)", "variant": self.variant, "V": self.dim,
+                                        "vocab_fingerprint": self.vocab.fingerprint(), **tower_sources(self)})
+    card.save(folder / "README.md")
+    return folder
+
+@patch_to(LexVLA, static_method=True)
+def from_pretrained(name_or_path: str | Path, # a model folder, or a hub id ("user/lexvla-embedded")
+                    device: str = "cpu",
+                    revision: str | None = None, cache_dir: str | Path | None = None,
+                    local_files_only: bool = False, # only the local hub cache (what HF_HUB_OFFLINE=1 also does)
+                    token: str | bool | None = None,
+                   ) -> LexVLA:
+    "A trained LexVLA from a folder or a hub snapshot (`load_trained` of it; the frozen towers from their sources)."
+    p = Path(name_or_path)
+    if not p.is_dir():
+        if p.exists() or str(name_or_path).count("/") != 1:
+            raise FileNotFoundError(f"{name_or_path}: neither a model folder nor a hub id (user/name)")
+        p = Path(snapshot_download(str(name_or_path), revision=revision, cache_dir=cache_dir, token=token,
+                                   local_files_only=local_files_only,
+                                   allow_patterns=["*.json", "*.safetensors", "*.md"]))
+    return load_trained(p, device)
+
+@patch
+def push_to_hub(self: LexVLA, repo_id: str,
+                private: bool | None = None, token: str | bool | None = None, commit_message: str = "Upload LexVLA",
+                params: dict | None = None, metrics: dict | None = None,
+               ) -> str:
+    "Upload `save_pretrained`'s folder to the hub repository `repo_id` (created if needed); the commit's URL."
+    model_card(self, repo_id, params, metrics)  # refused (no params or results found) before any upload
+    api = HfApi(token=token)
+    api.create_repo(repo_id, private=private, exist_ok=True)
+    with tempfile.TemporaryDirectory() as d:
+        self.save_pretrained(d, repo_id, params, metrics)
+        return str(api.upload_folder(repo_id=repo_id, folder_path=d, commit_message=commit_message).commit_url)
