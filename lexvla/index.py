@@ -114,14 +114,15 @@ def __repr__(self: InvertedIndex):
             f"{self.nbytes / 2**20:.1f} MiB)")
 
 # %% ../notebooks/09_index.ipynb #eac1fb09
-def _build(cls,
-           sv: SparseVectors,          # the items' sparse lexical vectors (with ids, or rows are the ids)
-           words: Sequence[str],       # the vocabulary: words[j] is word j (len V)
-           dtype: str = "float32",     # posting weights: float32 (exact) or float16 (less memory)
-           shard: int = SHARD,         # items per shard (a power of two, at most 65536)
-           meta: dict | None = None,   # recorded with the index (e.g. how the vectors were sparsified)
-           shrink: bool = True,        # a collection smaller than `shard` gets one smaller shard
-          ) -> "InvertedIndex":
+@patch(cls_method=True)
+def build(cls: InvertedIndex,
+          sv: SparseVectors,          # the items' sparse lexical vectors (with ids, or rows are the ids)
+          words: Sequence[str],       # the vocabulary: words[j] is word j (len V)
+          dtype: str = "float32",     # posting weights: float32 (exact) or float16 (less memory)
+          shard: int = SHARD,         # items per shard (a power of two, at most 65536)
+          meta: dict | None = None,   # recorded with the index (e.g. how the vectors were sparsified)
+          shrink: bool = True,        # a collection smaller than `shard` gets one smaller shard
+         ) -> "InvertedIndex":
     "Build the sharded posting lists of `sv`, each (shard, word) list sparse or dense, whichever is smaller."
     if sv.dim != len(words):
         raise VocabularyMismatch(f"vectors have V={sv.dim} words, the vocabulary has {len(words)}")
@@ -155,7 +156,8 @@ def _build(cls,
     return cls(shard_ptr, offsets, weights, dense_of, dense, words, sv.ids, n, shard,
                meta={"dtype": dtype, **(meta or {})})
 
-def _to_csc(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+@patch
+def to_csc(self: InvertedIndex) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     "The postings as one CSC over all items: (word_ptr (V+1,) int64, rows (nnz,) int32, weights)."
     S, V, L = len(self.shard_ptr), self.V, self.shard
     counts = np.diff(self.shard_ptr, axis=1).ravel()
@@ -172,7 +174,8 @@ def _to_csc(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return m.indptr.astype(np.int64), m.indices.astype(np.int32), m.data.astype(self.weights.dtype)
 
 # %% ../notebooks/09_index.ipynb #eda5e80f
-def _from_csc(cls, word_ptr, docs, weights, words, ids=None, n=None, shard: int = SHARD, meta=None):
+@patch(cls_method=True)
+def from_csc(cls: InvertedIndex, word_ptr, docs, weights, words, ids=None, n=None, shard: int = SHARD, meta=None):
     "An index from one CSC over all items (the layout of format 1)."
     weights = np.asarray(weights)
     n = int(n if n is not None else len(ids))
@@ -180,10 +183,6 @@ def _from_csc(cls, word_ptr, docs, weights, words, ids=None, n=None, shard: int 
     csr.sort_indices()
     sv = SparseVectors(csr.indptr, csr.indices, csr.data, len(words), ids)
     return cls.build(sv, words, dtype=str(weights.dtype), shard=shard, meta=meta)
-
-InvertedIndex.build = classmethod(_build)
-InvertedIndex.to_csc = _to_csc
-InvertedIndex.from_csc = classmethod(_from_csc)
 
 # %% ../notebooks/09_index.ipynb #06877d98
 def _join(cls, pieces: list, words, meta) -> "InvertedIndex":
@@ -198,10 +197,11 @@ def _join(cls, pieces: list, words, meta) -> "InvertedIndex":
     return cls(shard_ptr, np.concatenate([p.offsets for p in pieces]), np.concatenate([p.weights for p in pieces]),
                dense_of, np.concatenate([p.dense for p in pieces]), words, ids, sum(p.n for p in pieces), L, meta)
 
-def _build_stream(cls,
-                  parts: Iterable[SparseVectors], # consecutive row blocks (e.g. `VectorShards`), any sizes
-                  words: Sequence[str], dtype: str = "float32", shard: int = SHARD, meta: dict | None = None,
-                 ) -> "InvertedIndex":
+@patch(cls_method=True)
+def build_stream(cls: InvertedIndex,
+                 parts: Iterable[SparseVectors], # consecutive row blocks (e.g. `VectorShards`), any sizes
+                 words: Sequence[str], dtype: str = "float32", shard: int = SHARD, meta: dict | None = None,
+                ) -> "InvertedIndex":
     "`build` over the rows of `parts` in order, one index shard at a time (never all rows in memory)."
     pieces, pending, count, block = [], [], 0, None
     def flush():
@@ -220,8 +220,6 @@ def _build_stream(cls,
     if not pieces: raise ValueError("no vectors to index")
     if len(pieces) == 1: return cls.build(block, words, dtype, shard, meta)  # exactly `build` (a smaller shard)
     return _join(cls, pieces, words, {"dtype": dtype, **(meta or {})})
-
-InvertedIndex.build_stream = classmethod(_build_stream)
 
 # %% ../notebooks/09_index.ipynb #5b35efc6
 def _query(q, V: int) -> tuple[np.ndarray, np.ndarray]:
@@ -345,10 +343,12 @@ def _item_weights(rows, qi, L, shard_ptr, offsets, weights, dense_of, dense, lut
             if lo < end and offsets[lo] == o: out_w[r, t], out_has[r, t] = _weight(weights[lo], lut), True
 
 # %% ../notebooks/09_index.ipynb #1e9b0eb8
-def _arrays(self) -> tuple:
+@patch
+def _arrays(self: InvertedIndex) -> tuple:
     return self.shard_ptr, self.offsets, self._w, self.dense_of, self._d, self._lut
 
-def _track(self, qw: np.ndarray) -> bool:
+@patch
+def _track(self: InvertedIndex, qw: np.ndarray) -> bool:
     "Whether 'shares a word' must be tracked apart from 'score > 0' (signed weights)."
     return not (self.positive and bool(np.all(qw > 0)))
 
@@ -360,14 +360,16 @@ def _merge(out_s: np.ndarray, out_r: np.ndarray, k: int) -> tuple[np.ndarray, np
     o = np.lexsort((r, -s))[:k]
     return r[o], s[o]
 
-def _topk_rows(self, qi: np.ndarray, qw: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+@patch
+def _topk_rows(self: InvertedIndex, qi: np.ndarray, qw: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     "Rows and float64 scores of one query's top k."
     S = len(self.shard_ptr)
     out_s, out_r = np.full((S, k), -np.inf), np.full((S, k), -1, np.int64)
     _topk_kernel(qi, qw.astype(np.float64), self._track(qw), k, self.n, self.shard, *self._arrays(), out_s, out_r)
     return _merge(out_s, out_r, k)
 
-def _topk_batch(self, qs: list, k: int) -> list[tuple[np.ndarray, np.ndarray]]:
+@patch
+def _topk_batch(self: InvertedIndex, qs: list, k: int) -> list[tuple[np.ndarray, np.ndarray]]:
     "Rows and scores of each query's top k, the queries spread over the cores."
     S = len(self.shard_ptr)
     qptr = np.cumsum([0] + [len(qi) for qi, _ in qs])
@@ -378,17 +380,16 @@ def _topk_batch(self, qs: list, k: int) -> list[tuple[np.ndarray, np.ndarray]]:
     _topk_batch_kernel(qptr, qidx, qwts, tracks, k, self.n, self.shard, *self._arrays(), out_s, out_r)
     return [_merge(out_s[b], out_r[b], k) for b in range(len(qs))]
 
-def _scores(self, qi: np.ndarray, qw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+@patch
+def _scores(self: InvertedIndex, qi: np.ndarray, qw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     "(n,) float64 scores and (n,) bool 'shares a word' of one query (ascending word order, float64)."
     s, touched = np.zeros(self.n), np.zeros(self.n, np.bool_)
     _score_all_kernel(qi, qw.astype(np.float64), self.n, self.shard, *self._arrays(), s, touched)
     return s, touched
 
-InvertedIndex._arrays, InvertedIndex._track = _arrays, _track
-InvertedIndex._topk_rows, InvertedIndex._topk_batch, InvertedIndex._scores = _topk_rows, _topk_batch, _scores
-
 # %% ../notebooks/09_index.ipynb #e0447abc
-def _explain_rows(self, rows: np.ndarray, qi: np.ndarray, qw: np.ndarray, top: int | None) -> list[list]:
+@patch
+def _explain_rows(self: InvertedIndex, rows: np.ndarray, qi: np.ndarray, qw: np.ndarray, top: int | None) -> list[list]:
     "The shared words of the query and each item of `rows` (dense column entries, binary searches in the lists)."
     w, has = np.zeros((len(rows), len(qi))), np.zeros((len(rows), len(qi)), np.bool_)
     _item_weights(np.asarray(rows, np.int64), qi, self.shard, *self._arrays(), w, has)
@@ -400,19 +401,19 @@ def _explain_rows(self, rows: np.ndarray, qi: np.ndarray, qw: np.ndarray, top: i
         out.append([(self.words[int(j[o])], float(cj[o])) for o in order])
     return out
 
-InvertedIndex._explain_rows = _explain_rows
-
 # %% ../notebooks/09_index.ipynb #e08c3984
-def _hits(self, rows: np.ndarray, scores: np.ndarray, qi, qw, explain_top: int | None) -> list[Hit]:
+@patch
+def _hits(self: InvertedIndex, rows: np.ndarray, scores: np.ndarray, qi, qw, explain_top: int | None) -> list[Hit]:
     why = self._explain_rows(rows, qi, qw, explain_top) if explain_top != 0 else [[] for _ in rows]
     return [Hit(id=self.ids[r] if self.ids is not None else int(r), score=float(s), row=int(r), explanation=e)
             for r, s, e in zip(rows.tolist(), scores.tolist(), why)]
 
-def _search(self,
-            query,                 # one query (see above) or a batch (SparseVectors, 2-D array, list of queries)
-            k: int = 10,           # hits per query
-            explain: int | None = 5, # words per hit's explanation (0: none; None: all shared words)
-           ) -> list[Hit] | list[list[Hit]]:
+@patch
+def search(self: InvertedIndex,
+           query,                 # one query (see above) or a batch (SparseVectors, 2-D array, list of queries)
+           k: int = 10,           # hits per query
+           explain: int | None = 5, # words per hit's explanation (0: none; None: all shared words)
+          ) -> list[Hit] | list[list[Hit]]:
     "Exact top-k items by dot product, each explained by its top shared words."
     if k < 1: raise ValueError(f"k must be >= 1, got {k}")
     if isinstance(query, SparseVectors):
@@ -428,13 +429,10 @@ def _search(self,
     tops = self._topk_batch(qs, k) if len(qs) > 1 else [self._topk_rows(*q, k) for q in qs]
     return [self._hits(r, s, qi, qw, explain) for (r, s), (qi, qw) in zip(tops, qs)]
 
-def _score_all(self, query) -> np.ndarray:
+@patch
+def score_all(self: InvertedIndex, query) -> np.ndarray:
     "(n,) float64 scores of every item for one query (0 for items sharing no word)."
     return self._scores(*_query(query, self.V))[0]
-
-InvertedIndex._hits = _hits
-InvertedIndex.search = _search
-InvertedIndex.score_all = _score_all
 
 # %% ../notebooks/09_index.ipynb #5f534b4f
 def topk_agrees(hits: Sequence,        # an engine's answer: objects with `.id` and `.score`, best first
@@ -461,7 +459,8 @@ def topk_agrees(hits: Sequence,        # an engine's answer: objects with `.id` 
 FORMAT = "lexvla.index/2"
 _ARRAYS = ("shard_ptr", "offsets", "weights", "dense_of", "dense")
 
-def _save(self, folder) -> Path:
+@patch
+def save(self: InvertedIndex, folder) -> Path:
     "Write the index to `folder` (npz + JSON, no pickles), atomically."
     tmp = temp_dir(folder)
     np.savez(tmp / "postings.npz", **{a: getattr(self, a) for a in _ARRAYS})
@@ -472,13 +471,12 @@ def _save(self, folder) -> Path:
     (tmp / "index.json").write_text(json.dumps(info, indent=2) + "\n")
     return replace_dir(tmp, folder)
 
-InvertedIndex.save = _save
-
 # %% ../notebooks/09_index.ipynb #e63d8dbd
 REBUILD_INDEX = "rebuild the index (`python -m lexvla.search index build`)"
 
-def _load(cls, folder, words: Sequence[str] | None = None, # the vocabulary you will query with (checked)
-         ) -> "InvertedIndex":
+@patch(cls_method=True)
+def load(cls: InvertedIndex, folder, words: Sequence[str] | None = None, # the vocabulary you will query with (checked)
+        ) -> "InvertedIndex":
     "Read `save`'s folder (format 2, or 1's single CSC), each file checked; with `words`, refuse another vocabulary."
     folder = Path(folder)
     info_path = folder / "index.json"
@@ -505,5 +503,3 @@ def _load(cls, folder, words: Sequence[str] | None = None, # the vocabulary you 
                                     meta=info.get("meta"))
             arrays = [z[a] for a in _ARRAYS]
         return cls(*arrays, saved_words, ids, info["n"], info.get("shard", SHARD), info.get("meta"))
-
-InvertedIndex.load = classmethod(_load)

@@ -15,6 +15,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 import scipy.sparse as sps
+from fastcore.basics import patch
 from pymilvus import DataType, MilvusClient
 from tqdm.auto import tqdm
 
@@ -214,13 +215,16 @@ class MilvusIndex:
     def __exit__(self, *exc): self.close()
 
 # %% ../notebooks/10_milvus.ipynb #8c5c541d
-def _describe(self) -> dict: return self.client.describe_collection(self.collection)
+@patch
+def _describe(self: MilvusIndex) -> dict: return self.client.describe_collection(self.collection)
 
-def _id_max_length(self) -> int:
+@patch
+def _id_max_length(self: MilvusIndex) -> int:
     f = next(f for f in self._describe()["fields"] if f["name"] == ID_FIELD)
     return int(f.get("params", {}).get("max_length", 0))
 
-def _record(self) -> dict:
+@patch(as_prop=True)
+def record(self: MilvusIndex) -> dict:
     "The vocabulary record stored in the collection's description (format, vocab_fingerprint, V)."
     desc = self._describe()
     try: rec = json.loads(desc.get("description") or "")
@@ -230,7 +234,8 @@ def _record(self) -> dict:
                          f"(its description holds no vocabulary record); use another collection name")
     return rec
 
-def _check_vocabulary(self):
+@patch
+def check_vocabulary(self: MilvusIndex):
     "Raise `VocabularyMismatch` unless the collection was built with this vocabulary."
     rec = self.record
     if rec.get("vocab_fingerprint") != self.fingerprint or int(rec.get("V", -1)) != self.V:
@@ -240,29 +245,30 @@ def _check_vocabulary(self):
             f"{self.fingerprint[:12]} (V={self.V}): its scores would be meaningless. Query with the model that "
             f"built the collection, or ingest this model's vectors into a new collection.")
 
-MilvusIndex._describe = _describe
-MilvusIndex._id_max_length = _id_max_length
-MilvusIndex.record = property(_record)
-MilvusIndex.check_vocabulary = _check_vocabulary
-
 # %% ../notebooks/10_milvus.ipynb #d9f1c8b3
-def _count(self) -> int:
+@patch
+def count(self: MilvusIndex) -> int:
     "Number of stored items (an exact count; upserted ids count once)."
     r = self.client.query(self.collection, filter="", output_fields=["count(*)"], timeout=self.timeout)
     return int(r[0]["count(*)"])
 
-def _existing(self, ids: Sequence[str]) -> set[str]:
+@patch
+def __len__(self: MilvusIndex) -> int: return self.count()  # len(index): the exact count
+
+@patch
+def existing(self: MilvusIndex, ids: Sequence[str]) -> set[str]:
     "The subset of `ids` already stored."
     if not len(ids): return set()
     rows = self.client.get(self.collection, ids=list(ids), output_fields=[ID_FIELD], timeout=self.timeout)
     return {r[ID_FIELD] for r in rows}
 
-def _ingest(self,
-            sv: SparseVectors,          # the items' lexical vectors, with their stable ids (`sv.ids`)
-            batch_size: int = 1000,     # items per upsert call
-            skip_existing: bool = True, # send only ids not stored yet (resume); False upserts everything
-            progress: bool = True,      # a tqdm progress bar
-           ) -> dict[str, int]:
+@patch
+def ingest(self: MilvusIndex,
+           sv: SparseVectors,          # the items' lexical vectors, with their stable ids (`sv.ids`)
+           batch_size: int = 1000,     # items per upsert call
+           skip_existing: bool = True, # send only ids not stored yet (resume); False upserts everything
+           progress: bool = True,      # a tqdm progress bar
+          ) -> dict[str, int]:
     "Upsert `sv` into the collection in batches; returns counts of items `written` and `skipped`."
     if sv.dim != self.V:
         raise VocabularyMismatch(f"vectors have V={sv.dim} words, collection {self.collection!r} has V={self.V}")
@@ -294,13 +300,9 @@ def _ingest(self,
     self.client.flush(self.collection, timeout=self.timeout)  # seal and persist what was written
     return {"written": written, "skipped": skipped}
 
-MilvusIndex.count = _count
-MilvusIndex.__len__ = _count
-MilvusIndex.existing = _existing
-MilvusIndex.ingest = _ingest
-
 # %% ../notebooks/10_milvus.ipynb #78a898d8
-def _batch_search(self, queries: list, k: int, explain_top: int | None) -> list[list[Hit]]:
+@patch
+def _search(self: MilvusIndex, queries: list, k: int, explain_top: int | None) -> list[list[Hit]]:
     out: list[list[Hit]] = [[] for _ in queries]
     todo = [i for i, (idx, _) in enumerate(queries) if idx.size]  # an empty query shares no word with anything
     fields = [VECTOR_FIELD] if explain_top != 0 else []
@@ -320,11 +322,12 @@ def _batch_search(self, queries: list, k: int, explain_top: int | None) -> list[
                 out[i].append(Hit(id=str(h["id"]), score=float(h["distance"]), explanation=why))
     return out
 
-def _search(self,
-            query,             # one query ((indices, weights), dict or dense V-vector) or a batch (SparseVectors, 2-D)
-            k: int = 10,       # hits per query (at most 16384)
-            explain: int | None = 5, # words per hit's explanation (None: all shared words; 0: none, nothing fetched)
-           ):
+@patch
+def search(self: MilvusIndex,
+           query,             # one query ((indices, weights), dict or dense V-vector) or a batch (SparseVectors, 2-D)
+           k: int = 10,       # hits per query (at most 16384)
+           explain: int | None = 5, # words per hit's explanation (None: all shared words; 0: none, nothing fetched)
+          ):
     "Top-`k` items by inner product: a list of `Hit` for one query, a list of such lists for a batch."
     if not 1 <= k <= MAX_TOPK: raise ValueError(f"k={k}: Milvus returns between 1 and {MAX_TOPK} hits")
     if isinstance(query, SparseVectors):
@@ -337,15 +340,13 @@ def _search(self,
         return self._search([_as_query(r, self.V) for r in x], k, explain)
     return self._search([_as_query(query, self.V)], k, explain)[0]
 
-MilvusIndex._search = _batch_search
-MilvusIndex.search = _search
-
 # %% ../notebooks/10_milvus.ipynb #4671fddd
-def _search_texts(self, model,                       # a LexVLA model (its vocabulary must be the collection's)
-                  texts: Sequence[str] | str,        # text queries
-                  k: int = 10, explain: int | None = 5,
-                  threshold: float | None = None,    # query sparsification (default 1/√V, method §5)
-                 ) -> list[list[Hit]]:
+@patch
+def search_texts(self: MilvusIndex, model,           # a LexVLA model (its vocabulary must be the collection's)
+                 texts: Sequence[str] | str,        # text queries
+                 k: int = 10, explain: int | None = 5,
+                 threshold: float | None = None,    # query sparsification (default 1/√V, method §5)
+                ) -> list[list[Hit]]:
     "Top-`k` items of each text query, through `model`'s text tower; empty or blank queries are refused."
     texts = check_texts(texts, "query")
     if list(model.vocab.words) != self.words:
@@ -353,7 +354,8 @@ def _search_texts(self, model,                       # a LexVLA model (its vocab
     thr = threshold_for(self.V) if threshold is None else threshold
     return self.search(SparseVectors.from_dense(encode_texts(model, texts), threshold=thr), k=k, explain=explain)
 
-def _ingest_shards(self, shards: VectorShards, progress: bool = True) -> dict[str, int]:
+@patch
+def ingest_shards(self: MilvusIndex, shards: VectorShards, progress: bool = True) -> dict[str, int]:
     "Ingest every shard of a vector-shards folder in order (resumable); the summed `written`/`skipped` counts."
     if shards.words() != self.words:
         raise VocabularyMismatch(f"{shards.folder}: its vectors are not over collection {self.collection!r}'s words")
@@ -361,9 +363,6 @@ def _ingest_shards(self, shards: VectorShards, progress: bool = True) -> dict[st
     for sv in shards:
         for key, n in self.ingest(sv, progress=progress).items(): total[key] += n
     return total
-
-MilvusIndex.search_texts = _search_texts
-MilvusIndex.ingest_shards = _ingest_shards
 
 # %% ../notebooks/10_milvus.ipynb #fdcd4797
 def _to_sparse(rows: list, dim: int, ids: list) -> SparseVectors:
@@ -374,7 +373,8 @@ def _to_sparse(rows: list, dim: int, ids: list) -> SparseVectors:
     return SparseVectors(indptr=indptr, indices=cat([r[0] for r in rows], np.int32),
                          data=cat([r[1] for r in rows], np.float32), dim=dim, ids=list(ids))
 
-def _fetch(self, ids: Sequence[str]) -> SparseVectors:
+@patch
+def fetch(self: MilvusIndex, ids: Sequence[str]) -> SparseVectors:
     "The stored vectors of `ids` (KeyError naming the first id that is not stored)."
     ids = [str(i) for i in ids]
     got = {}
@@ -386,7 +386,8 @@ def _fetch(self, ids: Sequence[str]) -> SparseVectors:
     if missing is not None: raise KeyError(f"item {missing!r} is not in collection {self.collection!r}")
     return _to_sparse([got[i] for i in ids], self.V, ids)
 
-def _all_sparse(self, batch_size: int = 1000) -> SparseVectors:
+@patch
+def to_sparse(self: MilvusIndex, batch_size: int = 1000) -> SparseVectors:
     "Every stored item's vector (ids in the engine's order): for an export from the engine."
     got = {}
     quiet = logging.getLogger("pymilvus.client.iterator.query_iterator")
@@ -402,9 +403,6 @@ def _all_sparse(self, batch_size: int = 1000) -> SparseVectors:
         quiet.setLevel(level)
     ids = list(got)
     return _to_sparse([got[i] for i in ids], self.V, ids)
-
-MilvusIndex.fetch = _fetch
-MilvusIndex.to_sparse = _all_sparse
 
 # %% ../notebooks/10_milvus.ipynb #55175eba
 IMPACT_SCALE = 1000  # integer impact = floor(weight * IMPACT_SCALE + 0.5); see the table above for why not 100

@@ -9,15 +9,18 @@ import dataclasses
 import json
 import math
 import re
+import tempfile
 from pathlib import Path
 
 import safetensors.torch
 import torch
 import torch.nn.functional as F
 from einops import einsum, reduce
-from fastcore.basics import patch
+from fastcore.basics import patch, patch_to
+from huggingface_hub import HfApi, snapshot_download
 from torch import nn
 
+from .card import model_card, tower_sources
 from .losses import elu1p
 from .maxpool import lexical_maxpool
 from .params import LoadedParams, ModelParams, ParamsError, from_dict, list_models, model_config
@@ -27,8 +30,8 @@ from .vision import Adapter, create_vision, vision_data_config
 from .vocab import Vocabulary, build_vocabulary
 
 # %% auto #0
-__all__ = ['STOPWORDS', 'VARIANTS', 'REBUILD_MODEL', 'l2norm', 'bow_targets', 'LexVLA', 'create_model',
-           'create_model_from_params', 'trainable_state', 'save_trained', 'load_trained']
+__all__ = ['STOPWORDS', 'VARIANTS', 'REBUILD_MODEL', 'l2norm', 'bow_targets', 'ModelVariant', 'register_variant', 'get_variant',
+           'LexVLA', 'create_model', 'create_model_from_params', 'trainable_state', 'save_trained', 'load_trained']
 
 # %% ../notebooks/06c_model.ipynb #6b43893f
 def l2norm(x: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
@@ -52,9 +55,36 @@ def bow_targets(captions: list[str],   # b captions
             if w not in stopwords and w in vocab: out[i, vocab.index(w)] = 1.0
     return l2norm(out)
 
-# %% ../notebooks/06c_model.ipynb #368f3938
-VARIANTS = ("lexvla", "bow", "dense")  # the model variants (train.variants.*.model)
+# %% ../notebooks/06c_model.ipynb #10a641df
+@dataclasses.dataclass(frozen=True)
+class ModelVariant:
+    "What a model variant builds (method §7's ablations): which vectors, and where the text side's come from."
+    lexical: bool = True  # lexical vectors over the vocabulary (Z_img, ELU1p); False: dense CLIP-style projections
+    bow: bool = False     # text vectors are the caption's BoW targets: no LM forward, no LoRA (lexical only)
 
+VARIANTS: dict[str, ModelVariant] = {}  # train.variants.*.model -> what it builds
+
+def register_variant(name: str,           # the name `train.variants.*.model` (and `LexVLA(variant=)`) selects
+                     lexical: bool = True, # `ModelVariant.lexical`
+                     bow: bool = False,    # `ModelVariant.bow`
+                    ) -> ModelVariant:
+    "Register a model variant: `LexVLA(config, name)` builds what its `ModelVariant` says (timm-style registry)."
+    if name in VARIANTS: raise ValueError(f"model variant {name!r} is already registered")
+    if bow and not lexical:
+        raise ValueError(f"model variant {name!r}: bow needs lexical (BoW text vectors are lexical)")
+    VARIANTS[name] = ModelVariant(lexical, bow)
+    return VARIANTS[name]
+
+def get_variant(name: str) -> ModelVariant:
+    "The registered variant `name`; an unregistered name is refused with the registered ones."
+    if name not in VARIANTS: raise ValueError(f"variant: got {name!r}, expected one of {', '.join(VARIANTS)}")
+    return VARIANTS[name]
+
+register_variant("lexvla")                # LexVLA (method §3-§5)
+register_variant("bow", bow=True)         # the BoW ablation: the caption's words as text vectors (method §7)
+register_variant("dense", lexical=False)  # the CLIP-style dense baseline
+
+# %% ../notebooks/06c_model.ipynb #368f3938
 class LexVLA(nn.Module):
     "LexVLA (method §3-§5) and its ablation variants, built from a `ModelParams`."
     def __init__(self,
@@ -62,11 +92,10 @@ class LexVLA(nn.Module):
                  variant: str = "lexvla",  # lexvla | bow (BoW text vectors, no LM) | dense (CLIP-style baseline)
                  seed: int = 0,            # seeds every random initialisation (rebuilding gives the same model)
                 ):
-        if variant not in VARIANTS:
-            raise ValueError(f"variant: got {variant!r}, expected one of {', '.join(VARIANTS)}")
+        spec = get_variant(variant)  # an unregistered name is refused here, naming the registered ones
         super().__init__()
         self.config, self.variant, self.seed = config, variant, seed
-        self.lexical = variant != "dense"
+        self.lexical, self.bow = spec.lexical, spec.bow
         # the CPU generator only: `torch.manual_seed` would also reseed every CUDA generator, which
         # `fork_rng(devices=[])` does not restore: all processes would share one CUDA stream (one LoRA dropout mask)
         with torch.random.fork_rng(devices=[]):
@@ -82,7 +111,7 @@ class LexVLA(nn.Module):
             self.register_buffer("text_codebook", text_tower(lm).head()[self.vocab.ids].detach().clone(),
                                  persistent=False)
             self.n_layers = len(text_tower(lm).layers)
-            if variant == "bow":  # the text side is the caption's words: no LM forward at all
+            if self.bow:  # the text side is the caption's words: no LM forward at all
                 self.lm, self.lora_layers, self.text_prefix_layers = None, [], None
             else:
                 self.lora_layers = apply_lora(lm, config.lora)
@@ -109,32 +138,58 @@ class LexVLA(nn.Module):
             if self.lexical and config.logit_shift.bias_scale:  # (text, image) knee offsets, in bias_scale units
                 self.logit_bias = nn.Parameter(torch.zeros(2))
 
-# %% ../notebooks/06c_model.ipynb #7e4dbd58
-@patch(as_prop=True)
-def device(self: LexVLA) -> torch.device: return self.logit_scale.device
-@patch(as_prop=True)
-def tower(self: LexVLA) -> TextTower: return text_tower(self.lm)  # the LM through its interface (06_text)
-@patch(as_prop=True)
-def dim(self: LexVLA) -> int: return self.vocab.size if self.lexical else self.config.dense_dim
+    @property
+    def device(self) -> torch.device: return self.logit_scale.device
+    @property
+    def tower(self) -> TextTower: return text_tower(self.lm)  # the LM through its interface (06_text)
+    @property
+    def dim(self) -> int: return self.vocab.size if self.lexical else self.config.dense_dim
 
-@patch
-def train(self: LexVLA, mode: bool = True):
-    "As nn.Module.train, but a frozen ViT stays in eval mode."
-    super(LexVLA, self).train(mode)  # named: outside a class body bare super() has no `__class__`
-    if self.config.vision.frozen: self.vision.eval()
-    return self
+    def train(self, mode: bool = True):
+        "As nn.Module.train, but a frozen ViT stays in eval mode."
+        super().train(mode)
+        if self.config.vision.frozen: self.vision.eval()
+        return self
 
-@patch
-def extra_repr(self: LexVLA) -> str:
-    return (f"variant={self.variant!r}, V={self.vocab.size}, lora_layers={self.lora_layers}, "
-            f"prefix_layers={self.text_prefix_layers}")
+    def extra_repr(self) -> str:
+        return (f"variant={self.variant!r}, V={self.vocab.size}, lora_layers={self.lora_layers}, "
+                f"prefix_layers={self.text_prefix_layers}")
+
+    def forward(self,
+                pixels: torch.Tensor | None = None,       # (b, 3, h, w), or
+                captions: list[str] | None = None,        # b captions, or
+                text_prefix: tuple[torch.Tensor, torch.Tensor] | None = None, # their cached `text_prefix` output
+                image_tokens: torch.Tensor | None = None, # (b, n, d_vit) cached ViT tokens instead of pixels
+                text_buckets: int = 1,                    # the text tower in this many groups (train.text_buckets)
+               ) -> dict:
+        "Image and text vectors and the clamped logit scale 1/T (open_clip's convention)."
+        if (captions is None) == (text_prefix is None): raise ValueError("give exactly one of captions and text_prefix")
+        scale = self.logit_scale.clamp(max=math.log(100)).exp()  # CLIP: 1/T at most 100
+        if self.bow:
+            if text_prefix is not None: raise ValueError("the bow variant takes captions, not a text prefix")
+            tw = bow_targets(captions, self.vocab).to(self.device)
+        else:
+            # lexical: the weights before normalisation too, for a regulariser that acts on them (`train.reg_on`)
+            fn = self.text_weights_from_prefix if self.lexical else self.encode_text_from_prefix
+            if text_prefix is not None: tw = self._by_length(fn, *text_prefix, text_buckets)
+            else:
+                tok = self.tokenize(captions)
+                tw = self._by_length(lambda ids, m: fn(*self.text_prefix({"input_ids": ids, "attention_mask": m})),
+                                     tok["input_ids"], tok["attention_mask"], text_buckets)
+        if not self.lexical:
+            return {"image_features": self.encode_image(pixels, image_tokens), "text_features": tw,
+                    "logit_scale": scale}
+        iw = self.image_weights(pixels, image_tokens)
+        return {"image_features": l2norm(iw), "text_features": l2norm(tw), "image_weights": iw, "text_weights": tw,
+                "logit_scale": scale}
 
 # %% ../notebooks/06c_model.ipynb #ef28f4ba
-def _lexical_activation(self, logits: torch.Tensor, # (..., v) codebook logits (pooled over patches for images)
-                        modality: str = "text",  # text | image: which `model.logit_shift` applies
-                        pooled: torch.Tensor | None = None, # (b, v) the image's pooled logits, when `logits` are
-                                                            # its (b, n, v) patch logits: they take its shift
-                       ) -> torch.Tensor:
+@patch
+def lexical_activation(self: LexVLA, logits: torch.Tensor, # (..., v) codebook logits (pooled over patches for images)
+                       modality: str = "text",  # text | image: which `model.logit_shift` applies
+                       pooled: torch.Tensor | None = None, # (b, v) the image's pooled logits, when `logits` are
+                                                           # its (b, n, v) patch logits: they take its shift
+                      ) -> torch.Tensor:
     "ELU1p of the logits after `model.logit_shift` (none: the paper's literal ELU1p(x); mean: centred; lse)."
     cfg = self.config.logit_shift
     shift = getattr(cfg, modality)
@@ -148,34 +203,37 @@ def _lexical_activation(self, logits: torch.Tensor, # (..., v) codebook logits (
         logits = logits + cfg.bias_scale * self.logit_bias[0 if modality == "text" else 1].to(logits.dtype)
     return elu1p(logits)
 
-LexVLA.lexical_activation = _lexical_activation
-
-
 # %% ../notebooks/06c_model.ipynb #2866b874
-def _truncate(self, captions: list[str]) -> list[str]:
+@patch
+def truncate(self: LexVLA, captions: list[str]) -> list[str]:
     "`captions` cut to their first `model.max_text_tokens` tokens (the others unchanged, character for character)."
     n = self.config.max_text_tokens
     ids = self.tokenizer(list(captions), add_special_tokens=False)["input_ids"]
     return [c if len(t) <= n else self.tokenizer.decode(t[:n]) for c, t in zip(captions, ids)]
 
-def _tokenize(self, captions: list[str]) -> dict:
+@patch
+def tokenize(self: LexVLA, captions: list[str]) -> dict:
     "Prompted, left-padded token ids and attention mask of `captions` (each cut to `model.max_text_tokens`)."
     texts = [self.config.prompt.replace("{caption}", c) for c in self.truncate(captions)]
     return self.tokenizer(texts, return_tensors="pt", padding=True)
 
-def _need_lm(self):
+# %% ../notebooks/06c_model.ipynb #040bd6db
+@patch
+def _need_lm(self: LexVLA):
     if self.lm is None:
         raise RuntimeError(f"variant {self.variant!r} has no LM forward (its text vectors are bag-of-words targets)")
 
+@patch
 @torch.no_grad()
-def _text_prefix(self, tokens: dict, # from `tokenize`
-                ) -> tuple[torch.Tensor, torch.Tensor]:
+def text_prefix(self: LexVLA, tokens: dict, # from `tokenize`
+               ) -> tuple[torch.Tensor, torch.Tensor]:
     "The frozen part of the text tower: `(hidden (b,t,d), attention_mask (b,t))` after layers `[:text_prefix_layers]`."
     self._need_lm()
     ids, mask = tokens["input_ids"].to(self.device), tokens["attention_mask"].to(self.device)
     return self.tower.run_layers(self.tower.embed(ids), mask, 0, self.text_prefix_layers), mask
 
-def _text_hidden_from_prefix(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+@patch
+def text_hidden_from_prefix(self: LexVLA, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     "(b, d) the last token's final-normed hidden state, from the prefix's output (runs the LoRA layers)."
     self._need_lm()
     mask = mask.to(self.device)
@@ -183,51 +241,45 @@ def _text_hidden_from_prefix(self, hidden: torch.Tensor, mask: torch.Tensor) -> 
                               self.n_layers)
     return self.tower.final_norm(h[:, -1])  # left padding: the last position is every row's prediction slot
 
-def _text_logits_from_prefix(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+@patch
+def text_logits_from_prefix(self: LexVLA, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     "(b, v) h · Z_txtᵀ: the LM's next-token logits on the kept ids (method §3)."
     h = self.text_hidden_from_prefix(hidden, mask)
     return einsum(h.to(self.text_codebook.dtype), self.text_codebook, "b d, v d -> b v").float()
 
-def _text_weights_from_prefix(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+@patch
+def text_weights_from_prefix(self: LexVLA, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     "(b, v) the text's lexical weights ELU1p(h Z_txtᵀ) before L2 normalisation (`train.reg_on: weights`)."
     return self.lexical_activation(self.text_logits_from_prefix(hidden, mask))
 
-def _encode_text_from_prefix(self, hidden: torch.Tensor, # (b, t, d) from `text_prefix` (or the text cache)
-                             mask: torch.Tensor,         # (b, t) its attention mask
-                            ) -> torch.Tensor:
+@patch
+def encode_text_from_prefix(self: LexVLA, hidden: torch.Tensor, # (b, t, d) from `text_prefix` (or the text cache)
+                            mask: torch.Tensor,         # (b, t) its attention mask
+                           ) -> torch.Tensor:
     "(b, dim) L2-normalised text vectors from the cached prefix: lexical `normalize(ELU1p(h Z_txtᵀ))`, or dense."
     if not self.lexical: return l2norm(self.text_proj(self.text_hidden_from_prefix(hidden, mask).float()))
     return l2norm(self.text_weights_from_prefix(hidden, mask))
 
-def _encode_text(self, captions: list[str]) -> torch.Tensor:
+@patch
+def encode_text(self: LexVLA, captions: list[str]) -> torch.Tensor:
     "(b, dim) L2-normalised text vectors of `captions` (BoW targets for the `bow` variant)."
-    if self.variant == "bow": return bow_targets(captions, self.vocab).to(self.device)
+    if self.bow: return bow_targets(captions, self.vocab).to(self.device)
     return self.encode_text_from_prefix(*self.text_prefix(self.tokenize(captions)))
 
-LexVLA.truncate = _truncate
-LexVLA.tokenize = _tokenize
-LexVLA._need_lm = _need_lm
-LexVLA.text_prefix = _text_prefix
-LexVLA.text_hidden_from_prefix = _text_hidden_from_prefix
-LexVLA.text_logits_from_prefix = _text_logits_from_prefix
-LexVLA.text_weights_from_prefix = _text_weights_from_prefix
-
-# %% ../notebooks/06c_model.ipynb #6e9cf200
-LexVLA.encode_text_from_prefix = _encode_text_from_prefix
-LexVLA.encode_text = _encode_text
-
 # %% ../notebooks/06c_model.ipynb #9da04255
-def _vision_tokens(self, pixels: torch.Tensor, # (b, 3, h, w) preprocessed with `data_config`
-                  ) -> torch.Tensor:
+@patch
+def vision_tokens(self: LexVLA, pixels: torch.Tensor, # (b, 3, h, w) preprocessed with `data_config`
+                 ) -> torch.Tensor:
     "(b, n, d_vit) the ViT's final patch tokens (CLS and register tokens dropped): what `imagecache` stores."
     frozen = self.config.vision.frozen
     with torch.set_grad_enabled(torch.is_grad_enabled() and not frozen):
         tokens = self.vision.forward_features(pixels.to(self.device))
     return tokens[:, self.vision.num_prefix_tokens:]
 
-def _patch_hidden(self, pixels: torch.Tensor | None = None, # (b, 3, h, w) preprocessed with `data_config`, or
-                  tokens: torch.Tensor | None = None,       # (b, n, d_vit) cached `vision_tokens` (frozen ViT)
-                 ) -> torch.Tensor:
+@patch
+def patch_hidden(self: LexVLA, pixels: torch.Tensor | None = None, # (b, 3, h, w) preprocessed with `data_config`, or
+                 tokens: torch.Tensor | None = None,       # (b, n, d_vit) cached `vision_tokens` (frozen ViT)
+                ) -> torch.Tensor:
     "(b, n, d) adapter output for the patch tokens, from pixels or from cached ViT tokens."
     if (pixels is None) == (tokens is None): raise ValueError("give exactly one of pixels and tokens")
     if tokens is None: tokens = self.vision_tokens(pixels)
@@ -235,39 +287,37 @@ def _patch_hidden(self, pixels: torch.Tensor | None = None, # (b, 3, h, w) prepr
         raise ValueError("cached ViT tokens are only exact for a frozen ViT (model.vision.frozen is false)")
     return self.adapter(tokens.to(self.device).float())
 
-def _image_weights(self, pixels: torch.Tensor | None = None, tokens: torch.Tensor | None = None) -> torch.Tensor:
+@patch
+def image_weights(self: LexVLA, pixels: torch.Tensor | None = None, tokens: torch.Tensor | None = None) -> torch.Tensor:
     "(b, v) the image's lexical weights ELU1p(max_patches H Z_imgᵀ) before L2 normalisation."
     values, _ = lexical_maxpool(self.patch_hidden(pixels, tokens), self.visual_codebook)
     return self.lexical_activation(values, "image")
 
-def _encode_image(self, pixels: torch.Tensor | None = None, # (b, 3, h, w), or
-                  tokens: torch.Tensor | None = None,       # (b, n, d_vit) cached ViT tokens
-                 ) -> torch.Tensor:
+@patch
+def encode_image(self: LexVLA, pixels: torch.Tensor | None = None, # (b, 3, h, w), or
+                 tokens: torch.Tensor | None = None,       # (b, n, d_vit) cached ViT tokens
+                ) -> torch.Tensor:
     "(b, dim) L2-normalised image vectors: `normalize(ELU1p(max_patches H Z_imgᵀ))` (exact: ELU1p is monotone)."
     if not self.lexical:
         return l2norm(self.image_proj(reduce(self.patch_hidden(pixels, tokens), "b n d -> b d", "mean")))
     return l2norm(self.image_weights(pixels, tokens))
 
-def _patch_weights(self, pixels: torch.Tensor | None = None, tokens: torch.Tensor | None = None) -> torch.Tensor:
+@patch
+def patch_weights(self: LexVLA, pixels: torch.Tensor | None = None, tokens: torch.Tensor | None = None) -> torch.Tensor:
     "(b, n, v) each patch's lexical weights, shifted as its image's: their max over patches is `image_weights`."
     scores = einsum(self.patch_hidden(pixels, tokens), self.visual_codebook, "b n d, v d -> b n v")
     return self.lexical_activation(scores, "image", pooled=scores.amax(1))
 
-def _encode_image_patches(self, pixels: torch.Tensor | None = None, tokens: torch.Tensor | None = None,
-                         ) -> torch.Tensor:
+@patch
+def encode_image_patches(self: LexVLA, pixels: torch.Tensor | None = None,
+                         tokens: torch.Tensor | None = None) -> torch.Tensor:
     "(b, n, dim) L2-normalised per-patch vectors (PatchDis, heat maps); materialises b x n x V, so batch small."
     if not self.lexical: return l2norm(self.image_proj(self.patch_hidden(pixels, tokens)))
     return l2norm(self.patch_weights(pixels, tokens))
 
-LexVLA.vision_tokens = _vision_tokens
-LexVLA.patch_hidden = _patch_hidden
-LexVLA.image_weights = _image_weights
-LexVLA.patch_weights = _patch_weights
-LexVLA.encode_image = _encode_image
-LexVLA.encode_image_patches = LexVLA.encode_patches = _encode_image_patches
-
 # %% ../notebooks/06c_model.ipynb #aadeb363
-def _by_length(self, fn, x: torch.Tensor, # (b, t, ...) token ids or prefix states, left-padded
+@patch
+def _by_length(self: LexVLA, fn, x: torch.Tensor, # (b, t, ...) token ids or prefix states, left-padded
                mask: torch.Tensor,        # (b, t) their attention mask
                buckets: int = 1,          # length-sorted groups (1: one call on the padded batch)
               ) -> torch.Tensor:
@@ -284,58 +334,32 @@ def _by_length(self, fn, x: torch.Tensor, # (b, t, ...) token ids or prefix stat
     order = torch.cat(groups).to(outs[0].device)
     return torch.cat(outs)[order.argsort()]
 
-def _forward(self, pixels: torch.Tensor | None = None, # (b, 3, h, w), or
-             captions: list[str] | None = None,       # b captions, or
-             text_prefix: tuple[torch.Tensor, torch.Tensor] | None = None, # their cached `text_prefix` output
-             image_tokens: torch.Tensor | None = None, # (b, n, d_vit) cached ViT tokens instead of pixels
-             text_buckets: int = 1,                    # the text tower in this many length groups (train.text_buckets)
-            ) -> dict:
-    "Image and text vectors and the clamped logit scale 1/T (open_clip's convention)."
-    if (captions is None) == (text_prefix is None): raise ValueError("give exactly one of captions and text_prefix")
-    scale = self.logit_scale.clamp(max=math.log(100)).exp()  # CLIP: 1/T at most 100
-    if self.variant == "bow":
-        if text_prefix is not None: raise ValueError("the bow variant takes captions, not a text prefix")
-        tw = bow_targets(captions, self.vocab).to(self.device)
-    else:
-        # lexical: the weights before normalisation too, for a regulariser that acts on them (`train.reg_on`)
-        fn = self.text_weights_from_prefix if self.lexical else self.encode_text_from_prefix
-        if text_prefix is not None: tw = self._by_length(fn, *text_prefix, text_buckets)
-        else:
-            tok = self.tokenize(captions)
-            tw = self._by_length(lambda ids, m: fn(*self.text_prefix({"input_ids": ids, "attention_mask": m})),
-                                 tok["input_ids"], tok["attention_mask"], text_buckets)
-    if not self.lexical:
-        return {"image_features": self.encode_image(pixels, image_tokens), "text_features": tw, "logit_scale": scale}
-    iw = self.image_weights(pixels, image_tokens)
-    return {"image_features": l2norm(iw), "text_features": l2norm(tw), "image_weights": iw, "text_weights": tw,
-            "logit_scale": scale}
-
-LexVLA._by_length = _by_length
-LexVLA.forward = _forward
-
-
 # %% ../notebooks/06c_model.ipynb #1a120cad
-def _similarity(self, image_features: torch.Tensor, text_features: torch.Tensor) -> torch.Tensor:
+@patch
+def similarity(self: LexVLA, image_features: torch.Tensor, text_features: torch.Tensor) -> torch.Tensor:
     "(b_img, b_txt) dot products of L2-normalised vectors (method §5)."
     return image_features @ text_features.T
 
-def _top_words(self, x: torch.Tensor, # (v,) one lexical vector
-               k: int = 10) -> list[tuple[str, float]]:
+@patch
+def top_words(self: LexVLA, x: torch.Tensor, # (v,) one lexical vector
+              k: int = 10) -> list[tuple[str, float]]:
     "The `k` most active words of a lexical vector with their weights, a word's pieces summed (each word once)."
     if not self.lexical: raise RuntimeError("the dense variant has no words")
     x = x.float()
     i = (x > 0).nonzero().squeeze(-1)
     return self.vocab.merge(i, x[i], k)  # alpha2 keeps `▁the` and `the`: one word, listed once
 
-def _explain(self, image_vector: torch.Tensor, text_vector: torch.Tensor, # (v,) each
-             k: int = 10) -> list[tuple[str, float]]:
+@patch
+def explain(self: LexVLA, image_vector: torch.Tensor, text_vector: torch.Tensor, # (v,) each
+            k: int = 10) -> list[tuple[str, float]]:
     "An image-text score as its top shared words: `(word, Σ image_j * text_j over its pieces j)`, largest first."
     if not self.lexical: raise RuntimeError("the dense variant has no words")
     contrib = image_vector.float() * text_vector.float()
     i = (contrib > 0).nonzero().squeeze(-1)
     return self.vocab.merge(i, contrib[i], k)  # alpha2's `▁the` + `the`: one word
 
-def _trainable_parameters(self) -> dict[str, int]:
+@patch
+def trainable_parameters(self: LexVLA) -> dict[str, int]:
     "Trainable parameter counts per part (codebook, adapter, lora, vision, dense, temperature) and in total."
     parts = {"codebook": 0, "adapter": 0, "lora": 0, "vision": 0, "dense": 0, "temperature": 0, "other": 0}
     for n, p in self.named_parameters():
@@ -348,15 +372,10 @@ def _trainable_parameters(self) -> dict[str, int]:
     parts["total"] = sum(parts.values())
     return parts
 
-def _summary(self) -> str:
+@patch
+def summary(self: LexVLA) -> str:
     "One line per part: trainable parameters (millions)."
     return "\n".join(f"{k:12s}{v / 1e6:10.3f} M" for k, v in self.trainable_parameters().items())
-
-LexVLA.similarity = _similarity
-LexVLA.top_words = _top_words
-LexVLA.explain = _explain
-LexVLA.trainable_parameters = _trainable_parameters
-LexVLA.summary = _summary
 
 # %% ../notebooks/06c_model.ipynb #900e2e76
 def create_model(name: str,               # a registered preset
@@ -422,3 +441,47 @@ def load_trained(folder: str | Path, # a `save_trained` folder, e.g. models/lexv
     model = model.to(device).eval()
     model.trained_folder = folder.resolve()  # its run's params and results (the model card)
     return model
+
+# %% ../notebooks/06c_model.ipynb #3be2db13
+@patch
+def save_pretrained(self: LexVLA, folder: str | Path, # the folder to write
+                    repo_id: str | None = None, params: dict | None = None, metrics: dict | None = None, # the card's
+                   ) -> Path:
+    "`save_trained`'s two files, plus `config.json` (the towers by source) and `README.md` (the model card)."
+    card = model_card(self, repo_id, params, metrics)  # first: a refused card writes nothing
+    folder = save_trained(self, folder)
+    write_json(folder / "config.json", {"library": "lexvla", "format": "save_trained (weights.safetensors + "
+                                        "model.json)", "variant": self.variant, "V": self.dim,
+                                        "vocab_fingerprint": self.vocab.fingerprint(), **tower_sources(self)})
+    card.save(folder / "README.md")
+    return folder
+
+@patch_to(LexVLA, static_method=True)
+def from_pretrained(name_or_path: str | Path, # a model folder, or a hub id ("user/lexvla-embedded")
+                    device: str = "cpu",
+                    revision: str | None = None, cache_dir: str | Path | None = None,
+                    local_files_only: bool = False, # only the local hub cache (what HF_HUB_OFFLINE=1 also does)
+                    token: str | bool | None = None,
+                   ) -> LexVLA:
+    "A trained LexVLA from a folder or a hub snapshot (`load_trained` of it; the frozen towers from their sources)."
+    p = Path(name_or_path)
+    if not p.is_dir():
+        if p.exists() or str(name_or_path).count("/") != 1:
+            raise FileNotFoundError(f"{name_or_path}: neither a model folder nor a hub id (user/name)")
+        p = Path(snapshot_download(str(name_or_path), revision=revision, cache_dir=cache_dir, token=token,
+                                   local_files_only=local_files_only,
+                                   allow_patterns=["*.json", "*.safetensors", "*.md"]))
+    return load_trained(p, device)
+
+@patch
+def push_to_hub(self: LexVLA, repo_id: str,
+                private: bool | None = None, token: str | bool | None = None, commit_message: str = "Upload LexVLA",
+                params: dict | None = None, metrics: dict | None = None,
+               ) -> str:
+    "Upload `save_pretrained`'s folder to the hub repository `repo_id` (created if needed); the commit's URL."
+    model_card(self, repo_id, params, metrics)  # refused (no params or results found) before any upload
+    api = HfApi(token=token)
+    api.create_repo(repo_id, private=private, exist_ok=True)
+    with tempfile.TemporaryDirectory() as d:
+        self.save_pretrained(d, repo_id, params, metrics)
+        return str(api.upload_folder(repo_id=repo_id, folder_path=d, commit_message=commit_message).commit_url)

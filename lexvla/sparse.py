@@ -13,6 +13,7 @@ from typing import Sequence
 
 import numpy as np
 import scipy.sparse as sps
+from fastcore.basics import patch
 
 from .runtime import DamagedFile, checked_load, read_checked_json, write_json
 
@@ -100,12 +101,13 @@ def _keep_mask(x: np.ndarray, threshold: float | None, topk: int | None) -> np.n
     tie = keep & (cand == kth)
     return above | (tie & (np.cumsum(tie, axis=1) <= need))       # lower word index first among ties
 
-def _from_dense(cls, x,                     # (n, v) dense vectors: numpy array or torch tensor
-                threshold: float | None = None, # keep entries > threshold
-                topk: int | None = None,    # keep the k largest entries per row
-                ids=None,                   # n item ids
-                chunk: int = 2048,          # rows processed at once
-               ) -> "SparseVectors":
+@patch(cls_method=True)
+def from_dense(cls: SparseVectors, x,       # (n, v) dense vectors: numpy array or torch tensor
+               threshold: float | None = None, # keep entries > threshold
+               topk: int | None = None,    # keep the k largest entries per row
+               ids=None,                   # n item ids
+               chunk: int = 2048,          # rows processed at once
+              ) -> "SparseVectors":
     "Sparsify dense vectors (method §5) into CSR."
     if x.ndim != 2: raise ValueError(f"expected (n, v) vectors, got shape {tuple(x.shape)}")
     n, v = x.shape
@@ -121,14 +123,13 @@ def _from_dense(cls, x,                     # (n, v) dense vectors: numpy array 
     np.cumsum(np.concatenate(counts), out=indptr[1:])
     return cls(indptr, np.concatenate(indices), np.concatenate(data), v, ids, check=False)
 
-SparseVectors.from_dense = classmethod(_from_dense)
-
 # %% ../notebooks/07_sparse.ipynb #5110c3c8
-def _from_scipy(cls, m,        # any scipy sparse matrix or array of shape (n, V)
-                ids=None,
-                topk: int | None = None, # keep the k largest entries per row (the rule of `from_dense`)
-                chunk: int = 2048,       # rows densified at once when cutting to top-k
-               ):
+@patch(cls_method=True)
+def from_scipy(cls: SparseVectors, m, # any scipy sparse matrix or array of shape (n, V)
+               ids=None,
+               topk: int | None = None, # keep the k largest entries per row (the rule of `from_dense`)
+               chunk: int = 2048,       # rows densified at once when cutting to top-k
+              ):
     "CSR from a scipy sparse matrix (duplicates summed, words sorted, explicit zeros dropped), optionally cut to top-k."
     m = sps.csr_matrix(m, copy=True)
     m.sum_duplicates()
@@ -139,15 +140,18 @@ def _from_scipy(cls, m,        # any scipy sparse matrix or array of shape (n, V
         return cls(sv.indptr, sv.indices, sv.data, sv.dim, ids, check=False)
     return cls(m.indptr, m.indices, m.data, m.shape[1], ids)
 
-def _to_scipy(self) -> sps.csr_matrix:
+@patch
+def to_scipy(self: SparseVectors) -> sps.csr_matrix:
     "A scipy CSR matrix of shape (n, V) sharing this object's arrays."
     return sps.csr_matrix((self.data, self.indices, self.indptr), shape=(len(self), self.dim), copy=False)
 
-def _to_dense(self) -> np.ndarray:
+@patch
+def to_dense(self: SparseVectors) -> np.ndarray:
     "(n, V) float32 dense copy (small collections only)."
     return self.to_scipy().toarray()
 
-def _concat(cls, parts: Sequence["SparseVectors"]) -> "SparseVectors":
+@patch(cls_method=True)
+def concat(cls: SparseVectors, parts: Sequence["SparseVectors"]) -> "SparseVectors":
     "Rows of `parts` one after the other (same V; ids either all present or all None)."
     if not parts: raise ValueError("nothing to concatenate")
     dims = {p.dim for p in parts}
@@ -160,12 +164,9 @@ def _concat(cls, parts: Sequence["SparseVectors"]) -> "SparseVectors":
     return cls(indptr, np.concatenate([p.indices for p in parts]), np.concatenate([p.data for p in parts]),
                parts[0].dim, ids, check=False)
 
-SparseVectors.from_scipy = classmethod(_from_scipy)
-SparseVectors.to_scipy, SparseVectors.to_dense = _to_scipy, _to_dense
-SparseVectors.concat = classmethod(_concat)
-
 # %% ../notebooks/07_sparse.ipynb #c18cfb36
-def _rows(self, start: int, stop: int) -> "SparseVectors":
+@patch
+def rows(self: SparseVectors, start: int, stop: int) -> "SparseVectors":
     "Rows `start:stop` (a view of the arrays; ids sliced alike)."
     a, b = self.indptr[start], self.indptr[stop]
     ids = None if self.ids is None else self.ids[start:stop]
@@ -184,7 +185,8 @@ def write_npz(path, arrays: dict) -> Path:
     tmp.replace(path)
     return path
 
-def _save(self, path) -> Path:
+@patch
+def save(self: SparseVectors, path) -> Path:
     "Write an .npz (no pickles; ids as a unicode or int64 array), atomically; the same vectors give the same bytes."
     kind = "none" if self.ids is None else ("int" if all(isinstance(i, int) for i in self.ids) else "str")
     if kind == "none": ids = np.zeros(0, np.int64)
@@ -195,7 +197,8 @@ def _save(self, path) -> Path:
 
 REBUILD_VECTORS = "re-create it (`python -m lexvla.encode`, or the command that wrote it)"
 
-def _load(cls, path, rebuild: str = REBUILD_VECTORS) -> "SparseVectors":
+@patch(cls_method=True)
+def load(cls: SparseVectors, path, rebuild: str = REBUILD_VECTORS) -> "SparseVectors":
     "Read `save`'s .npz (allow_pickle=False); a damaged or foreign file is one line naming it."
     with checked_load(path, "a SparseVectors .npz", rebuild):
         with np.load(path, allow_pickle=False) as z:
@@ -204,9 +207,6 @@ def _load(cls, path, rebuild: str = REBUILD_VECTORS) -> "SparseVectors":
             kind = str(z["ids_kind"])
             ids = None if kind == "none" else z["ids"].tolist()
             return cls(z["indptr"], z["indices"], z["data"], int(z["dim"]), ids)
-
-SparseVectors.rows = _rows
-SparseVectors.save, SparseVectors.load = _save, classmethod(_load)
 
 # %% ../notebooks/07_sparse.ipynb #eb353ee1
 def explain(q_indices,            # query's active word indices (sorted)
@@ -302,55 +302,53 @@ class VectorShards:
 
 
 # %% ../notebooks/07_sparse.ipynb #8c5cae46
-def _vs_words(self) -> list[str]:
+@patch
+def words(self: VectorShards) -> list[str]:
     "The vocabulary the vectors are over (`words.json`)."
     w = read_checked_json(self.folder / "words.json", "a JSON list of words", REBUILD_SHARDS, kind=list)
     if len(w) != self.V: raise DamagedFile(f"{self.folder / 'words.json'}: {len(w)} words, manifest says "
                                            f"V={self.V}; {REBUILD_SHARDS}")
     return [str(x) for x in w]
 
-def _vs_ids(self) -> list:
+@patch
+def ids(self: VectorShards) -> list:
     "Every input id, in input order (`ids.json`; unreadable inputs are in no shard)."
     return read_checked_json(self.folder / "ids.json", "a JSON list of ids", REBUILD_SHARDS, kind=list)
 
-def _vs_missing(self) -> list[int]:
+@patch
+def missing(self: VectorShards) -> list[int]:
     "The shards not written yet."
     return [i for i in range(self.n_shards) if not shard_file(self.folder, i).is_file()]
 
-def _vs_shard(self, i: int) -> SparseVectors:
+@patch
+def shard(self: VectorShards, i: int) -> SparseVectors:
     "Shard `i`, checked."
     sv = SparseVectors.load(shard_file(self.folder, i), REBUILD_SHARDS)
     if sv.dim != self.V: raise DamagedFile(f"{shard_file(self.folder, i)}: vectors over V={sv.dim} words, the "
                                            f"manifest says V={self.V}; {REBUILD_SHARDS}")
     return sv
 
-def _vs_iter(self):
+@patch
+def __iter__(self: VectorShards):
     "The shards in order (refused while any is missing: an unfinished encoding)."
     if miss := self.missing():
         raise FileNotFoundError(f"{shard_file(self.folder, miss[0])}: missing ({len(miss)} of {self.n_shards} "
                                 f"shards not written, the encoding is unfinished); {REBUILD_SHARDS}")
     for i in range(self.n_shards): yield self.shard(i)
 
-def _vs_load(self) -> SparseVectors:
+@patch
+def load(self: VectorShards) -> SparseVectors:
     "All shards as one `SparseVectors` (small collections; an index reads them one by one)."
     return SparseVectors.concat(list(self))
 
-def _vs_skipped(self) -> dict:
+@patch
+def skipped(self: VectorShards) -> dict:
     "{id: reason} of the inputs that could not be encoded."
     out = {}
     for i in range(self.n_shards):
         f = shard_file(self.folder, i).with_suffix(".json")
         if f.is_file(): out.update(read_checked_json(f, "a shard record", REBUILD_SHARDS, ("skipped",))["skipped"])
     return out
-
-VectorShards.words = _vs_words
-VectorShards.ids = _vs_ids
-VectorShards.missing = _vs_missing
-VectorShards.shard = _vs_shard
-VectorShards.__iter__ = _vs_iter
-VectorShards.load = _vs_load
-VectorShards.skipped = _vs_skipped
-
 
 # %% ../notebooks/07_sparse.ipynb #652fca7d
 def start_shards(folder: str | Path, # the shards folder (created)

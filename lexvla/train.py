@@ -499,7 +499,7 @@ def attach_model(run: Run,
     lam_img, lam_txt = (tp.lambda_img, tp.lambda_txt) if spec.lam is None else (spec.lam, spec.lam)
     run.loss_fn = create_loss(spec.reg, lambda_img=lam_img, lambda_txt=lam_txt, warmup_steps=tp.reg_warmup_steps,
                               local_loss=tp.local_loss, share=tp.overuse_share)  # read by the regularisers naming it
-    if tp.text_cache and spec.model != "bow" and bool(model.text_prefix_layers):  # 0: LoRA on every block
+    if tp.text_cache and not model.bow and bool(model.text_prefix_layers):  # 0: LoRA on every block
         run.cache = TextPrefixCache.load(cache_dir / "train")
         check_cache(run.cache, model)
     if tp.image_cache and model.config.vision.frozen:  # a frozen ViT's tokens: one fixed view of each image
@@ -629,7 +629,7 @@ def run_steps(run: Run, model, source: BatchSource, c: StepContext, log: StepLog
         step += 1
         with torch.no_grad(): raw.logit_scale.clamp_(0, math.log(100))  # CLIP's clamp: 1/T at most 100
         log.stepped(parts)
-        if step == min(tp.log_every, tp.steps) and raw.lexical and raw.variant != "bow":  # every process
+        if step == min(tp.log_every, tp.steps) and raw.lexical and not raw.bow:  # every process
             agree(acc, uniform_check(out, tp.uniform_cosine, step, raw.config.logit_shift.text),
                   NearUniformVectors, "near-uniform caption vectors: ")
         if step % tp.log_every == 0 or step == tp.steps:

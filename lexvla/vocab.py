@@ -8,17 +8,17 @@ from __future__ import annotations
 import functools
 import hashlib
 import re
+from typing import Callable, NamedTuple
 
 import numpy as np
 import torch
 from fastcore.basics import patch
 
 # %% auto #0
-__all__ = ['FILTERS', 'WORD_START_MARKERS', 'CONTINUATION_PREFIXES', 'split_marker', 'english_frequencies', 'is_english_word',
-           'keep_piece', 'Vocabulary', 'build_vocabulary']
+__all__ = ['WORD_START_MARKERS', 'CONTINUATION_PREFIXES', 'FILTERS', 'split_marker', 'english_frequencies', 'is_english_word',
+           'VocabFilter', 'register_filter', 'get_filter', 'keep_piece', 'Vocabulary', 'build_vocabulary']
 
 # %% ../notebooks/04_vocab.ipynb #c3d05d65
-FILTERS = ("alpha2", "word_start", "word_start_lower", "words")  # method §2 [choice] variants
 WORD_START_MARKERS = ("Ġ", "▁")  # byte-level BPE, SentencePiece
 CONTINUATION_PREFIXES = ("##",)  # WordPiece
 _BYTE_FALLBACK = re.compile(r"^<0x[0-9A-Fa-f]{2}>$")
@@ -45,19 +45,55 @@ def is_english_word(text: str,        # a lowercase piece text
     "Whether wordfreq lists `text` as an English word at least this frequent (fragments such as 'surpr' are not)."
     return english_frequencies().get(text, 0.0) >= 10 ** (min_zipf - 9)
 
+# %% ../notebooks/04_vocab.ipynb #8979c155
+class VocabFilter(NamedTuple):
+    "A registered vocabulary filter (method §2 [choice]): the rule a piece's text must pass, and where it may sit."
+    keep: Callable[[str, float], bool] # (text, min_zipf) -> kept: the text rule beyond ASCII letters and min_len
+    word_start: bool                   # only pieces that begin a word (the allow-list waives `keep`, not this)
+
+FILTERS: dict[str, VocabFilter] = {}  # model.vocab.filter -> its filter
+
+def register_filter(name: str,               # the name `model.vocab.filter` selects
+                    word_start: bool = True, # keep only pieces that begin a word
+                   ) -> Callable:
+    "Decorator: register `keep(text, min_zipf) -> bool` as the vocabulary filter `name` (timm-style registry)."
+    def deco(keep):
+        if name in FILTERS: raise ValueError(f"vocabulary filter {name!r} is already registered")
+        FILTERS[name] = VocabFilter(keep, word_start)
+        return keep
+    return deco
+
+def get_filter(name: str) -> VocabFilter:
+    "The registered filter `name`; an unregistered name is refused with the registered ones."
+    if name not in FILTERS:
+        raise ValueError(f"vocabulary filter {name!r} is not registered: expected one of {', '.join(FILTERS)}")
+    return FILTERS[name]
+
+@register_filter("alpha2", word_start=False)
+def _alpha2(text: str, min_zipf: float) -> bool: return True  # every alphabetic piece, continuations too (paper)
+
+@register_filter("word_start")
+def _word_start(text: str, min_zipf: float) -> bool: return True  # word-start pieces, any case
+
+@register_filter("word_start_lower")
+def _word_start_lower(text: str, min_zipf: float) -> bool: return text.islower()  # drops `Red`, `NASA`
+
+@register_filter("words")
+def _english_words(text: str, min_zipf: float) -> bool:  # drops fragments such as `surpr`
+    return text.islower() and is_english_word(text, min_zipf)
+
+# %% ../notebooks/04_vocab.ipynb #a523528d
 def keep_piece(text: str,            # readable text (marker stripped)
                starts_word: bool,    # the piece begins a word
-               filter: str = "word_start_lower", # one of FILTERS
+               filter: str = "word_start_lower", # a key of FILTERS
                min_len: int = 2,     # shortest kept word, in characters
                min_zipf: float = 3.0, # the `words` filter: kept when at least this frequent in English
               ) -> bool:
     "The rule of method §2 for one piece (special and byte-fallback pieces are handled by the caller)."
-    if filter not in FILTERS: raise ValueError(f"vocabulary filter {filter!r}: expected one of {', '.join(FILTERS)}")
+    f = get_filter(filter)
     if not (text.isascii() and text.isalpha() and len(text) >= min_len): return False
-    if filter == "alpha2": return True
-    if not starts_word: return False
-    if filter == "words": return text.islower() and is_english_word(text, min_zipf)
-    return filter == "word_start" or text.islower()
+    if f.word_start and not starts_word: return False
+    return f.keep(text, min_zipf)
 
 # %% ../notebooks/04_vocab.ipynb #cfedc5ee
 class Vocabulary:
@@ -163,13 +199,13 @@ def _special_ids(tokenizer) -> set[int]:
     return ids
 
 def build_vocabulary(tokenizer,                        # a transformers tokenizer (any kind)
-                     filter: str = "word_start_lower", # one of FILTERS (method §2 [choice])
+                     filter: str = "word_start_lower", # a key of FILTERS (method §2 [choice])
                      min_len: int = 2,                 # shortest kept word, in characters
                      allow: list[str] | tuple[str, ...] = (), # words kept whatever the length/case rule says
                      min_zipf: float = 3.0,            # the `words` filter's frequency floor (`is_english_word`)
                     ) -> Vocabulary:
     "Apply the vocabulary filter of method §2 to every piece of `tokenizer`."
-    if filter not in FILTERS: raise ValueError(f"vocabulary filter {filter!r}: expected one of {', '.join(FILTERS)}")
+    rule = get_filter(filter)
     n = len(tokenizer)
     pieces = tokenizer.convert_ids_to_tokens(list(range(n)))
     special = _special_ids(tokenizer)
@@ -183,7 +219,7 @@ def build_vocabulary(tokenizer,                        # a transformers tokenize
         starts_word = s if s is not None else not marked
         ok = keep_piece(text, starts_word, filter, min_len, min_zipf)
         if not ok and text in allow:  # the allow-list waives the text rule, not the word-start rule
-            ok = filter == "alpha2" or starts_word
+            ok = not rule.word_start or starts_word
         if ok:
             ids.append(i)
             words.append(text)
