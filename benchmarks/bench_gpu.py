@@ -1,4 +1,4 @@
-"""One training step of the paper-scale LexVLA on one GPU: the real `lexvla.train.train_step`, random weights.
+"""One training step of the paper-scale LexVLA on one GPU: the real `lexvla.trainstep.train_step`, random weights.
 
     python benchmarks/bench_gpu.py [--batches 16 32 64 128 256] [--layers 32] [--budget-s 480] [--out FILE.md]
     python benchmarks/bench_gpu.py --shapes tiny --device cpu      # the same code at tiny shapes (tested in CI)
@@ -124,7 +124,7 @@ def main(argv=None) -> int:
     from lexvla.losses import create_loss
     from lexvla.model import LexVLA
     from lexvla.params import model_config
-    from lexvla.train import StepContext, make_optimizer, train_step
+    from lexvla.trainstep import StepContext, make_optimizer, train_step
 
     t_begin = time.perf_counter()
     device, S = torch.device(a.device), SHAPES[a.shapes]

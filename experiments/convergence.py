@@ -65,7 +65,7 @@ def commit() -> str:
 def effective_precision(d: dict) -> str:
     "What `train.precision` trains in on this machine (bf16 falls back to fp32 on CPUs without native bf16)."
     from lexvla.runtime import resolve_device
-    from lexvla.train import mixed_precision
+    from lexvla.trainstep import mixed_precision
     import warnings
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

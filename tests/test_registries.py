@@ -64,7 +64,7 @@ def test_a_registered_regulariser_is_the_one_that_trains(l1_registered):
     import torch
     from types import SimpleNamespace
     from lexvla.text import TINY_WORDS
-    from lexvla.train import StepContext, make_accelerator, make_optimizer, regularised, train_step
+    from lexvla.trainstep import StepContext, make_accelerator, make_optimizer, regularised, train_step
 
     g = torch.Generator().manual_seed(0)
     words = [w for w in TINY_WORDS if w.isalpha()]
@@ -128,7 +128,7 @@ def test_a_registered_text_tower_is_the_one_that_trains(neox_lm):
     from types import SimpleNamespace
 
     from lexvla.text import positions_from_mask
-    from lexvla.train import StepContext, make_accelerator, make_optimizer, train_step
+    from lexvla.trainstep import StepContext, make_accelerator, make_optimizer, train_step
 
     tower_cls, overrides = neox_lm
     m = model.create_model("tiny", seed=0, **overrides)
