@@ -142,8 +142,7 @@ def main(argv=None) -> int:
     n_layers, V = model.n_layers, model.vocab.size
     spec = tp.variants["lexvla"]
     loss_fn = create_loss(spec["reg"], lambda_img=tp.lambda_img, lambda_txt=tp.lambda_txt,
-                          warmup_steps=tp.reg_warmup_steps, local_loss=tp.local_loss,
-                          **({"share": tp.overuse_share} if spec["reg"] == "overuse" else {}))
+                          warmup_steps=tp.reg_warmup_steps, local_loss=tp.local_loss, settings=spec.get("settings"))
     opt, sched = make_optimizer(model, tp)
     model, opt = acc.prepare(model, opt)
     raw = acc.unwrap_model(model)

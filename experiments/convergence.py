@@ -39,10 +39,11 @@ from lexvla.params import params_from_dict, repo_root
 
 HERE = Path(__file__).resolve().parent / "convergence"  # the results folder (`--out` moves it)
 CACHE = HERE / "cache"  # the val caches, shared by every results folder
-VARIANTS = {"lexvla": {"model": "lexvla", "reg": "overuse", "lam": None},
+MEAN_SHARE = {"share": "mean"}  # the overuse regulariser's setting in params.yaml's method variant
+VARIANTS = {"lexvla": {"model": "lexvla", "reg": "overuse", "lam": None, "settings": MEAN_SHARE},
             "dense": {"model": "dense", "reg": "none", "lam": None},
             "flops": {"model": "lexvla", "reg": "flops", "lam": None},
-            "bow": {"model": "bow", "reg": "overuse", "lam": None},
+            "bow": {"model": "bow", "reg": "overuse", "lam": None, "settings": MEAN_SHARE},
             "nopenalty": {"model": "lexvla", "reg": "none", "lam": 0.0}}
 
 

@@ -267,6 +267,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                'lexvla.losses.overuse_penalty': ('losses.html#overuse_penalty', 'lexvla/losses.py'),
                                'lexvla.losses.quadratic_warmup': ('losses.html#quadratic_warmup', 'lexvla/losses.py'),
                                'lexvla.losses.register_regularizer': ('losses.html#register_regularizer', 'lexvla/losses.py'),
+                               'lexvla.losses.regularizer_settings': ('losses.html#regularizer_settings', 'lexvla/losses.py'),
                                'lexvla.losses.word_activation': ('losses.html#word_activation', 'lexvla/losses.py'),
                                'lexvla.losses.world_size': ('losses.html#world_size', 'lexvla/losses.py')},
             'lexvla.metrics': { 'lexvla.metrics._ranks': ('metrics.html#_ranks', 'lexvla/metrics.py'),

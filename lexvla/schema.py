@@ -101,6 +101,7 @@ def from_dict(cls: type,   # a dataclass (a params section or a nested part of o
     fields = dataclasses.fields(cls)
     names = [f.name for f in fields]
     optional = {f.name: f.default for f in fields if f.default is not dataclasses.MISSING}
+    optional |= {f.name: f.default_factory() for f in fields if f.default_factory is not dataclasses.MISSING}
     for k in d:
         if k not in names:
             close = difflib.get_close_matches(str(k), names, n=1)
@@ -182,6 +183,9 @@ class VariantSpec:
     model: Literal["lexvla", "bow", "dense"]  # model variant (overrides model.variant for this run)
     reg: Literal["overuse", "flops", "none"]  # sparsity regulariser on both modalities (method §5)
     lam: float | None                         # λ of both modalities for this variant (null: train.lambda_img/_txt)
+    # the regulariser's settings (losses.register_regularizer names them and their defaults; an unknown one is
+    # refused when the loss is built): e.g. overuse {share: mean}; absent or {}: the registered defaults
+    settings: dict[str, str | int | float | bool | None] = dataclasses.field(default_factory=dict)
 
 # %% ../notebooks/00b_schema.ipynb #09f2d31d
 @section("train")
@@ -214,7 +218,7 @@ class TrainParams:
     text_buckets: int                 # the text tower runs each micro-batch as this many length-sorted groups,
                                       # each padded to its own longest caption (same vectors; 1 = one padded batch)
     image_cache: bool                 # use the frozen ViT's cached patch tokens (exact; see imagecache)
-    overuse_share: Literal["mean", "sum"]  # overuse weight p̄_j / mean_k p̄_k (= FLOPs at uniform use) or / Σ_k p̄_k
+
     uniform_cosine: float             # stop at the first logged step when the caption vectors' mean pairwise cosine
                                       # is above this (near-uniform: change model.logit_shift); 1 = no check
     reg_on: Literal["max", "weights", "vectors"]  # penalise each vector over its largest entry, the raw ELU1p weights,

@@ -153,10 +153,12 @@ def attach_model(run: Run,
                 ) -> Run:
     "The variant's model and loss, and the caches its frozen parts can use (checked against the model)."
     tp, spec = run.tp, run.spec
-    run.model = model = create_model_from_params(run.params, variant=spec.model)
     lam_img, lam_txt = (tp.lambda_img, tp.lambda_txt) if spec.lam is None else (spec.lam, spec.lam)
-    run.loss_fn = create_loss(spec.reg, lambda_img=lam_img, lambda_txt=lam_txt, warmup_steps=tp.reg_warmup_steps,
-                              local_loss=tp.local_loss, share=tp.overuse_share)  # read by the regularisers naming it
+    try:  # first (it draws no random number): a setting the regulariser lacks stops the run before the model loads
+        run.loss_fn = create_loss(spec.reg, lambda_img=lam_img, lambda_txt=lam_txt, warmup_steps=tp.reg_warmup_steps,
+                                  local_loss=tp.local_loss, settings=spec.settings)
+    except ValueError as e: raise ParamsError(f"train.variants.{run.variant}.{e}") from None
+    run.model = model = create_model_from_params(run.params, variant=spec.model)
     if tp.text_cache and spec.model != "bow" and bool(model.text_prefix_layers):  # 0: LoRA on every block
         run.cache = TextPrefixCache.load(cache_dir / "train")
         check_cache(run.cache, model)
