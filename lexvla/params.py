@@ -24,7 +24,7 @@ from .schema import *  # the sections and the checker: lexvla.params is a stage'
 
 # %% auto #0
 __all__ = ['PROMPT', 'REPLACED_BY_PROFILES', 'register_model', 'list_models', 'describe_model', 'merge_over', 'model_dict',
-           'model_config', 'tiny', 'embedded', 'paper', 'LoadedParams', 'load_params', 'params_from_dict',
+           'model_config', 'tiny', 'embedded', 'paper', 'LoadedParams', 'load_params', 'params_from_dict', 'named_maps',
            'apply_profile', 'overrides', 'key_docs', 'show_commented', 'main']
 
 # %% ../notebooks/00_params.ipynb #a5672a1f
@@ -131,6 +131,18 @@ def paper() -> ModelParams:
         adapter=dict(heads=16, mlp_ratio=4.0, hidden=None),
         dense_dim=512, init_temperature=0.07, grad_checkpointing=True, max_text_tokens=77)
 
+# %% ../notebooks/00_params.ipynb #84bb2b89
+def _check_set_names(out: dict, d: dict, path: Path):
+    "search.set and report.set name an evaluated set (checked against the file's evaluate.sets even when not loaded)."
+    raw = d.get("evaluate") if isinstance(d.get("evaluate"), dict) else {}
+    sets = list(out["evaluate"].sets) if "evaluate" in out else list(raw.get("sets") or {})
+    if not sets: return  # no evaluate section to check against (a section checked alone)
+    for name in ("search", "report"):
+        if name in out and out[name].set not in sets:
+            raise ParamsError(f"{path}: {name}.set: got {out[name].set!r}, expected a key of evaluate.sets "
+                              f"({', '.join(sets)}); fix: {name}.set: {sets[0]}, or list {out[name].set} in "
+                              "evaluate.sets (a profile's evaluate.sets replaces the whole map)")
+
 # %% ../notebooks/00_params.ipynb #ba4c4fdf
 @dataclass
 class LoadedParams:
@@ -185,11 +197,7 @@ def params_from_dict(d: dict,                    # section name -> mapping, as r
         if len(own) > 1 or any(out["evaluate"].sets[n].concepts != "all" for n in own):
             raise ParamsError(f"{path}: evaluate.sets: {', '.join(own)}: kind {out['prepare'].kind!r} defines one "
                               "evaluated split (source null, concepts all); concept pools are the embedded worlds'")
-    if "evaluate" in out:  # the sections that name an evaluated set name one that is evaluated
-        for name in ("search", "report"):
-            if name in out and out[name].set not in out["evaluate"].sets:
-                raise ParamsError(f"{path}: {name}.set: got {out[name].set!r}, expected a key of evaluate.sets "
-                                  f"({', '.join(out['evaluate'].sets)})")
+    _check_set_names(out, d, path)
     return LoadedParams(path=path, sections=out)
 
 # %% ../notebooks/00_params.ipynb #58c63e55
@@ -201,8 +209,17 @@ def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
         else: out[key] = v
     return out
 
-# a profile gives these maps whole (its own set of variants), where other sections merge key by key
-REPLACED_BY_PROFILES = ("train.variants", "evaluate.sets")
+def named_maps() -> tuple[str, ...]:
+    "The dotted names of the schema's maps of named entries: the fields typed `dict[str, <dataclass>]`."
+    out = []
+    for name, cls in SECTIONS.items():
+        hints = typing.get_type_hints(cls)
+        out += [f"{name}.{f.name}" for f in dataclasses.fields(cls) if typing.get_origin(hints[f.name]) is dict
+                and dataclasses.is_dataclass(typing.get_args(hints[f.name])[1])]
+    return tuple(out)
+
+# the one merge rule of a profile: key by key at every depth, except these maps of named entries, given whole
+REPLACED_BY_PROFILES = named_maps()  # train.variants, evaluate.sets
 
 def _profile_keys(prefix: str) -> list[str] | None:
     "The keys a profile may give at `prefix` besides params.yaml's: a section's schema fields; any in `model`."
@@ -213,7 +230,7 @@ def _profile_keys(prefix: str) -> list[str] | None:
 def apply_profile(profile: str | Path,              # a partial params file, or the name of one in profiles/
                   params: str | Path = "params.yaml", # the full params file it overrides
                  ) -> dict:
-    "The params dict of `params` with `profile` merged over it, checked strictly."
+    "`params` with `profile` merged over it key by key, each map of named entries (REPLACED_BY_PROFILES) given whole."
     prof = Path(profile)
     if not prof.exists() and not prof.suffix: prof = repo_root() / "profiles" / f"{profile}.yaml"
     base = _read_yaml(Path(params) if Path(params).exists() else repo_root() / params)
