@@ -1,4 +1,4 @@
-"""One training step of the paper-scale LexVLA on one GPU: the real `lexvla.train.train_step`, random weights.
+"""One training step of the paper-scale LexVLA on one GPU: the real `lexvla.trainstep.train_step`, random weights.
 
     python benchmarks/bench_gpu.py [--batches 16 32 64 128 256] [--layers 32] [--budget-s 480] [--out FILE.md]
     python benchmarks/bench_gpu.py --shapes tiny --device cpu      # the same code at tiny shapes (tested in CI)
@@ -124,7 +124,7 @@ def main(argv=None) -> int:
     from lexvla.losses import create_loss
     from lexvla.model import LexVLA
     from lexvla.params import model_config
-    from lexvla.train import StepContext, make_optimizer, train_step
+    from lexvla.trainstep import StepContext, make_optimizer, train_step
 
     t_begin = time.perf_counter()
     device, S = torch.device(a.device), SHAPES[a.shapes]
@@ -142,8 +142,7 @@ def main(argv=None) -> int:
     n_layers, V = model.n_layers, model.vocab.size
     spec = tp.variants["lexvla"]
     loss_fn = create_loss(spec["reg"], lambda_img=tp.lambda_img, lambda_txt=tp.lambda_txt,
-                          warmup_steps=tp.reg_warmup_steps, local_loss=tp.local_loss,
-                          **({"share": tp.overuse_share} if spec["reg"] == "overuse" else {}))
+                          warmup_steps=tp.reg_warmup_steps, local_loss=tp.local_loss, settings=spec.get("settings"))
     opt, sched = make_optimizer(model, tp)
     model, opt = acc.prepare(model, opt)
     raw = acc.unwrap_model(model)

@@ -133,7 +133,7 @@ def main(argv=None) -> int:
     from lexvla.params import load_params
     from lexvla.runtime import repo_root
     from lexvla.textcache import build_text_cache
-    from lexvla.train import cpu_bf16_flags, mixed_precision, param_groups
+    from lexvla.trainstep import cpu_bf16_flags, mixed_precision, param_groups
 
     torch.manual_seed(0)
     dev = torch.device(a.device)

@@ -40,10 +40,11 @@ from lexvla.params import params_from_dict, repo_root
 HERE = Path(__file__).resolve().parent / "convergence"  # the results folder (`--out` moves it)
 CACHE = HERE / "cache"  # the val caches, shared by every results folder (`--caches`: a lever's own)
 OWN_CACHES = False  # `--caches` given: CACHE also holds the training captions' text cache (a prompt or LM lever)
-VARIANTS = {"lexvla": {"model": "lexvla", "reg": "overuse", "lam": None},
+MEAN_SHARE = {"share": "mean"}  # the overuse regulariser's setting in params.yaml's method variant
+VARIANTS = {"lexvla": {"model": "lexvla", "reg": "overuse", "lam": None, "settings": MEAN_SHARE},
             "dense": {"model": "dense", "reg": "none", "lam": None},
             "flops": {"model": "lexvla", "reg": "flops", "lam": None},
-            "bow": {"model": "bow", "reg": "overuse", "lam": None},
+            "bow": {"model": "bow", "reg": "overuse", "lam": None, "settings": MEAN_SHARE},
             "nopenalty": {"model": "lexvla", "reg": "none", "lam": 0.0}}
 
 
@@ -66,7 +67,7 @@ def commit() -> str:
 def effective_precision(d: dict) -> str:
     "What `train.precision` trains in on this machine (bf16 falls back to fp32 on CPUs without native bf16)."
     from lexvla.runtime import resolve_device
-    from lexvla.train import mixed_precision
+    from lexvla.trainstep import mixed_precision
     import warnings
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -27,6 +27,7 @@ HERE = Path(__file__).resolve().parent / "sweep"
 # schema's `VariantSpec.reg`); "none" is the λ = 0 end that every penalised curve shares. A new regulariser is one
 # more key here: the runs, the matched-sparsity table and the plot follow.
 GRID = {"overuse": (1e-4, 3e-4, 1e-3, 3e-3), "flops": (1e-4, 3e-4, 1e-3, 3e-3), "none": (0.0,)}
+SETTINGS = {"overuse": {"share": "mean"}}  # each regulariser's settings, as params.yaml's method variant gives them
 BASELINE = "none"
 
 
@@ -43,7 +44,8 @@ def sweep_params(params_file: Path, steps: int | None) -> dict:
     "params.yaml with the val split evaluated and the grid as train.variants."
     d = yaml.safe_load(params_file.read_text())
     d["evaluate"]["split"] = "val"
-    d["train"]["variants"] = {run_name(r, lam): {"model": "lexvla", "reg": r, "lam": lam}
+    d["train"]["variants"] = {run_name(r, lam): {"model": "lexvla", "reg": r, "lam": lam,
+                                                 **({"settings": SETTINGS[r]} if r in SETTINGS else {})}
                               for r, lams in GRID.items() for lam in lams}
     if steps: d["train"]["steps"] = steps
     return d

@@ -5,7 +5,8 @@
 # %% ../notebooks/05_losses.ipynb #875d79c2
 from __future__ import annotations
 
-from typing import Callable, Literal, NamedTuple
+import inspect
+from typing import Any, Callable, Literal, NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -17,7 +18,7 @@ from torch import nn
 # %% auto #0
 __all__ = ['REGULARIZERS', 'elu1p', 'word_activation', 'flops_regularizer', 'overuse_penalty', 'quadratic_warmup',
            'clip_contrastive', 'world_size', 'gather_features', 'local_contrastive', 'Regularizer',
-           'register_regularizer', 'LexicalLoss', 'create_loss']
+           'register_regularizer', 'regularizer_settings', 'LexicalLoss', 'create_loss']
 
 # %% ../notebooks/05_losses.ipynb #d197bb92
 def elu1p(x: torch.Tensor # logits, any shape
@@ -114,25 +115,45 @@ def local_contrastive(image_features: torch.Tensor, text_features: torch.Tensor,
 
 # %% ../notebooks/05_losses.ipynb #8ddff313
 class Regularizer(NamedTuple):
-    "A registered sparsity regulariser: `fn(s, **options)` on (b, v) vectors, a scalar (None: no penalty)."
+    "A registered sparsity regulariser: `fn(s, **settings)` on (b, v) vectors, a scalar (None: no penalty)."
     fn: Callable[..., torch.Tensor] | None
-    options: tuple[str, ...] = ()  # the `LexicalLoss` attributes passed to `fn` by name
+    settings: dict[str, Any] = {}  # the keywords `fn` takes and their defaults (a variant's `settings` change them)
 
 REGULARIZERS: dict[str, Regularizer] = {}
 
 def register_regularizer(name: str,  # the name `train.variants.*.reg` selects
                          fn: Callable[..., torch.Tensor] | None, # (b, v) vectors -> scalar; None: no penalty
-                         options: tuple[str, ...] = (), # `LexicalLoss` attributes `fn` takes by name
+                         settings: dict[str, Any] | None = None, # keyword of `fn` -> its default
                         ) -> Regularizer:
-    "Register a regulariser: `LexicalLoss(reg=name)` calls exactly this `fn` (timm-style registry)."
+    "Register a regulariser and its settings: `LexicalLoss(reg=name)` calls exactly this `fn` (timm-style registry)."
     if name in REGULARIZERS: raise ValueError(f"regulariser {name!r} is already registered")
-    REGULARIZERS[name] = Regularizer(fn, tuple(options))
+    settings = dict(settings or {})
+    takes = inspect.signature(fn).parameters if fn is not None else {}
+    if not all(k in takes for k in settings) and not any(p.kind is p.VAR_KEYWORD for p in takes.values()):
+        raise ValueError(f"regulariser {name!r}: settings {', '.join(k for k in settings if k not in takes)} are not "
+                         "keywords of its function")
+    REGULARIZERS[name] = Regularizer(fn, settings)
     return REGULARIZERS[name]
 
-register_regularizer("overuse", overuse_penalty, ("detach_share", "share"))  # LexVLA (method §5)
+def regularizer_settings(reg: str,           # a key of REGULARIZERS
+                         given: dict[str, Any] | None = None, # settings that change the registered defaults
+                        ) -> dict[str, Any]:
+    "Every setting of `reg`: its registered defaults with `given` over them; a setting it lacks is refused by name."
+    r = REGULARIZERS[reg]
+    unknown = [k for k in (given or {}) if k not in r.settings]
+    if unknown:
+        raise ValueError(f"settings.{unknown[0]}: not a setting of regulariser {reg!r} "
+                         f"(its settings: {', '.join(r.settings) or 'none'})")
+    out = {**r.settings, **(given or {})}
+    # a dry run on a zero batch: the regulariser's own checks of its values fire now, not at the first step
+    if r.fn is not None and given:
+        try: r.fn(torch.zeros(1, 2), **out)
+        except (ValueError, TypeError) as e: raise ValueError(f"settings.{e}") from None
+    return out
+
+register_regularizer("overuse", overuse_penalty, settings={"detach_share": False, "share": "sum"})  # method §5
 register_regularizer("flops", flops_regularizer)  # the FLOPs ablation
 register_regularizer("none", None)                # no-penalty ablation and the dense CLIP-style baseline
-
 
 # %% ../notebooks/05_losses.ipynb #2b3019be
 class LexicalLoss(nn.Module):
@@ -142,8 +163,8 @@ class LexicalLoss(nn.Module):
                  lambda_img: float = 1e-3,  # final weight of the image regulariser
                  lambda_txt: float = 1e-3,  # final weight of the text regulariser
                  warmup_steps: int = 0,     # steps of the quadratic warm-up of both weights (0: none)
-                 detach_share: bool = False, # overuse only: no gradient through the share (see `overuse_penalty`)
-                 share: Literal["sum", "mean"] = "sum", # overuse only: the share's normaliser (see `overuse_penalty`)
+                 settings: dict[str, Any] | None = None, # the regulariser's settings (`regularizer_settings`; e.g.
+                                            # overuse: share, detach_share); the rest keep their registered defaults
                  gather: bool = True,       # under torch.distributed: InfoNCE and p̄ over every process's samples
                  local_loss: bool = False,  # gathered: only this process's rows of the logits (open_clip)
                 ):
@@ -155,13 +176,11 @@ class LexicalLoss(nn.Module):
         if warmup_steps < 0: raise ValueError(f"warmup_steps: got {warmup_steps}, expected >= 0")
         self.reg, self.warmup_steps = reg, int(warmup_steps)
         self.lambda_img, self.lambda_txt = float(lambda_img), float(lambda_txt)
-        if share not in ("sum", "mean"): raise ValueError(f"share: got {share!r}, expected 'sum' or 'mean'")
-        self.detach_share, self.share = bool(detach_share), share
+        self.settings = regularizer_settings(reg, settings)
 
     def extra_repr(self):
         return (f"reg={self.reg!r}, lambda_img={self.lambda_img}, lambda_txt={self.lambda_txt}, "
-                f"warmup_steps={self.warmup_steps}" + (", detach_share=True" if self.detach_share else "")
-                + (f", share={self.share!r}" if "share" in REGULARIZERS[self.reg].options else "")
+                f"warmup_steps={self.warmup_steps}" + "".join(f", {k}={v!r}" for k, v in self.settings.items())
                 + (", local_loss=True" if self.local_loss else "") + ("" if self.gather else ", gather=False"))
 
     def penalty(self, s: torch.Tensor # (b, v) lexical vectors
@@ -169,7 +188,7 @@ class LexicalLoss(nn.Module):
         "The unweighted regulariser of this loss on `s` (0 for kind `none`)."
         r = REGULARIZERS[self.reg]
         if r.fn is None: return s.new_zeros(())
-        return r.fn(s, **{k: getattr(self, k) for k in r.options})
+        return r.fn(s, **self.settings)
 
 # %% ../notebooks/05_losses.ipynb #159a3fae
 @patch
@@ -201,8 +220,8 @@ def forward(self: LexicalLoss,
 
 # %% ../notebooks/05_losses.ipynb #f51e4cc6
 def create_loss(kind: str = "overuse", # a key of REGULARIZERS: the sparsity regulariser (train.variants.*.reg)
-                **kwargs, # `LexicalLoss` arguments: lambda_img, lambda_txt, warmup_steps, detach_share, share, gather,
-                          # local_loss
+                **kwargs, # `LexicalLoss` arguments: lambda_img, lambda_txt, warmup_steps, settings (the
+                          # regulariser's), gather, local_loss
                ) -> LexicalLoss:
     "The LexVLA loss with the `kind` regulariser on both modalities (open_clip-style factory)."
     if kind not in REGULARIZERS: raise ValueError(f"loss kind: got {kind!r}, expected one of {', '.join(REGULARIZERS)}")

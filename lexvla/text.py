@@ -17,7 +17,7 @@ from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, Llama
                           PreTrainedTokenizerFast)
 from transformers.masking_utils import create_causal_mask
 
-from .params import LMParams, LoraParams, ModelParams, ParamsError
+from .schema import LMParams, LoraParams, ModelParams, ParamsError
 from .runtime import resolve_path
 
 # %% auto #0

@@ -5,15 +5,9 @@
 # %% ../notebooks/12_train.ipynb #ca196747
 from __future__ import annotations
 
-import errno
-import hashlib
-import importlib.util
 import json
 import math
 import os
-import platform
-import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -24,248 +18,26 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.state import AcceleratorState
-from accelerate.utils import DistributedDataParallelKwargs, DistributedType, gather_object
+from accelerate.utils import DistributedType, gather_object
 from dvclive import Live
-from fastcore.basics import patch
-from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
-from transformers import get_cosine_schedule_with_warmup
 
+from .batches import BatchSource, batch_source
 from .caches import ImageTokenCache, TextPrefixCache, check_cache, check_image_cache
-from .pairs import StreamLoader, StreamingPairs, collate_pairs, train_dataset
-from .transforms import image_transform
+from .checkpoints import CheckpointError, Checkpointer, agree, run_fingerprint
 from .losses import create_loss
 from .model import create_model_from_params, save_trained, trainable_state
 from .params import LoadedParams, ParamsError, TrainParams, VariantSpec, load_params
-from .runtime import (LAYOUT, environment_record, record_run, remove_dir, repo_relative, resolve_device,
-                            resolve_path, rng_state, run_cli, save_resolved, seed_everything, set_rng_state,
-                            stage_parser, write_json)
-from .sparse import threshold_for
+from .runtime import (LAYOUT, environment_record, record_run, repo_relative, resolve_device, resolve_path,
+                            rng_state, run_cli, save_resolved, seed_everything, set_rng_state, stage_parser,
+                            write_json)
+
+from .trainstep import (NearUniformVectors, NonFiniteLoss, StepContext, log_step, make_accelerator,
+                              make_optimizer, mixed_precision, scalars, train_step, uniform_check)
 
 # %% auto #0
-__all__ = ['TRAINING_CODE', 'CheckpointError', 'fault_point', 'Checkpointer', 'NonFiniteLoss', 'run_fingerprint', 'agree',
-           'NearUniformVectors', 'mean_pairwise_cosine', 'uniform_check', 'regularised', 'param_groups',
-           'make_optimizer', 'resume', 'save_checkpoint', 'StepContext', 'train_step', 'scalars', 'log_step',
-           'cpu_bf16_flags', 'native_bf16', 'mixed_precision', 'make_accelerator', 'Run', 'open_run', 'attach_model',
-           'BatchSource', 'StepLog', 'run_steps', 'finish', 'train', 'launch_command', 'main']
-
-# %% ../notebooks/12_train.ipynb #7a1bb3be
-class CheckpointError(RuntimeError):
-    "A checkpoint could not be written or read; the message names the path and the reason."
-
-def _fsync_dir(path: Path):
-    try:
-        fd = os.open(path, os.O_RDONLY)
-        os.fsync(fd)
-        os.close(fd)
-    except OSError: pass
-
-def fault_point(name: str):
-    "Test hook: SIGKILL this process at `name` when the comma-separated `LEXVLA_FAULT` names it."
-    # the resume tests kill a run at exact places (mid-step, mid-checkpoint) instead of racing a timer
-    if name in os.environ.get("LEXVLA_FAULT", "").split(","): os.kill(os.getpid(), signal.SIGKILL)
-
-# %% ../notebooks/12_train.ipynb #31172842
-class Checkpointer:
-    "Atomic, fingerprinted training checkpoints in one folder."
-    def __init__(self, folder: str | Path, # where checkpoints live (kept between runs)
-                 fingerprint: str,         # what the run is: params + data; other checkpoints are not resumed
-                 keep: int = 2,            # how many complete checkpoints to keep
-                ):
-        self.folder, self.fingerprint, self.keep = Path(folder), fingerprint, keep
-
-    def check_writable(self):
-        "Fail early, with the path, when checkpoints cannot be written here."
-        try:
-            self.folder.mkdir(parents=True, exist_ok=True)
-            probe = self.folder / f".write-probe-{os.getpid()}"  # one per process: ranks probe at once
-            probe.write_bytes(b"ok")
-            probe.unlink()
-        except OSError as e:
-            raise CheckpointError(f"{self.folder}: cannot write checkpoints here ({e.strerror or e})") from None
-
-    def latest(self) -> Path | None:
-        "The newest complete checkpoint of this run, or None (also when the folder holds another run's)."
-        meta = self.folder / "latest.json"
-        if not meta.is_file(): return None
-        try: info = json.loads(meta.read_text())
-        except (OSError, json.JSONDecodeError): return None
-        path = self.folder / info.get("name", "")
-        if info.get("fingerprint") != self.fingerprint or not (path / "state.json").is_file(): return None
-        return path
-
-# %% ../notebooks/12_train.ipynb #83aa9a34
-@patch
-def save(self: Checkpointer, step: int, tensors: dict[str, torch.Tensor], objects: dict, info: dict) -> Path:
-    "Write one checkpoint: `tensors` as safetensors, `objects` (optimiser, RNG) with torch.save, `info` as JSON."
-    name = f"step-{step:08d}"
-    tmp, final = self.folder / f".{name}.tmp", self.folder / name
-    try:
-        if tmp.exists(): shutil.rmtree(tmp)
-        tmp.mkdir(parents=True)
-        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp / "weights.safetensors"))
-        fault_point(f"save-{step}-weights")
-        torch.save(objects, tmp / "objects.pt")
-        state = {**info, "step": step, "fingerprint": self.fingerprint}
-        (tmp / "state.json").write_text(json.dumps(state, indent=1))
-        for f in tmp.iterdir():
-            with open(f, "rb") as fh: os.fsync(fh.fileno())
-        if final.exists(): remove_dir(final)  # a stale one: another run's, or one written after a kill
-        tmp.rename(final)
-        _fsync_dir(self.folder)
-        fault_point(f"save-{step}-renamed")
-        lt = self.folder / ".latest.json.tmp"
-        lt.write_text(json.dumps({"name": name, "step": step, "fingerprint": self.fingerprint}))
-        lt.replace(self.folder / "latest.json")
-        _fsync_dir(self.folder)
-    except OSError as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        why = "disk full" if e.errno == errno.ENOSPC else (e.strerror or str(e))
-        prev = self.latest()
-        raise CheckpointError(f"{final}: could not write checkpoint at step {step} ({why}); "
-                              f"last good checkpoint: {prev or 'none'}") from None
-    self.prune(step)
-    return final
-
-# %% ../notebooks/12_train.ipynb #beaefa02
-@patch
-def _step_and_run(self: Checkpointer, path: Path) -> tuple[int, str | None]:
-    try: s = json.loads((path / "state.json").read_text())
-    except (OSError, json.JSONDecodeError): return -1, None
-    return int(s.get("step", -1)), s.get("fingerprint")
-
-@patch
-def prune(self: Checkpointer, newest: int):
-    "Keep this run's `keep` newest checkpoints up to step `newest` (the one `latest.json` names); drop the rest."
-    # by what a checkpoint *is*, not by its name: an earlier run's (other params, or the same params trained
-    # again) may hold later steps, and sorting names would then delete the checkpoint just written
-    mine = []
-    for p in list(self.folder.iterdir()):
-        if p.name.startswith((".step-", ".trash-")) and p.name != f".step-{newest:08d}.tmp": remove_dir(p)
-        if not (p.name.startswith("step-") and p.is_dir()): continue
-        step, run = self._step_and_run(p)
-        if run == self.fingerprint and 0 <= step <= newest: mine.append((step, p))
-        else: remove_dir(p)
-    for _, p in sorted(mine)[:-self.keep]: remove_dir(p)
-
-# %% ../notebooks/12_train.ipynb #c4fdb89c
-@patch
-def load(self: Checkpointer, path: Path) -> tuple[dict, dict, dict]:
-    "(tensors, objects, info) of a checkpoint folder."
-    try:
-        # map_location: process 0 wrote the optimiser state from cuda:0; restored where it was saved, every
-        # process would deserialise it onto GPU 0 (8 x the AdamW state there, and a CUDA context each). On the
-        # CPU, `Optimizer.load_state_dict` then moves each state tensor to its parameter's own device
-        objects = torch.load(path / "objects.pt", map_location="cpu", weights_only=False)
-        return load_file(str(path / "weights.safetensors")), objects, json.loads((path / "state.json").read_text())
-    except Exception as e:
-        raise CheckpointError(f"{path}: unreadable checkpoint ({e})") from None
-
-# %% ../notebooks/12_train.ipynb #77c59dff
-class NonFiniteLoss(RuntimeError):
-    "The loss became NaN or infinite; training stopped and the last good checkpoint was kept."
-
-# the modules a training run executes: a checkpoint written by other code is not resumed
-TRAINING_CODE = ("runtime", "params", "decode", "transforms", "shards", "pairs", "vocab", "text", "vision", "model",
-                 "maxpool", "losses", "caches", "sparse", "train")
-
-def run_fingerprint(params: LoadedParams, variant: str, data_dir: Path,
-                    code_dir: Path | None = None, # the package whose TRAINING_CODE is hashed (default: this one)
-                   ) -> str:
-    "sha256 of everything that determines the trained weights: the params sections, the variant, the data and the code."
-    d = params.to_dict()
-    rec = {"variant": variant, "params": {k: d[k] for k in sorted(d) if k in ("base", "prepare", "model", "train")}}
-    pkg = Path(code_dir) if code_dir is not None else Path(importlib.util.find_spec("lexvla").origin).parent
-    rec["code"] = {m: hashlib.sha256((pkg / f"{m}.py").read_bytes()).hexdigest() for m in TRAINING_CODE}
-    report = Path(data_dir) / "train" / "report.json"  # the training part only: a new eval set changes nothing
-    rec["data"] = hashlib.sha256(report.read_bytes()).hexdigest() if report.is_file() else str(data_dir)
-    return hashlib.sha256(json.dumps(rec, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-# %% ../notebooks/12_train.ipynb #a9e3c0d2
-def agree(acc: Accelerator,            # the run's accelerator
-          error: Exception | None,     # this process's failure at this point, or None
-          kind: type = RuntimeError,   # what the processes that did not fail raise
-          what: str = "",              # prefix of their message
-         ):
-    "Raise on every process when any one failed here (one flag all-gathered), instead of hanging the others."
-    if acc.num_processes > 1:
-        flag = torch.tensor([0.0 if error is None else 1.0], device=acc.device)
-        failed = [i for i, f in enumerate(acc.gather(flag).tolist()) if f]
-        if error is None and failed:
-            raise kind(f"{what}process {failed[0]} failed (its own message says why); every process stops")
-    if error is not None: raise error
-
-
-# %% ../notebooks/12_train.ipynb #b1c0d002
-class NearUniformVectors(RuntimeError):
-    "The caption vectors are near-uniform early in training: the logit shift (`model.logit_shift`) must change."
-
-def mean_pairwise_cosine(x: torch.Tensor, # (b, v) L2-normalised vectors
-                        ) -> float:
-    "Mean cosine over the b(b-1) ordered pairs of distinct rows."
-    x = x.detach().float()
-    b = len(x)
-    return float(((x @ x.T).sum() - x.pow(2).sum()) / max(b * (b - 1), 1))
-
-def uniform_check(out: dict, limit: float, step: int,
-                  shift: str, # model.logit_shift.text, named in the message
-                 ) -> NearUniformVectors | None:
-    "The error to raise when a batch's caption vectors are near-uniform (mean pairwise cosine above `limit`)."
-    c = mean_pairwise_cosine(out["text_features"])
-    if limit >= 1 or len(out["text_features"]) < 2 or c <= limit: return None
-    return NearUniformVectors(
-        f"caption vectors are near-uniform at step {step}: mean pairwise cosine {c:.4f} > train.uniform_cosine "
-        f"{limit} (ELU1p sees logits that are nearly all positive; model.logit_shift.text is {shift!r}). Set "
-        "model.logit_shift.text and .image to mean (what trains on SmolLM2; it departs from the paper's literal "
-        "ELU1p), or train.uniform_cosine: 1 to train anyway")
-
-
-# %% ../notebooks/12_train.ipynb #197fa751
-class _Epochs(torch.utils.data.Dataset):
-    "The training pairs as the DataLoader sees them, without `set_epoch`."
-    # accelerate's loaders call `dataset.set_epoch(<iterations of this process>)` when the dataset has one, which
-    # would undo a resumed run's epoch and skip: the epoch is ours to set
-    def __init__(self, ds): self.ds = ds
-    def __len__(self): return len(self.ds)
-    def __getitem__(self, i): return self.ds[i]
-
-def regularised(out: dict, # a LexVLA forward's output
-                reg_on: str,       # train.reg_on: vectors | weights | max
-               ) -> dict:
-    "The vectors the sparsity penalty sees, as `LexicalLoss` keywords (none: the unit vectors themselves)."
-    if reg_on == "vectors" or "image_weights" not in out: return {}
-    if reg_on == "weights": return {"image_weights": out["image_weights"], "text_weights": out["text_weights"]}
-    # max: each vector over its largest entry, so its top word weighs 1 (scale-free, and denser always pays more)
-    return {f"{m}_weights": out[f"{m}_features"] / out[f"{m}_features"].amax(-1, keepdim=True).clamp_min(1e-12)
-            for m in ("image", "text")}
-
-def _lexical_active(x: torch.Tensor) -> float:
-    "Mean words above the inference threshold 1/sqrt(V) (method §5)."
-    return float((x.detach() > threshold_for(x.shape[-1])).sum(-1).float().mean())
-
-# %% ../notebooks/12_train.ipynb #6076b20e
-def param_groups(model, weight_decay: float,
-                 codebook_weight_decay: float | None = None, # the visual codebook's (None: `weight_decay`)
-                ) -> list[dict]:
-    "AdamW groups: decay on matrices, the codebook's own decay, none on norms, biases and the temperature."
-    decay, codebook, no_decay = [], [], []
-    for n, p in model.named_parameters():
-        if not p.requires_grad: continue
-        if n.endswith("visual_codebook"): codebook.append(p)
-        else: (no_decay if p.ndim < 2 or "norm" in n or "logit_scale" in n else decay).append(p)
-    cwd = weight_decay if codebook_weight_decay is None else codebook_weight_decay
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": codebook, "weight_decay": cwd},
-              {"params": no_decay, "weight_decay": 0.0}]
-    return [g for g in groups if g["params"]]
-
-def make_optimizer(model, tp: TrainParams):
-    "`(AdamW, cosine-with-warm-up scheduler)` over `model`'s trainable parameters, as `train` params say."
-    # not fused: the fused kernel saves ~55 ms of a 2.4 s step on a 2-core CPU (11 against 66 ms for LexVLA's
-    # 14.7 M trainable parameters) but moves the weights in fp32's last bit, and so every trained model's hash
-    opt = torch.optim.AdamW(param_groups(model, tp.weight_decay, tp.codebook_weight_decay), lr=tp.lr,
-                            betas=(0.9, 0.98), eps=1e-6)
-    return opt, get_cosine_schedule_with_warmup(opt, tp.warmup_steps, tp.steps)
+__all__ = ['resume', 'save_checkpoint', 'Run', 'open_run', 'attach_model', 'StepLog', 'run_steps', 'finish', 'train',
+           'launch_command', 'main']
 
 # %% ../notebooks/12_train.ipynb #b2a8428c
 def resume(ck: Checkpointer, # this run's checkpoints
@@ -310,120 +82,6 @@ def save_checkpoint(acc: Accelerator, ck: Checkpointer, step: int,
         except CheckpointError as e: err = e
     agree(acc, err, CheckpointError, f"checkpoint at step {step}: ")
 
-
-# %% ../notebooks/12_train.ipynb #74579888
-@dataclass
-class StepContext:
-    "What every step of a run uses, `train_step`'s one record: the loss, accelerate, the optimiser, the caches."
-    loss_fn: Callable                     # a `losses.create_loss` result
-    acc: Accelerator
-    opt: torch.optim.Optimizer            # accelerate's wrapper (it skips steps inside an accumulation window)
-    sched: object                         # the learning-rate schedule (`make_optimizer`)
-    tp: TrainParams                       # reads grad_clip, reg_on, text_buckets
-    cache: TextPrefixCache | None = None  # the frozen LM prefix of the captions (exact)
-    icache: ImageTokenCache | None = None # the frozen ViT's tokens of the images (exact)
-    loss_hook: Callable | None = None     # test hook: called with (step, parts) before backward
-    where: str = ""                       # named in a non-finite loss's message
-
-def _forward(model, batch: dict, c: StepContext) -> dict:
-    "The model on a micro-batch, from the caches where they hold it."
-    buckets = getattr(c.tp, "text_buckets", 1)  # length groups of the text tower (the same vectors, less padding)
-    dev = c.acc.device
-    image = ({"image_tokens": c.icache.lookup(batch["keys"]).to(dev)} if c.icache is not None
-             else {"pixels": batch["pixels"].to(dev)})
-    if c.cache is None: return model(**image, captions=batch["captions"], text_buckets=buckets)
-    h, m = c.cache.lookup(batch["captions"])
-    return model(**image, text_prefix=(h.to(dev), m.to(dev)), text_buckets=buckets)
-
-def train_step(model,          # the prepared model
-               batch: dict,    # a collated micro-batch: pixels, captions, keys
-               step: int,      # optimiser steps done so far
-               c: StepContext, # the loss, accelerate, optimiser, schedule, params, caches
-              ) -> tuple[dict, dict]:
-    "One micro-batch forward, loss and backward (and the optimiser step when the window closes): `(out, parts)`."
-    with c.acc.accumulate(model):
-        out = _forward(model, batch, c)
-        parts = c.loss_fn(out["image_features"], out["text_features"], out["logit_scale"], step,
-                          **regularised(out, c.tp.reg_on))
-        if c.loss_hook is not None: c.loss_hook(step, parts)
-        err = None
-        if not torch.isfinite(parts["loss"]):
-            shown = ", ".join(f"{k}={float(v.detach()):.4g}" for k, v in parts.items()
-                              if torch.is_tensor(v) and v.numel() == 1)
-            err = NonFiniteLoss(f"{c.where}non-finite loss at step {step} ({shown}); stopped")
-        agree(c.acc, err, NonFiniteLoss, f"{c.where}non-finite loss at step {step}: ")  # before backward's all-reduce
-        c.acc.backward(parts["loss"])
-        fault_point(f"step-{step + 1}-backward")  # mid-step: gradients computed, weights not yet updated
-        if c.acc.sync_gradients and c.tp.grad_clip > 0: c.acc.clip_grad_norm_(model.parameters(), c.tp.grad_clip)
-        c.opt.step()  # accelerate's optimiser skips the step until the accumulation window closes
-        if c.acc.sync_gradients: c.sched.step()  # once per optimiser step, whatever the number of processes
-        c.opt.zero_grad(set_to_none=True)
-    return out, parts
-
-# %% ../notebooks/12_train.ipynb #5fdb26f0
-def scalars(parts: dict) -> dict[str, float]:
-    "The one-number entries of a loss's parts, as floats."
-    return {k: float(v.detach()) for k, v in parts.items() if torch.is_tensor(v) and v.numel() == 1}
-
-def log_step(live: Live, parts: dict, out: dict, lr: float, raw) -> dict[str, float]:
-    "Record one step's scalars in dvclive (`train/<name>`) and advance its step; returns what was logged."
-    rec = scalars(parts)
-    rec.update(lr=lr, temperature=float(1 / raw.logit_scale.detach().exp()))
-    if raw.lexical:
-        rec["image_active_words"] = _lexical_active(out["image_features"])
-        rec["text_active_words"] = _lexical_active(out["text_features"])
-    for k, v in rec.items(): live.log_metric(f"train/{k}", v)
-    live.next_step()
-    return rec
-
-# %% ../notebooks/12_train.ipynb #60074a89
-def cpu_bf16_flags() -> dict[str, bool]:
-    "This CPU's bf16 facts: x86, its AVX512-BF16 and AMX instructions, and whether oneDNN runs bf16 at all."
-    def ask(f):
-        try: return bool(f())
-        except (AttributeError, RuntimeError): return False
-    return {"x86": platform.machine().lower() in ("x86_64", "amd64", "i386", "i686"),
-            "avx512_bf16": ask(lambda: torch.cpu._is_avx512_bf16_supported()),
-            "amx": ask(lambda: torch.cpu._is_amx_tile_supported()),
-            "onednn": ask(lambda: torch.ops.mkldnn._is_mkldnn_bf16_supported())}
-
-def native_bf16(device: str, # "cpu" or "cuda"
-                flags: dict[str, bool] | None = None, # `cpu_bf16_flags()` (default: this machine's)
-               ) -> bool:
-    "Whether bf16 matmuls run natively on `device`: a bf16-capable GPU, or a CPU with AVX512-BF16 / AMX."
-    if device == "cuda": return torch.cuda.is_bf16_supported()
-    f = cpu_bf16_flags() if flags is None else flags
-    # oneDNN also says yes on AVX512 without BF16 (Ice Lake, Cascade Lake), where it emulates bf16 at a third of
-    # the fp32 rate: on x86 only the instructions count
-    return (f["avx512_bf16"] or f["amx"]) if f["x86"] else f["onednn"]
-
-def mixed_precision(precision: str, # train.precision: auto | fp32 | bf16
-                    device: str,    # the resolved device
-                    native: bool | None = None, # whether bf16 is native here (default: `native_bf16(device)`)
-                   ) -> str:
-    "accelerate's `mixed_precision` for `train.precision` on `device`; bf16 without native kernels on CPU: fp32, warned."
-    if precision not in ("auto", "fp32", "bf16"):
-        raise ParamsError(f"train.precision: got {precision!r}, expected 'auto', 'fp32' or 'bf16'")
-    if precision == "fp32" or (precision == "auto" and device != "cuda"): return "no"
-    if device == "cpu" and not (native_bf16(device) if native is None else native):
-        warnings.warn("train.precision: bf16 asked for, but this CPU has no native bf16 matmuls (AVX512-BF16/AMX): "
-                      "emulated there, they run 3x (AVX512) to 400x (AVX2) slower than fp32, so this run trains in "
-                      "fp32 (its numbers "
-                      "differ from a bf16 machine's in the last digits; set train.precision: fp32 to silence this)")
-        return "no"
-    return "bf16"
-
-def make_accelerator(device: str,         # the resolved device
-                     precision: str,      # accelerate's mixed_precision (`mixed_precision`'s answer)
-                     grad_accum: int = 1, # micro-batches per optimiser step
-                    ) -> Accelerator:
-    "This run's accelerator, at its own precision even where the process trained before (a notebook, the tests)."
-    # accelerate keeps one precision per process: a second Accelerator silently inherits the first's bf16 or refuses
-    # another value; the process group (PartialState) is kept
-    AcceleratorState._reset_state(reset_partial_state=False)
-    # no broadcast of buffers: the only one is the frozen text codebook (V x d), identical on every process
-    return Accelerator(cpu=device == "cpu", mixed_precision=precision, gradient_accumulation_steps=grad_accum,
-                       kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)])
 
 # %% ../notebooks/12_train.ipynb #5cc41632
 @dataclass
@@ -495,10 +153,12 @@ def attach_model(run: Run,
                 ) -> Run:
     "The variant's model and loss, and the caches its frozen parts can use (checked against the model)."
     tp, spec = run.tp, run.spec
-    run.model = model = create_model_from_params(run.params, variant=spec.model)
     lam_img, lam_txt = (tp.lambda_img, tp.lambda_txt) if spec.lam is None else (spec.lam, spec.lam)
-    run.loss_fn = create_loss(spec.reg, lambda_img=lam_img, lambda_txt=lam_txt, warmup_steps=tp.reg_warmup_steps,
-                              local_loss=tp.local_loss, share=tp.overuse_share)  # read by the regularisers naming it
+    try:  # first (it draws no random number): a setting the regulariser lacks stops the run before the model loads
+        run.loss_fn = create_loss(spec.reg, lambda_img=lam_img, lambda_txt=lam_txt, warmup_steps=tp.reg_warmup_steps,
+                                  local_loss=tp.local_loss, settings=spec.settings)
+    except ValueError as e: raise ParamsError(f"train.variants.{run.variant}.{e}") from None
+    run.model = model = create_model_from_params(run.params, variant=spec.model)
     if tp.text_cache and not model.bow and bool(model.text_prefix_layers):  # 0: LoRA on every block
         run.cache = TextPrefixCache.load(cache_dir / "train")
         check_cache(run.cache, model)
@@ -506,65 +166,6 @@ def attach_model(run: Run,
         run.icache = ImageTokenCache.load(image_cache_dir / "train", "train")
         check_image_cache(run.icache, model)
     return run
-
-# %% ../notebooks/12_train.ipynb #dd959e00
-class BatchSource:
-    "The micro-batches of a run, whatever the loader (an endless stream, or epochs of the indexed pairs), resumable."
-    def __init__(self, run: Run):
-        tp, acc, seed = run.tp, run.acc, run.params.base.seed
-        self.acc, self.tp, self.streaming = acc, tp, tp.loader == "streaming"
-        self.micro = tp.batch_size // tp.grad_accum // acc.num_processes
-        self.epoch, self.batch_in_epoch = 0, 0
-        # augmentation goes with the cache, not with frozenness: without the cache (the paper profile), a frozen ViT
-        # still sees a new view of each image every epoch; with it, the one view the cache holds
-        transform = image_transform(run.model.data_config, train=run.icache is None)
-        if self.streaming:  # CC-12M scale: no index, one open shard per worker, split by process and worker
-            self.ds = StreamingPairs(run.shards, transform, seed=seed, captions_per_image=tp.captions_per_image,
-                                     batch_size=self.micro, rank=acc.process_index, world_size=acc.num_processes)
-        else: self.ds = train_dataset(run.shards, transform, seed=seed, captions_per_image=tp.captions_per_image)
-        # the step reads the cached ViT tokens: decode no image (the same order, captions and skips; pixels None)
-        if run.icache is not None: self.ds.cached_keys = frozenset(run.icache.keys)
-        if self.streaming: return
-        g = torch.Generator()
-        g.manual_seed(seed)
-        self.dl = torch.utils.data.DataLoader(_Epochs(self.ds), batch_size=self.micro, num_workers=tp.num_workers,
-                                              collate_fn=collate_pairs, drop_last=True, shuffle=False, generator=g,
-                                              persistent_workers=False)
-        per_epoch = len(self.dl) // acc.num_processes if acc.num_processes > 1 else len(self.dl)
-        if per_epoch < tp.grad_accum:
-            raise ParamsError(f"train.batch_size: {tp.batch_size} is larger than the training set "
-                              f"({len(self.ds)} images)")
-
-    def prepare(self, model, opt) -> tuple:
-        "accelerate's `prepare` of the model, the optimiser and (indexed) the loader; the stream is split already."
-        if self.streaming: return self.acc.prepare(model, opt)
-        model, opt, self.dl = self.acc.prepare(model, opt, self.dl)  # not the scheduler: see "The optimiser"
-        return model, opt
-
-    def seek(self, epoch: int, batch_in_epoch: int, resumed_from: Path | None):
-        "Continue where a checkpoint stopped: its epoch and batch, or each process's place in its stream."
-        self.epoch, self.batch_in_epoch = epoch, batch_in_epoch
-        if self.streaming:
-            saved = (json.loads((Path(resumed_from) / "state.json").read_text()).get("stream") if resumed_from
-                     else None)
-            self.loader = StreamLoader(self.ds, num_workers=self.tp.num_workers,
-                                       position=saved[self.acc.process_index] if saved else None)
-
-    def __iter__(self):
-        if self.streaming: yield from self.loader
-        while True:
-            # the epoch's order is fixed by (seed, epoch); a resumed epoch leaves out the samples already trained on
-            self.ds.set_epoch(self.epoch, skip=self.batch_in_epoch * self.micro * self.acc.num_processes)
-            for b in self.dl:
-                self.batch_in_epoch += 1
-                yield b
-            self.epoch, self.batch_in_epoch = self.epoch + 1, 0
-
-    def position(self, **info) -> dict:
-        "What a checkpoint records to resume exactly (with `info`); all processes call it (the stream's is gathered)."
-        pos = {"epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch, **info}
-        if self.streaming: pos["stream"] = gather_object([self.loader.position])  # each process's place
-        return pos
 
 # %% ../notebooks/12_train.ipynb #4429f363
 class StepLog:
@@ -671,7 +272,9 @@ def train(params: LoadedParams,           # the loaded params file
     run = open_run(params, variant, data_dir, resolve_path(out_dir, LAYOUT.model(variant)),
                    resolve_path(results_dir, LAYOUT.train_results(variant)))
     attach_model(run, resolve_path(cache_dir, LAYOUT.textcache), resolve_path(image_cache_dir, LAYOUT.imagecache))
-    source = BatchSource(run)
+    icache = None if run.icache is None else frozenset(run.icache.keys)
+    source = batch_source(run.tp.loader, run.shards, run.model.data_config, run.tp, run.acc, run.params.base.seed,
+                          cached_keys=icache)
     opt, sched = make_optimizer(run.model, run.tp)
     model, opt = source.prepare(run.model, opt)
     run.model = run.acc.unwrap_model(model)

@@ -14,7 +14,7 @@ from timm.layers import Mlp, resample_abs_pos_embed
 from timm.models.vision_transformer import Block
 from torch import nn
 
-from .params import ParamsError, VisionParams
+from .schema import ParamsError, VisionParams
 from .runtime import resolve_path
 
 # %% auto #0

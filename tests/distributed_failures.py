@@ -25,8 +25,9 @@ from lexvla.losses import create_loss
 from lexvla.model import create_model
 from lexvla.runtime import seed_everything
 from lexvla.text import TINY_WORDS
-from lexvla.train import (Checkpointer, CheckpointError, NonFiniteLoss, StepContext, make_optimizer, resume,
-                          train_step)
+from lexvla.checkpoints import Checkpointer, CheckpointError
+from lexvla.train import resume
+from lexvla.trainstep import NonFiniteLoss, StepContext, make_optimizer, train_step
 
 phase, out_dir = sys.argv[1], Path(sys.argv[2])
 acc = Accelerator(cpu=True, kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)])

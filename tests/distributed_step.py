@@ -1,6 +1,6 @@
 """One training step of the tiny model in each of N processes (launched by tests/test_distributed.py with
 `accelerate launch --multi_gpu --num_processes 2`, gloo on the CPU), against the same step of one process holding the
-whole batch. Each process trains on its B/N rows through `lexvla.train.train_step` with the gathered loss; process 0
+whole batch. Each process trains on its B/N rows through `lexvla.trainstep.train_step` with the gathered loss; process 0
 then runs the 1 x B step on a fresh copy of the model and writes both losses and every gradient's difference to JSON.
 
     python -m accelerate.commands.launch --multi_gpu --num_processes 2 tests/distributed_step.py OUT.json [--local-loss]
@@ -16,7 +16,7 @@ from accelerate.utils import DistributedDataParallelKwargs
 from lexvla.losses import create_loss
 from lexvla.model import create_model
 from lexvla.text import TINY_WORDS
-from lexvla.train import StepContext, make_optimizer, regularised, train_step
+from lexvla.trainstep import StepContext, make_optimizer, regularised, train_step
 
 B = 8
 out_path, local_loss = sys.argv[1], "--local-loss" in sys.argv

@@ -104,6 +104,40 @@ def test_profile_with_unknown_key_is_refused(tmp_path):
         apply_profile(p)
 
 
+def test_profiles_merge_one_way(tmp_path):
+    """Issue 34: one rule. A profile merges key by key at every depth, except the schema's maps of named entries
+    (train.variants, evaluate.sets), which it gives whole."""
+    from lexvla.params import REPLACED_BY_PROFILES, apply_profile, named_maps
+    assert REPLACED_BY_PROFILES == named_maps() == ("train.variants", "evaluate.sets")
+    prof = tmp_path / "p.yaml"
+    prof.write_text("model:\n  lora: {rank: 16}\ntrain:\n  steps: 7\n  variants:\n"
+                    "    dense: {model: dense, reg: none, lam: null}\n")
+    merged = apply_profile(prof)
+    assert merged["model"]["lora"] == {"rank": 16}  # merged over the preset's lora when the model is resolved
+    assert merged["train"]["steps"] == 7 and merged["train"]["lr"] == GOOD["train"]["lr"]  # key by key
+    assert list(merged["train"]["variants"]) == ["dense"]  # given whole: lexvla is not trained
+    assert merged["evaluate"]["sets"] == GOOD["evaluate"]["sets"]  # not given: params.yaml's
+
+
+def test_an_evaluated_set_named_elsewhere_must_exist(tmp_path):
+    """A profile (or params file) whose evaluate.sets lacks the set report.set or search.set names is refused when it
+    is loaded, with the fix, also when a stage loads its section alone (search: `only=["search"]`)."""
+    from lexvla.params import ParamsError, apply_profile, load_params
+    prof = tmp_path / "coco.yaml"
+    prof.write_text("evaluate:\n  sets:\n    coco: {source: coco.json}\nreport:\n  set: coco\n")
+    with pytest.raises(ParamsError, match=r"search\.set: got 'seen', expected a key of evaluate\.sets \(coco\); "
+                                          r"fix: search\.set: coco, or list seen in evaluate\.sets"):
+        apply_profile(prof)
+    prof.write_text(prof.read_text() + "search:\n  set: coco\n")
+    assert list(apply_profile(prof)["evaluate"]["sets"]) == ["coco"]
+    f = tmp_path / "params.yaml"
+    f.write_text(yaml.safe_dump(mutated(lambda d: d["report"].update(set="embedded"))))
+    for only in (None, ["report"]):
+        with pytest.raises(ParamsError, match="report.set: got 'embedded'.*fix: report.set: seen"):
+            load_params(f, only=only)
+    assert load_params(f, only=["search"]).search.set == "seen"
+
+
 def test_save_resolved_records_params(tmp_path):
     from lexvla.params import load_params
     from lexvla.runtime import save_resolved

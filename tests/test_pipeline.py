@@ -120,7 +120,7 @@ def test_killed_runs_resume_to_the_same_weights(tiny_root, tmp_path, vision, mon
     """After a finished run with other params (whose checkpoints hold later steps), a run is killed at exact points;
     run again each time, it ends with the uninterrupted run's weights, bit for bit, with a loader worker and with a
     frozen or a trainable ViT."""
-    import lexvla.train as T
+    from lexvla import checkpoints, trainstep
     p = tiny_params(steps=8, variants=("lexvla",))
     p["train"].update(checkpoint_every=2, num_workers=1)
     if vision == "trainable":  # the ViT trains, so training images are augmented (seeded per sample and epoch)
@@ -133,7 +133,7 @@ def test_killed_runs_resume_to_the_same_weights(tiny_root, tmp_path, vision, mon
     _train_here(tiny_root, other, out)
     ck = out / "checkpoints"
     assert sorted(q.name for q in ck.glob("step-*")) == ["step-00000010", "step-00000012"]
-    real = T.fault_point
+    real = checkpoints.fault_point
     for point, how in FAULTS[vision]:
         if how == "sigkill":
             rc = _train(tiny_root, p, vision, out, fault=point)
@@ -141,9 +141,10 @@ def test_killed_runs_resume_to_the_same_weights(tiny_root, tmp_path, vision, mon
             continue
         def fault(name, point=point):
             if name == point: raise _Killed(point)
-        monkeypatch.setattr(T, "fault_point", fault)
+        for mod in (checkpoints, trainstep):  # a checkpoint's writes and a step's backward
+            monkeypatch.setattr(mod, "fault_point", fault)
         with pytest.raises(_Killed): _train_here(tiny_root, p, out)
-        monkeypatch.setattr(T, "fault_point", real)
+        for mod in (checkpoints, trainstep): monkeypatch.setattr(mod, "fault_point", real)
     # the last fault, between rename and latest.json, left step 6 complete but not named: resume from step 4
     assert json.loads((ck / "latest.json").read_text())["name"] == "step-00000004" and (ck / "step-00000006").is_dir()
     s = _train_here(tiny_root, p, out)
@@ -178,7 +179,7 @@ def test_training_in_segments_equals_one_run(tiny_root, tmp_path):
 def test_fingerprint_follows_params_data_and_code(tiny_root, tmp_path):
     "A checkpoint is resumed only by the same params, data and training code: each change gives a new fingerprint."
     import shutil
-    from lexvla.train import run_fingerprint
+    from lexvla.checkpoints import run_fingerprint
     p = tiny_params()
     data = tiny_root / "data" / "prepared"
     fp = lambda params, d=data, code=None: run_fingerprint(params_from_dict(params, source="t"), "lexvla", d, code)
@@ -204,7 +205,9 @@ def test_fingerprint_follows_params_data_and_code(tiny_root, tmp_path):
 
 
 def test_nonfinite_loss_stops_and_keeps_the_last_checkpoint(tiny_root, tmp_path):
-    from lexvla.train import Checkpointer, NonFiniteLoss, run_fingerprint, train
+    from lexvla.checkpoints import Checkpointer, run_fingerprint
+    from lexvla.train import train
+    from lexvla.trainstep import NonFiniteLoss
     params = params_from_dict(tiny_params(steps=8, variants=("lexvla",)), source="test")
 
     def poison(step, parts):
@@ -235,14 +238,14 @@ def test_unwritable_output_is_a_clear_error(tiny_root, tmp_path, capsys, monkeyp
 
 
 def test_disk_full_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
-    import lexvla.train as T
-    from lexvla.train import CheckpointError, Checkpointer
+    import lexvla.checkpoints as C
+    from lexvla.checkpoints import CheckpointError, Checkpointer
     ck = Checkpointer(tmp_path / "ck", "fp")
     ck.check_writable()
     ck.save(2, {"w": torch.ones(3)}, {"opt": 1}, {"epoch": 0})
 
     def full(*a, **k): raise OSError(errno.ENOSPC, "No space left on device")
-    monkeypatch.setattr(T, "save_file", full)  # the checkpoint's weights write
+    monkeypatch.setattr(C, "save_file", full)  # the checkpoint's weights write
     with pytest.raises(CheckpointError, match="disk full") as e:
         ck.save(4, {"w": torch.zeros(3)}, {"opt": 2}, {"epoch": 0})
     assert "step-00000002" in str(e.value)
@@ -287,7 +290,7 @@ def test_image_cache_equals_the_live_vision_tower(tiny_root):
 
 def test_near_uniform_caption_vectors_stop_training(tiny_root, tmp_path):
     "train.uniform_cosine (the paper profile's 0.95): the tiny random LM's caption vectors (cosine ~0.998) stop the run."
-    from lexvla.train import NearUniformVectors
+    from lexvla.trainstep import NearUniformVectors
     p = tiny_params(steps=4, variants=("lexvla",))
     p["train"].update(uniform_cosine=0.95, log_every=2)
     with pytest.raises(NearUniformVectors, match="model.logit_shift.text and .image to mean"):

@@ -7,7 +7,7 @@ import typing
 
 import pytest
 
-from lexvla import losses, model, params, prepare, vocab, worlds
+from lexvla import batches, losses, model, params, prepare, vocab, worlds
 
 
 def choices(cls, field: str) -> set[str]:
@@ -24,7 +24,9 @@ def choices(cls, field: str) -> set[str]:
     (params.PrepareParams, "kind", {"embedded": None, **prepare.READERS}),  # embedded scenes are drawn, not read
     (params.EvalSetSpec, "format", prepare.EVAL_FORMATS),
     (params.PrepareParams, "world", worlds.WORLDS),
-], ids=["regularisers", "model variants", "vocabulary filters", "dataset readers", "eval set formats", "data worlds"])
+    (params.TrainParams, "loader", batches.BATCH_SOURCES),
+], ids=["regularisers", "model variants", "vocabulary filters", "dataset readers", "eval set formats", "data worlds",
+        "batch sources"])
 def test_schema_choices_are_the_registry_keys(cls, field, registry):
     assert choices(cls, field) == set(registry)
 
@@ -35,7 +37,7 @@ def test_every_registered_regulariser_dispatches_to_its_own_function():
     s = torch.nn.functional.normalize(torch.rand(5, 40, generator=torch.Generator().manual_seed(0)), dim=-1)
     for name, r in losses.REGULARIZERS.items():
         loss = losses.create_loss(name)
-        want = torch.zeros(()) if r.fn is None else r.fn(s, **{k: getattr(loss, k) for k in r.options})
+        want = torch.zeros(()) if r.fn is None else r.fn(s, **r.settings)
         assert torch.equal(loss.penalty(s), want), name
     assert not torch.equal(losses.create_loss("overuse").penalty(s), losses.create_loss("flops").penalty(s))
 
@@ -64,7 +66,7 @@ def test_a_registered_regulariser_is_the_one_that_trains(l1_registered):
     import torch
     from types import SimpleNamespace
     from lexvla.text import TINY_WORDS
-    from lexvla.train import StepContext, make_accelerator, make_optimizer, regularised, train_step
+    from lexvla.trainstep import StepContext, make_accelerator, make_optimizer, regularised, train_step
 
     g = torch.Generator().manual_seed(0)
     words = [w for w in TINY_WORDS if w.isalpha()]
@@ -94,6 +96,72 @@ def test_a_registered_regulariser_is_the_one_that_trains(l1_registered):
     assert runs["l1"][0] != pytest.approx(runs["flops"][0], rel=1e-4)  # the new penalty, not a silent FLOPs
     moved = [k for k, v in runs["l1"][1].items() if not torch.equal(v, runs["flops"][1][k])]
     assert moved  # and the gradient it drives differs from FLOPs'
+
+
+def scaled_l1(s, scale=1.0):
+    "A regulariser with a setting of its own: `scale · Σ_j p̄_j`."
+    return scale * s.abs().mean(0).sum()
+
+
+@pytest.fixture
+def scaled_l1_registered():
+    losses.register_regularizer("scaled_l1", scaled_l1, settings={"scale": 1.0})
+    yield "scaled_l1"
+    del losses.REGULARIZERS["scaled_l1"]
+
+
+def _tiny_run(spec, variant="custom"):
+    "A run as `train.open_run` leaves it (params with the tiny preset, no caches), for `attach_model` alone."
+    import yaml
+    from types import SimpleNamespace
+    from conftest import ROOT
+    d = yaml.safe_load((ROOT / "params.yaml").read_text())
+    d["model"] = {"preset": "tiny"}
+    d["train"].update(text_cache=False, image_cache=False)
+    p = params.params_from_dict(d, source="test")
+    return SimpleNamespace(params=p, tp=p.train, spec=spec, variant=variant, model=None, loss_fn=None, cache=None,
+                           icache=None)
+
+
+def test_a_regulariser_setting_travels_with_its_variant(scaled_l1_registered, tmp_path):
+    """Issue 34: a variant's `settings` reach its regulariser through `train.attach_model`, which names none: a
+    regulariser registered with a setting of its own trains with the variant's value; a setting it lacks is refused
+    by its dotted key before the model is built; params.yaml's method variant gives the overuse share as before."""
+    import torch
+    from lexvla.text import TINY_WORDS
+    from lexvla.train import attach_model
+    from lexvla.trainstep import StepContext, make_accelerator, make_optimizer, regularised, train_step
+
+    spec = params.VariantSpec(model="lexvla", reg=scaled_l1_registered, lam=0.5, settings={"scale": 3.0})
+    run = attach_model(_tiny_run(spec), tmp_path, tmp_path)
+    assert run.loss_fn.settings == {"scale": 3.0}
+    g = torch.Generator().manual_seed(0)
+    words = [w for w in TINY_WORDS if w.isalpha()]
+    caps = [" ".join(words[int(i)] for i in torch.randint(len(words), (5,), generator=g)) for _ in range(4)]
+    batch = {"pixels": torch.randn(4, 3, 32, 32, generator=g), "keys": [], "captions": caps}
+    m = run.model
+    ref = m(pixels=batch["pixels"], captions=batch["captions"])  # the vectors train_step will see
+    acc = make_accelerator("cpu", "no")
+    opt, sched = make_optimizer(m, run.tp)
+    m, opt = acc.prepare(m, opt)
+    _, parts = train_step(m, batch, run.tp.reg_warmup_steps, StepContext(run.loss_fn, acc, opt, sched, run.tp))
+    r = regularised(ref, run.tp.reg_on)
+    want = 0.5 * 3.0 * float(scaled_l1(r["image_weights"]).detach())  # λ · w · Ω with the variant's scale, w = 1
+    assert float(parts["image_reg_loss"].detach()) == pytest.approx(want, rel=1e-5)
+
+    bad = params.VariantSpec(model="lexvla", reg=scaled_l1_registered, lam=None, settings={"scal": 3.0})
+    half = _tiny_run(bad, "typo")
+    with pytest.raises(params.ParamsError, match=r"train\.variants\.typo\.settings\.scal: not a setting of regulariser "
+                                                 r"'scaled_l1' \(its settings: scale\)"):
+        attach_model(half, tmp_path, tmp_path)
+    assert half.model is None  # refused before the model was built
+    wrong = params.VariantSpec(model="lexvla", reg="overuse", lam=None, settings={"share": "max"})
+    with pytest.raises(params.ParamsError, match=r"train\.variants\.custom\.settings\.share: got 'max'"):
+        attach_model(_tiny_run(wrong), tmp_path, tmp_path)
+
+    method = _tiny_run(None).params.train.variants["lexvla"]  # params.yaml's: the value train.overuse_share gave
+    assert attach_model(_tiny_run(method), tmp_path, tmp_path).loss_fn.settings == {"detach_share": False,
+                                                                                     "share": "mean"}
 
 
 @pytest.fixture
@@ -128,7 +196,7 @@ def test_a_registered_text_tower_is_the_one_that_trains(neox_lm):
     from types import SimpleNamespace
 
     from lexvla.text import positions_from_mask
-    from lexvla.train import StepContext, make_accelerator, make_optimizer, train_step
+    from lexvla.trainstep import StepContext, make_accelerator, make_optimizer, train_step
 
     tower_cls, overrides = neox_lm
     m = model.create_model("tiny", seed=0, **overrides)

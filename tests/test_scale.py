@@ -155,7 +155,7 @@ def test_length_buckets_give_the_padded_batch_loss_and_gradients():
     from lexvla.losses import create_loss
     from lexvla.model import create_model
     from lexvla.text import TINY_WORDS
-    from lexvla.train import regularised
+    from lexvla.trainstep import regularised
     words = [w for w in TINY_WORDS if w.isalpha()]
     g = torch.Generator().manual_seed(0)
     caps = [" ".join(words[int(i)] for i in torch.randint(len(words), (int(n),), generator=g))
@@ -209,15 +209,16 @@ def test_prepare_keeps_clean_jpegs_byte_for_byte(tmp_path):
 def test_train_refuses_fsdp(tmp_path, monkeypatch):
     "FSDP would checkpoint a shard as the whole model: refused with the reason (README: DDP only)."
     import lexvla.train as T
+    import lexvla.trainstep as S
     from accelerate.utils import DistributedType
     from test_pipeline import tiny_params
 
     from lexvla.params import ParamsError, params_from_dict
 
-    class FSDPAccelerator(T.Accelerator):
+    class FSDPAccelerator(S.Accelerator):
         distributed_type = DistributedType.FSDP
 
-    monkeypatch.setattr(T, "Accelerator", FSDPAccelerator)
+    monkeypatch.setattr(S, "Accelerator", FSDPAccelerator)  # make_accelerator's
     (tmp_path / "data" / "train").mkdir(parents=True)
     (tmp_path / "data" / "train" / "00000.tar").write_bytes(b"")
     with pytest.raises(ParamsError, match="FSDP is not supported"):
