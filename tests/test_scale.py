@@ -89,7 +89,8 @@ def test_augmentation_follows_the_image_cache(tmp_path, monkeypatch):
         seen.append(train)
         raise Stop
 
-    monkeypatch.setattr(T, "image_transform", transform)
+    import lexvla.batches as B
+    monkeypatch.setattr(B, "image_transform", transform)  # the batch sources build the training transform
     with pytest.raises(Stop):
         T.train(params_from_dict(p), "lexvla", data_dir=tmp_path / "data", out_dir=tmp_path / "out",
                 results_dir=tmp_path / "res", progress=False)
