@@ -76,13 +76,14 @@ def effective_precision(d: dict) -> str:
 
 
 def set_key(d: dict, assignment: str) -> dict:
-    "Apply one `--set a.b.c=VALUE` (VALUE read as YAML) to params `d`; a partial `model` map merges over the preset."
+    "Apply `--set a.b.c=VALUE` (VALUE as YAML, else as text) to `d`; a partial `model` map merges over the preset."
     key, sep, raw = assignment.partition("=")
     if not sep or not key: raise SystemExit(f"--set {assignment!r}: expected KEY=VALUE, e.g. model.vocab.filter=words")
     *path, last = key.split(".")
     node = d
     for k in path: node = node.setdefault(k, {})
-    node[last] = yaml.safe_load(raw)
+    try: node[last] = yaml.safe_load(raw)
+    except yaml.YAMLError: node[last] = raw  # not YAML (a prompt with quotes and a colon): the text itself
     return d
 
 
@@ -311,7 +312,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="results folder instead of experiments/convergence (e.g. experiments/convergence/h300 for a "
                          "300-step horizon); its runs/ is scratch")
     ap.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
-                    help="a lever: change one params key for every variant (VALUE is YAML; repeatable), e.g. "
+                    help="a lever: change one params key for every variant (VALUE: YAML, else text; repeatable), e.g. "
                          "model.vocab.filter=words or 'model.prompt=...'; recorded in the results")
     ap.add_argument("--caches", default="",
                     help="this experiment's own cache folder (val caches and the training text cache), for a lever "

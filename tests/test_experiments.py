@@ -54,6 +54,20 @@ def test_convergence_params_are_valid_and_evaluate_val():
     assert conv.points(900, 300) == [300, 600, 900] and conv.points(1000, 300) == [300, 600, 900, 1000]
 
 
+def test_a_lever_changes_one_key_over_the_preset_and_a_bad_one_is_refused():
+    "`--set model.vocab.filter=words` merges over the embedded preset (min_len kept); a prompt lever keeps its slot."
+    d = conv.experiment_params(ROOT / "params.yaml", ["lexvla"], steps=300, eval_every=300, split="val",
+                               sets=["model.vocab.filter=words", 'model.prompt="{caption}" in one word:'])
+    p = params_from_dict(d, source="lever")
+    assert p.model.vocab.filter == "words" and p.model.vocab.min_len == 2
+    assert p.model.prompt == '"{caption}" in one word:'
+    with pytest.raises(SystemExit, match="KEY=VALUE"):
+        conv.experiment_params(ROOT / "params.yaml", ["lexvla"], 300, 300, "val", sets=["model.vocab.filter"])
+    with pytest.raises(Exception, match="filter"):  # the strict loader names the key and the registered filters
+        params_from_dict(conv.experiment_params(ROOT / "params.yaml", ["lexvla"], 300, 300, "val",
+                                                sets=["model.vocab.filter=nouns"]), source="lever")
+
+
 def _curve(values):
     return [{"step": 100 * (i + 1), "mean_R@1": m, "i2t_R@1": m, "t2i_R@1": m} for i, m in enumerate(values)]
 
