@@ -15,24 +15,7 @@ from .model import LexVLA
 __all__ = ['save_pretrained', 'from_pretrained', 'push_to_hub']
 
 # %% ../notebooks/06d_hub.ipynb #1a729e68
-def save_pretrained(model: LexVLA, folder: str | Path, # the model and the folder to write
-                    repo_id: str | None = None, params: dict | None = None, metrics: dict | None = None, # the card's
-                   ) -> Path:
-    "`model.save_pretrained(folder, ...)`: `save_trained`'s two files, `config.json` and the model card."
-    return model.save_pretrained(folder, repo_id, params, metrics)
-
-def from_pretrained(name_or_path: str | Path, # a model folder, or a hub id ("user/lexvla-embedded")
-                    device: str = "cpu",
-                    revision: str | None = None, cache_dir: str | Path | None = None,
-                    local_files_only: bool = False, # only the local hub cache (what HF_HUB_OFFLINE=1 also does)
-                    token: str | bool | None = None,
-                   ) -> LexVLA:
-    "`LexVLA.from_pretrained(...)`: a trained LexVLA from a folder or a hub snapshot."
-    return LexVLA.from_pretrained(name_or_path, device, revision, cache_dir, local_files_only, token)
-
-def push_to_hub(model: LexVLA, repo_id: str,
-                private: bool | None = None, token: str | bool | None = None, commit_message: str = "Upload LexVLA",
-                params: dict | None = None, metrics: dict | None = None,
-               ) -> str:
-    "`model.push_to_hub(repo_id, ...)`: upload `save_pretrained`'s folder; the commit's URL."
-    return model.push_to_hub(repo_id, private, token, commit_message, params, metrics)
+# the function forms of the methods (the package's API before they became methods): the same functions, not copies
+save_pretrained = LexVLA.save_pretrained  # save_pretrained(model, folder, repo_id=None, params=None, metrics=None)
+from_pretrained = LexVLA.from_pretrained  # a static method: from_pretrained(name_or_path, device="cpu", ...)
+push_to_hub = LexVLA.push_to_hub          # push_to_hub(model, repo_id, private=None, token=None, ...)
