@@ -3,6 +3,7 @@ convergence experiment's params, evaluation points and plateau rule."""
 import importlib.util
 import json
 import math
+from pathlib import Path
 
 import pytest
 from conftest import ROOT
@@ -141,3 +142,39 @@ def test_convergence_record_has_a_section_per_evaluated_set(tmp_path, monkeypatc
            "provenance": {"dense": {}}}
     conv.merge_previous(new, tmp_path / "results.json", "unseen")
     assert new["curves"]["lexvla"] == _curve([0.05, 0.06, 0.061])  # the unseen set's, not the seen set's
+
+
+spec = importlib.util.spec_from_file_location("compare", ROOT / "experiments" / "compare.py")
+compare = importlib.util.module_from_spec(spec); spec.loader.exec_module(compare)
+
+
+def _results(folder, variants: dict, levers=(), steps=300):
+    "A convergence results folder: `variants` maps name -> (mean R@1 of its last point, active words or None)."
+    curve = lambda m, aw: [{"step": steps, "i2t_R@1": m, "t2i_R@1": m, "mean_R@1": m, "top20_words": ["dog", "cat"],
+                            **({"image_active_words": aw, "text_active_words": aw / 2} if aw else {})}]
+    folder.mkdir(parents=True)
+    sets = {es: {"curves": {v: curve(m, aw) for v, (m, aw) in variants.items()},
+                 "provenance": {v: {"levers": list(levers), "precision": "fp32"} for v in variants}}
+            for es in ("seen", "unseen")}
+    (folder / "results.json").write_text(json.dumps({"steps": steps, "eval_every": steps, "sets": sets}))
+
+
+def test_compare_reads_each_folders_last_points_with_their_lambda_and_levers(tmp_path):
+    "The λ of a row comes from its lever (or 0 for nopenalty, the default otherwise); rows sort by set, then recall."
+    _results(tmp_path / "h300", {"lexvla": (0.10, 1200.0), "nopenalty": (0.12, 900.0), "dense": (0.09, None)})
+    _results(tmp_path / "lam", {"lexvla": (0.11, 700.0)}, levers=["train.lambda_img=1e-2", "train.lambda_txt=1e-2"])
+    _results(tmp_path / "words", {"lexvla": (0.05, 800.0)}, levers=["model.vocab.filter=words"])
+    rs = compare.rows([tmp_path / "h300", tmp_path / "lam", tmp_path / "words"], lam0=1e-3)
+    seen = [r for r in rs if r["set"] == "seen"]
+    assert [r["mean_R@1"] for r in seen] == [0.12, 0.11, 0.10, 0.09, 0.05] and len(rs) == 10
+    lam = {(Path(r["folder"]).name, r["variant"]): r["lam"] for r in seen}
+    assert lam == {("h300", "lexvla"): 1e-3, ("h300", "nopenalty"): 0.0, ("h300", "dense"): None,
+                   ("lam", "lexvla"): 1e-2, ("words", "lexvla"): 1e-3}
+    md = compare.markdown(rs)
+    assert md.count("## Set") == 2 and "`model.vocab.filter=words`" in md and "train.lambda_img" not in md
+    assert "| dense | - | none | 300 | 0.090 / 0.090 | 0.090 | - |" in md
+    compare.plot(rs, tmp_path / "p.png")
+    assert (tmp_path / "p.png").stat().st_size > 0
+    with pytest.raises(SystemExit, match="no results.json"):
+        compare.rows([tmp_path / "missing"], lam0=1e-3)
+
