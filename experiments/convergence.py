@@ -82,8 +82,12 @@ def set_key(d: dict, assignment: str) -> dict:
     *path, last = key.split(".")
     node = d
     for k in path: node = node.setdefault(k, {})
-    try: node[last] = yaml.safe_load(raw)
-    except yaml.YAMLError: node[last] = raw  # not YAML (a prompt with quotes and a colon): the text itself
+    try: value = yaml.safe_load(raw)
+    except yaml.YAMLError: value = raw  # not YAML (a prompt with quotes and a colon): the text itself
+    if isinstance(value, str):  # YAML 1.1 reads 1e-2 (no dot) as text: a number written so is the number
+        try: value = float(value)
+        except ValueError: pass
+    node[last] = value
     return d
 
 

@@ -62,6 +62,9 @@ def test_a_lever_changes_one_key_over_the_preset_and_a_bad_one_is_refused():
     p = params_from_dict(d, source="lever")
     assert p.model.vocab.filter == "words" and p.model.vocab.min_len == 2
     assert p.model.prompt == '"{caption}" in one word:'
+    lam = params_from_dict(conv.experiment_params(ROOT / "params.yaml", ["lexvla"], 300, 300, "val",
+                                                  sets=["train.lambda_img=1e-2"]), source="lever")
+    assert lam.train.lambda_img == 1e-2  # YAML 1.1 reads 1e-2 as text; the lever reads it as the number
     with pytest.raises(SystemExit, match="KEY=VALUE"):
         conv.experiment_params(ROOT / "params.yaml", ["lexvla"], 300, 300, "val", sets=["model.vocab.filter"])
     with pytest.raises(Exception, match="filter"):  # the strict loader names the key and the registered filters
