@@ -236,14 +236,16 @@ def _set_lines(es: str, sub: dict) -> list[str]:
     md += ["", "| variant | plateau reached | mean R@1 gained over the last third | plateau i->t / t->i R@1 |",
            "|---|---|---|---|"]
     for v, pl in sub["plateaus"].items():
-        md.append(f"| {v} | {'yes' if pl.get('reached') else 'no'} | {f(pl.get('gain_last_third'))} | "
+        reached = f"not tested ({pl['why']})" if "why" in pl else "yes" if pl.get("reached") else "no"
+        md.append(f"| {v} | {reached} | {f(pl.get('gain_last_third'))} | "
                   f"{f(pl.get('i2t_R@1'))} / {f(pl.get('t2i_R@1'))} |")
     if sub.get("claims"):
         md += ["", f"Claims on **test** of `{es}` ({sub['test_n_images']} images x 5 captions), final models, 95 % "
                "paired bootstrap over images:", "", "| claim | estimate | 95 % interval | verdict |",
                "|---|---|---|---|"]
-        md += [f"| {c['claim']} | {c['estimate']:+.3f} | [{c['low']:+.3f}, {c['high']:+.3f}] | **{c['verdict']}** |"
-               for c in sub["claims"]]
+        sg = lambda c: "+" if not c.get("threshold") else ""  # a difference is signed, a ratio (against 0.95) not
+        md += [f"| {c['claim']} | {c['estimate']:{sg(c)}.3f} | [{c['low']:{sg(c)}.3f}, {c['high']:{sg(c)}.3f}] | "
+               f"**{c['verdict']}** |" for c in sub["claims"]]
     return md + [""]
 
 

@@ -181,3 +181,20 @@ def test_compare_reads_each_folders_last_points_with_their_lambda_and_levers(tmp
     with pytest.raises(SystemExit, match="no results.json"):
         compare.rows([tmp_path / "missing"], lam0=1e-3)
 
+
+
+def test_convergence_report_says_when_the_rule_was_not_tested_and_prints_ratios_unsigned(tmp_path, monkeypatch):
+    "A one-point run is 'not tested', not 'no'; a difference claim is signed, a ratio claim (against 0.95) is not."
+    monkeypatch.setattr(conv, "HERE", tmp_path)
+    claims = [{"claim": "LexVLA - dense, i->t R@1", "estimate": 0.04, "low": 0.01, "high": 0.07, "threshold": 0.0,
+               "verdict": "holds"},
+              {"claim": "LexVLA top-256 / full, i->t R@1", "estimate": 0.85, "low": 0.70, "high": 1.04,
+               "threshold": 0.95, "verdict": "undecided"}]
+    one = _curve([0.1])
+    rec = {"steps": 100, "eval_every": 100, "split": "val", "rule": "r", "plateau_gain": 0.005,
+           "sets": {"seen": {"curves": {"lexvla": one}, "plateaus": {"lexvla": conv.plateau(one, 0.005)},
+                             "provenance": {"lexvla": {}}, "claims": claims, "test_n_images": 500}}}
+    conv.report(rec)
+    md = (tmp_path / "results.md").read_text()
+    assert "| lexvla | not tested (fewer than 3 evaluation points) |" in md
+    assert "| +0.040 | [+0.010, +0.070] | **holds** |" in md and "| 0.850 | [0.700, 1.040] | **undecided** |" in md
