@@ -41,7 +41,9 @@ def rows(folders: list[Path], lam0: float) -> list[dict]:
     out = []
     for folder in folders:
         f = folder / "results.json"
-        if not f.is_file(): raise SystemExit(f"{f}: no results.json (run experiments/convergence.py --out {folder})")
+        if not f.is_file():  # a glob also names cache folders: skipped, and said
+            print(f"{folder}: no results.json, skipped", file=sys.stderr)
+            continue
         rec = json.loads(f.read_text())
         for es, sub in (rec.get("sets") or {}).items():
             for v, curve in sub["curves"].items():
@@ -53,6 +55,7 @@ def rows(folders: list[Path], lam0: float) -> list[dict]:
                             **{k: c.get(k) for k in ("i2t_R@1", "t2i_R@1", "mean_R@1", "image_active_words",
                                                      "text_active_words", "top256_R@1", "top20_mass_share",
                                                      "patchdis_mIoU", "top20_words")}})
+    if not out: raise SystemExit(f"no results.json in {', '.join(map(str, folders))} (run experiments/convergence.py)")
     return sorted(out, key=lambda r: (r["set"], r["steps"], -(r["mean_R@1"] or 0.0)))
 
 

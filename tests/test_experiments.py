@@ -167,7 +167,8 @@ def test_compare_reads_each_folders_last_points_with_their_lambda_and_levers(tmp
     _results(tmp_path / "h300", {"lexvla": (0.10, 1200.0), "nopenalty": (0.12, 900.0), "dense": (0.09, None)})
     _results(tmp_path / "lam", {"lexvla": (0.11, 700.0)}, levers=["train.lambda_img=1e-2", "train.lambda_txt=1e-2"])
     _results(tmp_path / "words", {"lexvla": (0.05, 800.0)}, levers=["model.vocab.filter=words"])
-    rs = compare.rows([tmp_path / "h300", tmp_path / "lam", tmp_path / "words"], lam0=1e-3)
+    (tmp_path / "cache-short").mkdir()  # a glob over experiments/levers/*/ also names the lever caches: skipped
+    rs = compare.rows([tmp_path / "h300", tmp_path / "lam", tmp_path / "words", tmp_path / "cache-short"], lam0=1e-3)
     seen = [r for r in rs if r["set"] == "seen"]
     assert [r["mean_R@1"] for r in seen] == [0.12, 0.11, 0.10, 0.09, 0.05] and len(rs) == 10
     lam = {(Path(r["folder"]).name, r["variant"]): r["lam"] for r in seen}
@@ -178,8 +179,8 @@ def test_compare_reads_each_folders_last_points_with_their_lambda_and_levers(tmp
     assert "| dense | - | none | 300 | 0.090 / 0.090 | 0.090 | - |" in md
     compare.plot(rs, tmp_path / "p.png")
     assert (tmp_path / "p.png").stat().st_size > 0
-    with pytest.raises(SystemExit, match="no results.json"):
-        compare.rows([tmp_path / "missing"], lam0=1e-3)
+    with pytest.raises(SystemExit, match="no results.json in"):
+        compare.rows([tmp_path / "missing", tmp_path / "cache-short"], lam0=1e-3)
 
 
 
