@@ -6,14 +6,16 @@ sweep points and the levers, each row with the params it changed, and a sparsity
 
 Each folder is one `experiments/convergence.py` results folder (its `results.json`). A row is one variant's **last**
 val point on one evaluated set: R@1 both ways and their mean, active words per image (per caption) at 1/sqrt(V),
-R@1 at top-256, the top-20 words' share of the mass, PatchDis, the most-activated words, and the levers (`--set`)
-that run changed. Rows are ordered by set, then horizon, then mean R@1. The plot puts mean R@1 against active words
-per image, one panel per set: a sparsity-recall reading of the λ points next to the unpenalised model.
+R@1 at top-256, the top-20 words' share of the mass, PatchDis, the most-activated words and those of them that occur in
+no training or val caption (junk, or a caption word's relative), and the levers (`--set`) that run changed. Rows are
+ordered by set, then horizon, then mean R@1. The plot puts mean R@1 against active words per image, one panel per
+set: a sparsity-recall reading of the λ points next to the unpenalised model.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -36,9 +38,22 @@ def lam_of(variant: str, levers: list[str], lam0: float) -> float | None:
     return lam0
 
 
-def rows(folders: list[Path], lam0: float) -> list[dict]:
-    "One row per (folder, variant, set): the variant's last val point, its levers and its λ."
-    out = []
+def caption_words(files: list[Path]) -> set[str]:
+    "Every lower-case word of the captions in these text-cache `captions.json` files (missing files are skipped)."
+    caps = [c for f in files if f.is_file() for c in json.loads(f.read_text())["captions"]]
+    return {w for c in caps for w in re.findall(r"[a-z]+", c.lower())}
+
+
+def default_caption_files(es: str) -> list[Path]:
+    "The training captions and the val captions of set `es` (the default's text cache and the experiments' val cache)."
+    return [ROOT / "data" / "textcache" / "train" / "captions.json",
+            ROOT / "experiments" / "convergence" / "cache" / "text" / "eval" / es / "captions.json"]
+
+
+def rows(folders: list[Path], lam0: float, vocab=default_caption_files) -> list[dict]:
+    """One row per (folder, variant, set): the variant's last val point, its levers and its λ, and which of its 20
+    most-activated words occur in no training caption and no val caption of the set (`vocab(set)`: caption files)."""
+    out, known = [], {}
     for folder in folders:
         f = folder / "results.json"
         if not f.is_file():  # a glob also names cache folders: skipped, and said
@@ -55,6 +70,9 @@ def rows(folders: list[Path], lam0: float) -> list[dict]:
                             **{k: c.get(k) for k in ("i2t_R@1", "t2i_R@1", "mean_R@1", "image_active_words",
                                                      "text_active_words", "top256_R@1", "top20_mass_share",
                                                      "patchdis_mIoU", "top20_words")}})
+                if es not in known: known[es] = caption_words(vocab(es))
+                words = known[es]
+                out[-1]["off_caption"] = [w for w in c.get("top20_words") or [] if w not in words] if words else None
     if not out: raise SystemExit(f"no results.json in {', '.join(map(str, folders))} (run experiments/convergence.py)")
     return sorted(out, key=lambda r: (r["set"], r["steps"], -(r["mean_R@1"] or 0.0)))
 
@@ -66,18 +84,20 @@ def markdown(rs: list[dict], n_words: int = 8) -> str:
     for es in dict.fromkeys(r["set"] for r in rs):
         md += [f"## Set `{es}` (val, each run's last point)", "",
                "| folder | variant | λ | levers | step | i->t / t->i R@1 | mean | active words / image (caption) | "
-               "top-256 R@1 | top-20 share | PatchDis | most-activated words |", "|---" * 12 + "|"]
+               "top-256 R@1 | top-20 share | PatchDis | most-activated words | of the top 20, in no caption |",
+               "|---" * 13 + "|"]
         for r in (r for r in rs if r["set"] == es):
             aw = "-" if r["image_active_words"] is None else \
                 f"{r['image_active_words']:,.0f} ({r['text_active_words']:,.0f})"
             top = "-" if r["top256_R@1"] is None else " / ".join(f(x) for x in r["top256_R@1"])
             lev = ", ".join(f"`{a}`" for a in r["levers"] if not a.startswith("train.lambda_")) or "none"
             lam = "-" if r["lam"] is None else f"{r['lam']:g}"
+            off = "-" if r["off_caption"] is None else f"{len(r['off_caption'])}: {', '.join(r['off_caption'])}"
             md.append(f"| {Path(r['folder']).name} | {r['variant']} | {lam} | "
                       f"{lev} | {r['step']} | {f(r['i2t_R@1'])} / {f(r['t2i_R@1'])} | {f(r['mean_R@1'])} | {aw} | "
                       f"{top} | "
                       f"{f(r['top20_mass_share'])} | {f(r['patchdis_mIoU'])} | "
-                      f"{', '.join((r['top20_words'] or [])[:n_words]) or '-'} |")
+                      f"{', '.join((r['top20_words'] or [])[:n_words]) or '-'} | {off} |")
         md.append("")
     return "\n".join(md)
 

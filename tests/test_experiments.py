@@ -168,7 +168,11 @@ def test_compare_reads_each_folders_last_points_with_their_lambda_and_levers(tmp
     _results(tmp_path / "lam", {"lexvla": (0.11, 700.0)}, levers=["train.lambda_img=1e-2", "train.lambda_txt=1e-2"])
     _results(tmp_path / "words", {"lexvla": (0.05, 800.0)}, levers=["model.vocab.filter=words"])
     (tmp_path / "cache-short").mkdir()  # a glob over experiments/levers/*/ also names the lever caches: skipped
-    rs = compare.rows([tmp_path / "h300", tmp_path / "lam", tmp_path / "words", tmp_path / "cache-short"], lam0=1e-3)
+    caps = tmp_path / "captions.json"
+    caps.write_text(json.dumps({"captions": ["a Dog.", "two dogs"]}))
+    rs = compare.rows([tmp_path / "h300", tmp_path / "lam", tmp_path / "words", tmp_path / "cache-short"], lam0=1e-3,
+                      vocab=lambda es: [caps, tmp_path / "absent.json"])
+    assert {tuple(r["off_caption"]) for r in rs} == {("cat",)}  # "dog" is a caption word, "cat" is not
     seen = [r for r in rs if r["set"] == "seen"]
     assert [r["mean_R@1"] for r in seen] == [0.12, 0.11, 0.10, 0.09, 0.05] and len(rs) == 10
     lam = {(Path(r["folder"]).name, r["variant"]): r["lam"] for r in seen}
@@ -176,7 +180,7 @@ def test_compare_reads_each_folders_last_points_with_their_lambda_and_levers(tmp
                    ("lam", "lexvla"): 1e-2, ("words", "lexvla"): 1e-3}
     md = compare.markdown(rs)
     assert md.count("## Set") == 2 and "`model.vocab.filter=words`" in md and "train.lambda_img" not in md
-    assert "| dense | - | none | 300 | 0.090 / 0.090 | 0.090 | - |" in md
+    assert "| dense | - | none | 300 | 0.090 / 0.090 | 0.090 | - |" in md and md.rstrip().endswith("| 1: cat |")
     compare.plot(rs, tmp_path / "p.png")
     assert (tmp_path / "p.png").stat().st_size > 0
     with pytest.raises(SystemExit, match="no results.json in"):
