@@ -72,7 +72,8 @@ def rows(folders: list[Path], lam0: float, vocab=default_caption_files) -> list[
                                                      "patchdis_mIoU", "top20_words")}})
                 if es not in known: known[es] = caption_words(vocab(es))
                 words = known[es]
-                out[-1]["off_caption"] = [w for w in c.get("top20_words") or [] if w not in words] if words else None
+                top = c.get("top20_words")
+                out[-1]["off_caption"] = [w for w in top if w not in words] if words and top else None
     if not out: raise SystemExit(f"no results.json in {', '.join(map(str, folders))} (run experiments/convergence.py)")
     return sorted(out, key=lambda r: (r["set"], r["steps"], -(r["mean_R@1"] or 0.0)))
 
