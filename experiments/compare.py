@@ -118,6 +118,17 @@ def plot(rs: list[dict], path: Path) -> None:
             ax.scatter(r["image_active_words"], r["mean_R@1"])
             ax.annotate(f"{lab} ({r['step']})", (r["image_active_words"], r["mean_R@1"]), fontsize=7,
                         xytext=(3, 3), textcoords="offset points")
+        curves = {}  # each penalty's λ points (no other lever) joined in λ order, with the λ = 0 run at their start
+        for r in (r for r in rs if r["set"] == es and r["image_active_words"] is not None and r["lam"] is not None):
+            if any(not a.startswith("train.lambda_") for a in r["levers"]) or r["variant"] == "bow": continue
+            for v in ([r["variant"]] if r["lam"] else ["lexvla", "flops"]): curves.setdefault(v, []).append(r)
+        for v, pts in curves.items():
+            if len(pts) < 2: continue
+            pts = sorted(pts, key=lambda r: r["lam"])
+            lams = ", ".join(f"{r['lam']:g}" for r in pts)
+            ax.plot([r["image_active_words"] for r in pts], [r["mean_R@1"] for r in pts], "-", lw=0.8, alpha=0.6,
+                    label=f"{v}: λ = {lams}")
+        if curves: ax.legend(fontsize=7)
         ax.set_xscale("log"); ax.grid(alpha=.3)
         ax.set_xlabel("active words per image at 1/sqrt(V) (val)"); ax.set_ylabel("mean R@1 (val)")
         ax.set_title(f"{es}: sparsity against recall")
