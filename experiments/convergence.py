@@ -27,6 +27,7 @@ never evaluated twice.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import platform
 import sys
@@ -95,8 +96,8 @@ def experiment_params(params_file: Path, variants: list[str], steps: int, eval_e
                       sets: list[str] = ()) -> dict:
     "params.yaml with the experiment's variants, horizon, checkpoints at the evaluation points, and `split` evaluated."
     d = yaml.safe_load(params_file.read_text())
-    for a in sets: set_key(d, a)
-    d["train"]["variants"] = {v: VARIANTS[v] for v in variants}
+    d["train"]["variants"] = {v: copy.deepcopy(VARIANTS[v]) for v in variants}
+    for a in sets: set_key(d, a)  # after the variants: a lever may change one (train.variants.lexvla.settings.share)
     d["train"]["steps"] = steps
     d["train"]["checkpoint_every"] = eval_every
     d["evaluate"]["split"] = split

@@ -65,6 +65,11 @@ def test_a_lever_changes_one_key_over_the_preset_and_a_bad_one_is_refused():
     lam = params_from_dict(conv.experiment_params(ROOT / "params.yaml", ["lexvla"], 300, 300, "val",
                                                   sets=["train.lambda_img=1e-2"]), source="lever")
     assert lam.train.lambda_img == 1e-2  # YAML 1.1 reads 1e-2 as text; the lever reads it as the number
+    share = conv.experiment_params(ROOT / "params.yaml", ["lexvla", "bow"], 300, 300, "val",
+                                   sets=["train.variants.lexvla.settings.share=sum"])
+    assert params_from_dict(share, source="lever").train.variants["lexvla"].settings == {"share": "sum"}
+    assert share["train"]["variants"]["bow"]["settings"] == {"share": "mean"}  # one variant's lever, not the table's
+    assert conv.VARIANTS["lexvla"]["settings"] == {"share": "mean"}
     with pytest.raises(SystemExit, match="KEY=VALUE"):
         conv.experiment_params(ROOT / "params.yaml", ["lexvla"], 300, 300, "val", sets=["model.vocab.filter"])
     with pytest.raises(Exception, match="filter"):  # the strict loader names the key and the registered filters
