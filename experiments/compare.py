@@ -119,9 +119,11 @@ def plot(rs: list[dict], path: Path) -> None:
             ax.annotate(f"{lab} ({r['step']})", (r["image_active_words"], r["mean_R@1"]), fontsize=7,
                         xytext=(3, 3), textcoords="offset points")
         curves = {}  # each penalty's λ points (no other lever) joined in λ order, with the λ = 0 run at their start
-        for r in (r for r in rs if r["set"] == es and r["image_active_words"] is not None and r["lam"] is not None):
-            if any(not a.startswith("train.lambda_") for a in r["levers"]) or r["variant"] == "bow": continue
-            for v in ([r["variant"]] if r["lam"] else ["lexvla", "flops"]): curves.setdefault(v, []).append(r)
+        pts = [r for r in rs if r["set"] == es and r["image_active_words"] is not None and r["lam"] is not None
+               and r["variant"] != "bow" and all(a.startswith("train.lambda_") for a in r["levers"])]
+        penalised = {r["variant"] for r in pts if r["lam"]}
+        for r in pts:
+            for v in ([r["variant"]] if r["lam"] else sorted(penalised)): curves.setdefault(v, []).append(r)
         for v, pts in curves.items():
             if len(pts) < 2: continue
             pts = sorted(pts, key=lambda r: r["lam"])
