@@ -2,7 +2,7 @@
 sweep points and the levers, each row with the params it changed, and a sparsity-recall plot.
 
     .venv/bin/python experiments/compare.py experiments/convergence/pictograms_h300 experiments/levers/* \
-        --out experiments/levers/compare.md --plot experiments/levers/compare.png
+        --out experiments/levers/compare.md --plot experiments/levers/compare.png --json experiments/levers/compare.json
 
 Each folder is one `experiments/convergence.py` results folder (its `results.json`). A row is one variant's **last**
 val point on one evaluated set: R@1 both ways and their mean, active words per image (per caption) at 1/sqrt(V),
@@ -142,12 +142,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("folders", nargs="+", help="convergence results folders (each with results.json)")
     ap.add_argument("--out", default="", help="write the table here (markdown) as well as printing it")
     ap.add_argument("--plot", default="", help="write the sparsity-recall plot here (png)")
+    ap.add_argument("--json", default="",
+                    help="write the rows here ({'rows': [...]}): the record the report stage puts in summary.md")
     a = ap.parse_args(argv)
     rs = rows([Path(p) for p in a.folders], default_lambda())
     md = markdown(rs)
     print(md)
     if a.out: Path(a.out).write_text(md + "\n")
     if a.plot: plot(rs, Path(a.plot))
+    if a.json: Path(a.json).write_text(json.dumps({"rows": rs}, indent=1) + "\n")
     return 0
 
 

@@ -20,7 +20,8 @@ from .sparse import SparseVectors, load_vectors
 
 # %% auto #0
 __all__ = ['SUMMARY_COLUMNS', 'paper_claims', 'claims_markdown', 'gap_closed', 'result_sets', 'summarize', 'summarize_set',
-           'Results', 'open_results', 'caption_word_share', 'clean_executed', 'main']
+           'convergence_markdown', 'levers_markdown', 'experiments_markdown', 'Results', 'open_results',
+           'caption_word_share', 'clean_executed', 'main']
 
 # %% ../notebooks/15_report.ipynb #12c48ea1
 def _roles(runs: dict[str, dict]) -> dict[str, str]:
@@ -143,6 +144,7 @@ def result_sets(results_dir: str | Path) -> dict[str, Path]:
 def summarize(results_dir: str | Path, # the evaluate stage's folder (`<set>/<variant>.json`), or one set's
               out_dir: str | Path,     # where summary.json and summary.md go
               topk: int = 256,         # the top-k sparsification shown (one of evaluate.topks)
+              experiments: list = (),  # committed experiment records whose verdicts close summary.md
              ) -> dict:
     "Put every evaluated variant side by side, per set: `summary.json` (rows by variant) and `summary.md` (tables)."
     out_dir = Path(out_dir)
@@ -151,6 +153,7 @@ def summarize(results_dir: str | Path, # the evaluate stage's folder (`<set>/<va
     else:
         summary = {"sets": {name: s for name, (s, _) in got.items()}}
         md = [l for name, (_, m) in got.items() for l in (f"## Set `{name}`", "", *m, "")][:-1]
+    if experiments: md += ["", *experiments_markdown(experiments)]
     write_json(out_dir / "summary.json", summary)
     atomic_write(out_dir / "summary.md", "\n".join(md) + "\n")
     return summary
@@ -196,6 +199,72 @@ def summarize_set(results_dir: str | Path, # one set's folder of `<variant>.json
     summary["claims"] = paper_claims(results_dir, runs, topk)
     md += claims_markdown(summary["claims"], summary["n_images"])
     return summary, md
+
+# %% ../notebooks/15_report.ipynb #5d120a17
+def _f3(v) -> str: return "-" if v is None else f"{v:.3f}"
+
+def _plateau_cell(p: dict) -> str:
+    if "why" in p: return f"not tested ({p['why']})"
+    if "reached" not in p: return "-"
+    return (f"{'reached' if p['reached'] else '**not reached**'} ({p['gain_last_third']:+.3f} mean R@1 over steps "
+            f"{p['from_step']}-{p['to_step']})")
+
+def convergence_markdown(rec: dict, # an `experiments/convergence.py` record (its `results.json`)
+                         name: str, # where it comes from, for the heading
+                        ) -> list[str]:
+    "Per set: each variant's last val point and plateau verdict, then the test claims with their intervals."
+    md = [f"### `{name}`: {rec['steps']}-step horizon (cosine), val every {rec['eval_every']} steps", "",
+          f"Plateau rule: {rec['rule']}"]
+    for es, sub in rec["sets"].items():
+        md += ["", f"Set `{es}`, **val**, each variant's last point:", "",
+               "| variant | step | i->t / t->i R@1 | active words / image | PatchDis | plateau |",
+               "|---|---|---|---|---|---|"]
+        for v, curve in sub["curves"].items():
+            if not curve: continue
+            c = curve[-1]
+            words = "-" if c.get("image_active_words") is None else f"{c['image_active_words']:,.0f}"
+            md.append(f"| {v} | {c['step']} | {_f3(c.get('i2t_R@1'))} / {_f3(c.get('t2i_R@1'))} | {words} | "
+                      f"{_f3(c.get('patchdis_mIoU'))} | {_plateau_cell((sub.get('plateaus') or {}).get(v) or {})} |")
+        if sub.get("claims"):
+            md += ["", f"Set `{es}`, **test**, the final models:",
+                   *claims_markdown(sub["claims"], sub["test_n_images"])]
+        else: md += ["", f"Set `{es}`: no test claims in this record (a run did not finish, or it ran with --no-test)."]
+    return md
+
+def levers_markdown(rows: list[dict], # `experiments/compare.py --json`'s rows: one per folder, variant and set
+                    name: str,
+                   ) -> list[str]:
+    "Each run's last val point with the λ and the levers (params) it changed, one table per set."
+    md = [f"### `{name}`: λ and levers on val", ""]
+    for es in dict.fromkeys(r["set"] for r in rows):
+        md += [f"Set `{es}`, **val**:", "", "| run | variant | λ | levers | step | i->t / t->i R@1 | mean | "
+               "active words / image | PatchDis |", "|---|---|---|---|---|---|---|---|---|"]
+        for r in (r for r in rows if r["set"] == es):
+            lev = ", ".join(f"`{a}`" for a in r.get("levers") or [] if not a.startswith("train.lambda_")) or "none"
+            words = "-" if r.get("image_active_words") is None else f"{r['image_active_words']:,.0f}"
+            lam = "-" if r.get("lam") is None else f"{r['lam']:g}"
+            md.append(f"| {Path(r['folder']).name} | {r['variant']} | {lam} | {lev} | {r['step']} | "
+                      f"{_f3(r.get('i2t_R@1'))} / {_f3(r.get('t2i_R@1'))} | {_f3(r.get('mean_R@1'))} | {words} | "
+                      f"{_f3(r.get('patchdis_mIoU'))} |")
+        md.append("")
+    return md[:-1]
+
+def experiments_markdown(paths: list[str | Path], # committed experiment records: results.json or compare.json files
+                        ) -> list[str]:
+    "The summary.md section that carries the committed experiments' verdicts (none given: no section)."
+    if not paths: return []
+    md = ["## The committed experiments", "",
+          "Not computed by this run: read from the experiment records below (committed under `experiments/`, trained "
+          "on this pipeline's data with its params but for the levers each names; dvc.yaml's report stage lists them)."]
+    for p in map(Path, paths):
+        if not p.is_file():
+            raise FileNotFoundError(f"{p}: no such experiment record (dvc.yaml's report stage names it)")
+        rec = _read(p)
+        if "sets" in rec and "rule" in rec: md += ["", *convergence_markdown(rec, str(p.parent))]
+        elif isinstance(rec.get("rows"), list): md += ["", *levers_markdown(rec["rows"], str(p.parent))]
+        else: raise ValueError(f"{p}: neither a convergence record (results.json: sets, rule) nor a levers "
+                               "record (compare.json: rows)")
+    return md
 
 # %% ../notebooks/15_report.ipynb #2a8335ba
 @dataclass
@@ -280,7 +349,7 @@ def _run(a) -> dict | None:
         for p in a.clean_executed: clean_executed(p)
         return None
     if a.summary is None or a.out is None: raise ValueError("give --summary RESULTS_DIR --out DIR, or --clean-executed")
-    s = summarize(a.summary, a.out, a.topk)
+    s = summarize(a.summary, a.out, a.topk, a.experiments or ())
     return {name: list(x["variants"]) for name, x in s.get("sets", {"": s}).items()}
 
 def main(argv: list[str] | None = None) -> int:
@@ -290,6 +359,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--summary", default=None, metavar="RESULTS_DIR", help="the <variant>.json files of RESULTS_DIR")
     ap.add_argument("--out", default=None, help="with --summary: where summary.json and summary.md go")
     ap.add_argument("--topk", type=int, default=256, help="with --summary: the top-k sparsification shown")
+    ap.add_argument("--experiments", nargs="+", metavar="RECORD",
+                    help="with --summary: committed experiment records (results.json, compare.json) for summary.md")
     ap.add_argument("--clean-executed", nargs="+", metavar="NOTEBOOK",
                     help="strip run metadata from executed notebooks")
     return run_cli(ap, _run, argv)

@@ -193,6 +193,23 @@ def test_compare_reads_each_folders_last_points_with_their_lambda_and_levers(tmp
 
 
 
+def test_the_report_stage_renders_the_compare_record_and_a_convergence_record(tmp_path, monkeypatch):
+    "compare.py --json writes what lexvla.report puts in summary.md; a convergence results.json renders beside it."
+    from lexvla.report import experiments_markdown
+    _results(tmp_path / "h300", {"lexvla": (0.10, 1200.0), "nopenalty": (0.12, 900.0)})
+    _results(tmp_path / "words", {"lexvla": (0.05, 800.0)}, levers=["model.vocab.filter=words"])
+    monkeypatch.setattr(compare, "default_lambda", lambda: 1e-3)
+    assert compare.main([str(tmp_path / "h300"), str(tmp_path / "words"), "--json", str(tmp_path / "c.json")]) == 0
+    rec = json.loads((tmp_path / "h300" / "results.json").read_text())
+    rec["rule"] = "the rule"
+    (tmp_path / "h300" / "results.json").write_text(json.dumps(rec))
+    md = "\n".join(experiments_markdown([tmp_path / "c.json", tmp_path / "h300" / "results.json"]))
+    assert "| words | lexvla | 0.001 | `model.vocab.filter=words` | 300 | 0.050 / 0.050 | 0.050 | 800 | - |" in md
+    assert "| nopenalty | 0 | none | 300 |" in md  # the λ = 0 run, from the levers record
+    assert "| nopenalty | 300 | 0.120 / 0.120 | 900 | - | - |" in md  # the convergence record: no plateau entry
+    assert md.count("no test claims in this record") == 2  # one per set: the record has no claims
+
+
 def test_convergence_report_says_when_the_rule_was_not_tested_and_prints_ratios_unsigned(tmp_path, monkeypatch):
     "A one-point run is 'not tested', not 'no'; a difference claim is signed, a ratio claim (against 0.95) is not."
     monkeypatch.setattr(conv, "HERE", tmp_path)
