@@ -62,7 +62,8 @@ def commit() -> str:
     "The repository's commit (short), '+dirty' when the work tree has changes."
     import subprocess
     run = lambda *a: subprocess.run(["git", *a], capture_output=True, text=True, cwd=repo_root()).stdout.strip()
-    return run("rev-parse", "--short", "HEAD") + ("+dirty" if run("status", "--porcelain", "--untracked-files=no") else "")
+    dirty = run("status", "--porcelain", "--untracked-files=no")
+    return run("rev-parse", "--short", "HEAD") + ("+dirty" if dirty else "")
 
 
 def effective_precision(d: dict) -> str:
@@ -225,8 +226,8 @@ def test_claims(d: dict, names: list[str], data: Path, topk: int = 256, es: str 
 def _set_lines(es: str, sub: dict) -> list[str]:
     "One evaluated set's section: the curves, the plateaus and the test claims."
     f = lambda v: "" if v is None else f"{v:.3f}"
-    md = [f"## Set `{es}`", "", "| variant | step | i->t R@1 | t->i R@1 | active words / image (caption) | top-64 R@1 | "
-          "top-256 R@1 | top-20 share | PatchDis | train s |", "|---|---|---|---|---|---|---|---|---|---|"]
+    md = [f"## Set `{es}`", "", "| variant | step | i->t R@1 | t->i R@1 | active words / image (caption) | "
+          "top-64 R@1 | top-256 R@1 | top-20 share | PatchDis | train s |", "|---|---|---|---|---|---|---|---|---|---|"]
     for v, curve in sub["curves"].items():
         for c in curve:
             aw = (f"{c['image_active_words']:.0f} ({c['text_active_words']:.0f})" if "image_active_words" in c else "-")

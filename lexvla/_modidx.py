@@ -507,6 +507,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                'lexvla.report.main': ('report.html#main', 'lexvla/report.py'),
                                'lexvla.report.open_results': ('report.html#open_results', 'lexvla/report.py'),
                                'lexvla.report.paper_claims': ('report.html#paper_claims', 'lexvla/report.py'),
+                               'lexvla.report.plateau_claims_markdown': ('report.html#plateau_claims_markdown', 'lexvla/report.py'),
                                'lexvla.report.result_sets': ('report.html#result_sets', 'lexvla/report.py'),
                                'lexvla.report.summarize': ('report.html#summarize', 'lexvla/report.py'),
                                'lexvla.report.summarize_set': ('report.html#summarize_set', 'lexvla/report.py')},

@@ -20,8 +20,8 @@ from .sparse import SparseVectors, load_vectors
 
 # %% auto #0
 __all__ = ['SUMMARY_COLUMNS', 'paper_claims', 'claims_markdown', 'gap_closed', 'result_sets', 'summarize', 'summarize_set',
-           'convergence_markdown', 'levers_markdown', 'experiments_markdown', 'Results', 'open_results',
-           'caption_word_share', 'clean_executed', 'main']
+           'convergence_markdown', 'levers_markdown', 'plateau_claims_markdown', 'experiments_markdown', 'Results',
+           'open_results', 'caption_word_share', 'clean_executed', 'main']
 
 # %% ../notebooks/15_report.ipynb #12c48ea1
 def _roles(runs: dict[str, dict]) -> dict[str, str]:
@@ -249,6 +249,21 @@ def levers_markdown(rows: list[dict], # `experiments/compare.py --json`'s rows: 
         md.append("")
     return md[:-1]
 
+def plateau_claims_markdown(rec: dict, # `experiments/plateau_claims.py`'s record (its `claims.json`)
+                            name: str,
+                           ) -> list[str]:
+    "Which run each variant's claims use (its horizon, and whether val's plateau rule was met), then the claims."
+    sets = list(rec["sets"])
+    md = [f"### `{name}`: each variant at its own horizon", "",
+          f"| variant | run | horizon | val plateau ({' / '.join(sets)}) |", "|---|---|---|---|"]
+    for v, r in rec["runs"].items():
+        cells = [f"not tested ({p['why']})" if p.get("why") else "reached" if p.get("reached") else "**not reached**"
+                 for p in (r["plateau"].get(es, {}) for es in sets)]
+        md.append(f"| {v} | `{r['folder']}` | {r['steps']} | {' / '.join(cells)} |")
+    for es, sub in rec["sets"].items():
+        md += ["", f"Set `{es}`, **test**:", *claims_markdown(sub["claims"], sub["test_n_images"])]
+    return md
+
 def experiments_markdown(paths: list[str | Path], # committed experiment records: results.json or compare.json files
                         ) -> list[str]:
     "The summary.md section that carries the committed experiments' verdicts (none given: no section)."
@@ -260,10 +275,11 @@ def experiments_markdown(paths: list[str | Path], # committed experiment records
         if not p.is_file():
             raise FileNotFoundError(f"{p}: no such experiment record (dvc.yaml's report stage names it)")
         rec = _read(p)
-        if "sets" in rec and "rule" in rec: md += ["", *convergence_markdown(rec, str(p.parent))]
+        if rec.get("kind") == "plateau_claims": md += ["", *plateau_claims_markdown(rec, str(p.parent))]
+        elif "sets" in rec and "rule" in rec: md += ["", *convergence_markdown(rec, str(p.parent))]
         elif isinstance(rec.get("rows"), list): md += ["", *levers_markdown(rec["rows"], str(p.parent))]
-        else: raise ValueError(f"{p}: neither a convergence record (results.json: sets, rule) nor a levers "
-                               "record (compare.json: rows)")
+        else: raise ValueError(f"{p}: not a convergence record (results.json: sets, rule), a levers record "
+                               "(compare.json: rows) or a plateau-claims record (claims.json: kind plateau_claims)")
     return md
 
 # %% ../notebooks/15_report.ipynb #2a8335ba

@@ -225,3 +225,51 @@ def test_convergence_report_says_when_the_rule_was_not_tested_and_prints_ratios_
     md = (tmp_path / "results.md").read_text()
     assert "| lexvla | not tested (fewer than 3 evaluation points) |" in md
     assert "| +0.040 | [+0.010, +0.070] | **holds** |" in md and "| 0.850 | [0.700, 1.040] | **undecided** |" in md
+
+
+spec = importlib.util.spec_from_file_location("plateau_claims", ROOT / "experiments" / "plateau_claims.py")
+pclaims = importlib.util.module_from_spec(spec); spec.loader.exec_module(pclaims)
+
+
+def _run_folder(folder, variant, model, reg, ranks, steps, means):
+    "A convergence folder holding one variant's val curve (means) and its test evaluation (ranks on 40 images)."
+    import numpy as np
+    from lexvla.metrics import save_per_query
+    n = 40
+    t2i = np.repeat(np.arange(n), 2)
+    curve = [{"step": steps * (i + 1) // len(means), "i2t_R@1": m, "t2i_R@1": m, "mean_R@1": m}
+             for i, m in enumerate(means)]
+    sets = {}
+    for es in ("seen", "unseen"):
+        sets[es] = {"curves": {variant: curve}, "plateaus": {variant: conv.plateau(curve, 0.005)}}
+        test = folder / "runs" / "test" / es
+        r = {"image_to_text": ranks(n), "text_to_image": ranks(2 * n)}
+        save_per_query(test / variant / "per_query.npz", {"dense": r, "top256": r}, t2i)
+        (test / f"{variant}.json").write_text(json.dumps({"model": model, "reg": reg, "n_images": n}))
+    (folder / "results.json").write_text(json.dumps({"steps": steps, "eval_every": steps // 3, "rule": "r",
+                                                     "sets": sets}))
+
+
+def test_plateau_claims_pair_runs_of_different_horizons(tmp_path):
+    "Each variant's test ranks come from its own folder; the record names each run's horizon and plateau."
+    import numpy as np
+    good, half = (lambda k: np.ones(k)), (lambda k: 1.0 + np.arange(k) % 2)
+    _run_folder(tmp_path / "h600", "lexvla", "lexvla", "overuse", good, 600, [0.1, 0.2, 0.201])
+    _run_folder(tmp_path / "h900", "dense", "dense", "none", half, 900, [0.1, 0.2, 0.3])
+    out = tmp_path / "claims"
+    assert pclaims.main([f"lexvla={tmp_path / 'h600'}", f"dense={tmp_path / 'h900'}", "--out", str(out)]) == 0
+    rec = json.loads((out / "claims.json").read_text())
+    assert rec["runs"]["lexvla"]["steps"] == 600 and rec["runs"]["dense"]["steps"] == 900
+    plateau = {v: r["plateau"]["seen"]["reached"] for v, r in rec["runs"].items()}
+    assert plateau == {"lexvla": True, "dense": False}
+    c = {x["claim"]: x for x in rec["sets"]["unseen"]["claims"]}
+    assert c["LexVLA - dense, i->t R@1"]["verdict"] == "holds" and c["LexVLA - dense, i->t R@1"]["estimate"] == 0.5
+    md = (out / "claims.md").read_text()
+    assert md.startswith("### `") and "| dense | `" in md and "| 900 | **not reached** / **not reached** |" in md
+    with pytest.raises(SystemExit, match="no curve of 'flops' on set 'seen'"):
+        pclaims.main([f"flops={tmp_path / 'h600'}", "--out", str(out)])
+    (tmp_path / "h900" / "runs" / "test" / "seen" / "dense.json").unlink()
+    with pytest.raises(SystemExit, match="no test evaluation of 'dense'"):
+        pclaims.main([f"dense={tmp_path / 'h900'}", "--out", str(out)])
+    with pytest.raises(SystemExit, match="expected VARIANT=FOLDER"):
+        pclaims.main(["lexvla", "--out", str(out)])
