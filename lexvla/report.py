@@ -82,8 +82,9 @@ def claims_markdown(claims: list[dict], n_images: int) -> list[str]:
     md = ["", f"The paper's claims on this split, each with a {lvl} paired-bootstrap interval over the {n_images} "
           f"images ({claims[0]['n_boot']} resamples, each image with all its captions):", "",
           f"| claim | estimate | {lvl} interval | holds when above | verdict |", "|---|---|---|---|---|"]
-    md += [f"| {c['claim']} | {c['estimate']:+.3f} | [{c['low']:+.3f}, {c['high']:+.3f}] | {c['threshold']:g} | "
-           f"**{c['verdict']}** |" for c in claims]
+    sg = lambda c: "" if c["threshold"] else "+"  # a difference is signed; a ratio (held against 0.95) is not
+    md += [f"| {c['claim']} | {c['estimate']:{sg(c)}.3f} | [{c['low']:{sg(c)}.3f}, {c['high']:{sg(c)}.3f}] | "
+           f"{c['threshold']:g} | **{c['verdict']}** |" for c in claims]
     return md
 
 # %% ../notebooks/15_report.ipynb #2943bd32
