@@ -232,6 +232,7 @@ def convergence_markdown(rec: dict, # an `experiments/convergence.py` record (it
         else: md += ["", f"Set `{es}`: no test claims in this record (a run did not finish, or it ran with --no-test)."]
     return md
 
+# %% ../notebooks/15_report.ipynb #d259577a
 def levers_markdown(rows: list[dict], # `experiments/compare.py --json`'s rows: one per folder, variant and set
                     name: str,
                    ) -> list[str]:
