@@ -14,11 +14,13 @@ backward pass routes each word's gradient to its winning patch only:
     dH[b, argmax[b, j]] += g[b, j] * Z[j]                   i.e. dH = S Z
     dZ[j]               += sum_b g[b, j] * H[b, argmax[b, j]]   i.e. dZ = Sᵀ H
 
-with S the (b*n, v) routing matrix holding b*v non-zeros, so both are sparse x dense products
-(`torch.sparse.mm` on CSR, fp32 accumulation): exact (the max is piecewise linear), O(b*v*d) work instead of
-the naive O(b*n*v*d), and O(b*v) extra memory. Where sparse CSR products are unavailable the backward falls
-back to dense gather / batched GEMV / index_add over vocabulary chunks. Peak extra memory is O(b*v + chunk)
-rather than O(b*n*v).
+with S the (b*n, v) routing matrix holding b*v non-zeros, so both are sparse x dense products with fp32
+accumulation: exact (the max is piecewise linear), O(b*v*d) work instead of the naive O(b*n*v*d), and O(b*v)
+extra memory. On the CPU two numba kernels compute them (each output row by one thread, its terms added in the
+order of `torch.sparse.mm` on CSR, so the gradients are the same bits; 2.5-3.5x faster on 2 cores:
+`benchmarks/bench_maxpool.py`); on a GPU `torch.sparse.mm` on CSR does. Where neither is available the
+backward falls back to dense gather / batched GEMV / index_add over vocabulary chunks. Peak extra memory is
+O(b*v + chunk) rather than O(b*n*v).
 
 Ties: when several patches share a word's maximum, the whole gradient goes to the first of them (the index
 `torch.max(dim=...)` and `torch.argmax` return); `Tensor.amax` instead splits it evenly among the tied
@@ -30,8 +32,15 @@ from typing import Literal
 
 import warnings
 
+import numpy as np
 import torch
 from einops import einsum
+
+try:  # the CPU backward's kernels (numba is a dependency: lexvla.index's scoring kernels use it too)
+    import numba
+    from numba import njit, prange
+except ImportError:  # pragma: no cover - numba missing: the sparse CSR path serves the CPU too
+    numba = None
 
 __all__ = ["CHUNK_ELEMENTS", "MIN_CHUNK", "naive_lexical_maxpool", "lexical_maxpool", "chunk_sizes", "LexicalMaxPool"]
 
@@ -159,11 +168,58 @@ def _grads_chunked(h, codebook, argmax, g, need_h, need_z, chunk):
     return (dh.view(b, n, d) if need_h else None), dz
 
 
+if numba is not None:
+    @njit(cache=True, parallel=True, nogil=True)
+    def _route_dz(hf, rows_t, g_t, dz):
+        "dz[j] = sum_i g_t[j, i] hf[rows_t[j, i]], i ascending (the CSR row order of Sᵀ): one thread per word."
+        v, b = g_t.shape
+        d = hf.shape[1]
+        for j in prange(v):
+            for k in range(d): dz[j, k] = 0.0
+            for i in range(b):
+                w, r = g_t[j, i], rows_t[j, i]
+                for k in range(d): dz[j, k] += w * hf[r, k]
+
+    @njit(cache=True, parallel=True, nogil=True)
+    def _route_dh(z, idx, g, dh, chunk):
+        "dh[i, idx[i, j]] += g[i, j] z[j], j ascending (the CSR row order of S): one thread per sample."
+        b, v = g.shape
+        d = z.shape[1]
+        for s in range(0, v, chunk):  # a block of codebook rows stays in cache while every sample reads it
+            e = min(v, s + chunk)
+            for i in prange(b):
+                for j in range(s, e):
+                    p, w = idx[i, j], g[i, j]
+                    for k in range(d): dh[i, p, k] += w * z[j, k]
+
+
+def _grads_numba(h, codebook, argmax, g, need_h, need_z):
+    "The CPU backward: `_grads_sparse`'s sums, term for term, as two parallel numba loops (no CSR to build)."
+    b, n, d = h.shape
+    idx, acc = argmax.long(), g.dtype  # fp32 (fp64 for fp64 inputs)
+    numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
+    dh = dz = None
+    if need_z:
+        hf = h.detach().reshape(b * n, d).to(acc).contiguous().numpy()
+        rows_t = (idx + torch.arange(b).mul_(n).unsqueeze(1)).T.contiguous().numpy()
+        dz = np.empty((codebook.shape[0], d), hf.dtype)
+        _route_dz(hf, rows_t, g.T.contiguous().numpy(), dz)
+        dz = torch.from_numpy(dz)
+    if need_h:
+        zf = codebook.detach().to(acc).contiguous().numpy()
+        dh = np.zeros((b, n, d), zf.dtype)
+        _route_dh(zf, idx.numpy(), g.contiguous().numpy(), dh, 256)
+        dh = torch.from_numpy(dh)
+    return dh, dz
+
+
 _SPARSE_OK = {}  # device type -> False once torch.sparse.mm failed there
+BACKWARDS = ("numba", "sparse", "chunked")  # the CPU's choices, fastest first (`LexicalMaxPool.cpu_backward`)
 
 
 class LexicalMaxPool(torch.autograd.Function):
     "Chunked `max_n (h @ codebookᵀ)` that saves only the inputs and the (b, v) arg-max; see the module docstring."
+    cpu_backward = "numba" if numba is not None else "sparse"  # the CPU's backward; a GPU takes sparse (or chunked)
 
     @staticmethod
     def forward(ctx, h, codebook, chunk_size, backend):
@@ -191,14 +247,17 @@ class LexicalMaxPool(torch.autograd.Function):
         # Each dh row sums ~v/n word contributions: accumulate in fp32 (fp64 for fp64) whatever the input dtype.
         g = grad_values.to(torch.float64 if h.dtype == torch.float64 else torch.float32)
         dev = h.device.type
-        dh = dz = None
-        if _SPARSE_OK.get(dev, True):
+        path = LexicalMaxPool.cpu_backward if dev == "cpu" else "sparse"
+        if path == "sparse" and not _SPARSE_OK.get(dev, True): path = "chunked"
+        if path == "numba":
+            dh, dz = _grads_numba(h, codebook, argmax, g, need_h, need_z)
+        elif path == "sparse":
             try:
                 dh, dz = _grads_sparse(h, codebook, argmax, g, need_h, need_z, ctx.budget)
             except (RuntimeError, NotImplementedError) as e:  # a device or build without sparse CSR x dense
                 warnings.warn(f"lexical_maxpool: sparse backward unavailable on {dev} ({e}); using the chunked one")
-                _SPARSE_OK[dev] = False
-        if not _SPARSE_OK.get(dev, True):
+                _SPARSE_OK[dev], path = False, "chunked"
+        if path == "chunked":
             dh, dz = _grads_chunked(h, codebook, argmax, g, need_h, need_z, ctx.bwd_chunk)
         return (dh.to(h.dtype) if need_h else None), (dz.to(codebook.dtype) if need_z else None), None, None
 
