@@ -237,9 +237,9 @@ def text_hidden_from_prefix(self: LexVLA, hidden: torch.Tensor, mask: torch.Tens
     "(b, d) the last token's final-normed hidden state, from the prefix's output (runs the LoRA layers)."
     self._need_lm()
     mask = mask.to(self.device)
-    h = self.tower.run_layers(hidden.to(self.device, self.text_codebook.dtype), mask, self.text_prefix_layers,
+    h = self.tower.last_state(hidden.to(self.device, self.text_codebook.dtype), mask, self.text_prefix_layers,
                               self.n_layers)
-    return self.tower.final_norm(h[:, -1])  # left padding: the last position is every row's prediction slot
+    return self.tower.final_norm(h)  # left padding: the last position is every row's prediction slot
 
 @patch
 def text_logits_from_prefix(self: LexVLA, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -23,7 +23,8 @@ from .runtime import resolve_path
 # %% auto #0
 __all__ = ['TINY_WORDS', 'TINY_SPECIALS', 'TINY_PUNCT', 'SMOLLM2_GGUF', 'TEXT_TOWERS', 'tiny_tokenizer', 'tiny_lm',
            'smollm2_gguf', 'converted_lm', 'lm_location', 'load_tokenizer', 'load_lm', 'positions_from_mask',
-           'TextTower', 'register_text_tower', 'text_tower', 'lora_layer_indices', 'linear_module_names', 'apply_lora']
+           'TextTower', 'register_text_tower', 'text_tower', 'LlamaTextTower', 'lora_layer_indices',
+           'linear_module_names', 'apply_lora']
 
 # %% ../notebooks/06_text.ipynb #6e8153e8
 TINY_WORDS = (
@@ -166,24 +167,33 @@ class TextTower:
     def final_norm(self, h: torch.Tensor) -> torch.Tensor: return getattr(self.dec, self.norm)(h)
     def head(self) -> torch.Tensor: return self.lm.get_output_embeddings().weight  # (vocab, d): Z_txt's rows
 
+    def layer_inputs(self, hidden: torch.Tensor, mask: torch.Tensor) -> tuple:
+        "(position ids, causal+padding mask, rotary embeddings), built as the model's own forward builds them."
+        pos = positions_from_mask(mask)
+        causal = create_causal_mask(config=self.dec.config, inputs_embeds=hidden, attention_mask=mask, cache=None,
+                                    position_ids=pos)
+        return pos, causal, self.dec.rotary_emb(hidden, position_ids=pos)
+
     def run_layers(self, hidden: torch.Tensor, # (b, t, d) input of layer `start`
                    mask: torch.Tensor,         # (b, t) attention mask, left padding
                    start: int, stop: int,      # the slice of layers to run
                   ) -> torch.Tensor:
-        "Layers `start:stop`, with the mask and rotary embeddings built as the model's own forward builds them."
+        "Layers `start:stop`, every position."
         if start >= stop: return hidden
-        pos = positions_from_mask(mask)
-        causal = create_causal_mask(config=self.dec.config, inputs_embeds=hidden, attention_mask=mask, cache=None,
-                                    position_ids=pos)
-        rope = self.dec.rotary_emb(hidden, position_ids=pos)
+        pos, causal, rope = self.layer_inputs(hidden, mask)
         for layer in self.layers[start:stop]:
             hidden = layer(hidden, attention_mask=causal, position_embeddings=rope, position_ids=pos)
         return hidden
 
+    def last_state(self, hidden: torch.Tensor, mask: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+        "(b, d) the last position's state after layers `start:stop` (before the final norm): what the head reads."
+        return self.run_layers(hidden, mask, start, stop)[:, -1]
+
     def last_hidden(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         "(b, d) the final-normed state at the last position (left padding: every row's prediction slot)."
-        return self.final_norm(self.run_layers(self.embed(ids), mask, 0, len(self.layers))[:, -1])
+        return self.final_norm(self.last_state(self.embed(ids), mask, 0, len(self.layers)))
 
+# %% ../notebooks/06_text.ipynb #53d082bd
 TEXT_TOWERS: dict[str, type[TextTower]] = {}  # config.model_type -> its tower class
 
 def register_text_tower(*model_types: str):
@@ -193,7 +203,7 @@ def register_text_tower(*model_types: str):
         return cls
     return register
 
-register_text_tower("llama", "mistral", "qwen2", "qwen3", "gemma")(TextTower)
+register_text_tower("mistral", "qwen2", "qwen3", "gemma")(TextTower)
 
 def text_tower(lm) -> TextTower:
     "The registered tower of a causal LM, by its `config.model_type`."
@@ -202,6 +212,41 @@ def text_tower(lm) -> TextTower:
         raise TypeError(f"{type(lm).__name__}: no text tower for model_type {mt!r} (have: {', '.join(TEXT_TOWERS)}); "
                         "register one with lexvla.text.register_text_tower")
     return TEXT_TOWERS[mt](lm)
+
+# %% ../notebooks/06_text.ipynb #45c53990
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, eager_attention_forward
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+class LlamaTextTower(TextTower):
+    "Llama's tower: the last layer runs its queries, attention output and MLP at the last position only."
+
+    def last_state(self, hidden: torch.Tensor, mask: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+        if start >= stop: return hidden[:, -1]
+        pos, causal, rope = self.layer_inputs(hidden, mask)
+        if causal is not None and not torch.is_tensor(causal):  # a flex-attention block mask: the generic path
+            return super().last_state(hidden, mask, start, stop)
+        for layer in self.layers[start:stop - 1]:
+            hidden = layer(hidden, attention_mask=causal, position_embeddings=rope, position_ids=pos)
+        return self.last_position(self.layers[stop - 1], hidden, causal, rope)
+
+    @staticmethod
+    def last_position(layer, hidden: torch.Tensor, causal, rope) -> torch.Tensor:
+        "(b, d) one `LlamaDecoderLayer`'s output at the last position: keys and values from every position."
+        attn, (b, t, _) = layer.self_attn, hidden.shape
+        x = layer.input_layernorm(hidden)
+        q = attn.q_proj(x[:, -1:]).view(b, 1, -1, attn.head_dim).transpose(1, 2)
+        k = attn.k_proj(x).view(b, t, -1, attn.head_dim).transpose(1, 2)
+        v = attn.v_proj(x).view(b, t, -1, attn.head_dim).transpose(1, 2)
+        cos, sin = rope
+        q = apply_rotary_pos_emb(q, q, cos[:, -1:], sin[:, -1:])[0]
+        k = apply_rotary_pos_emb(k, k, cos, sin)[1]
+        fn = ALL_ATTENTION_FUNCTIONS.get_interface(attn.config._attn_implementation, eager_attention_forward)
+        o = fn(attn, q, k, v, None if causal is None else causal[:, :, -1:], scaling=attn.scaling,
+               dropout=attn.attention_dropout if attn.training else 0.0)[0]
+        h = hidden[:, -1] + attn.o_proj(o.reshape(b, -1))
+        return h + layer.mlp(layer.post_attention_layernorm(h))
+
+register_text_tower("llama")(LlamaTextTower)
 
 # %% ../notebooks/06_text.ipynb #27c1271a
 def lora_layer_indices(layers: list[int] | None, # from params: None = all; negative = from the end
