@@ -49,8 +49,18 @@ def cpu_name() -> str:
     return platform.processor() or "CPU"
 
 
+ISA_LIMITS = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS")  # torch's, oneDNN's, MKL's
+
+
+def isa_limit() -> str | None:
+    "The kernel instruction-set limits set in the environment (how an AVX512 CPU stands in for AVX2-only), or None."
+    return ", ".join(f"{k}={os.environ[k]}" for k in ISA_LIMITS if os.environ.get(k)) or None
+
+
 def cpu_kind(flags: dict) -> str:
     "The machine class the README's tables name: AVX512-BF16 / AMX, AVX512 without BF16, or AVX2 only."
+    if isa_limit() and "avx2" in isa_limit().lower():
+        return f"AVX2 only, emulated: the kernels held to AVX2 ({isa_limit()}) on a CPU that has more"
     if flags["amx"]: return "AMX (native bf16)"
     if flags["avx512_bf16"]: return "AVX512-BF16 (native bf16)"
     if torch.cpu._is_avx512_supported(): return "AVX512 without BF16 (bf16 emulated by oneDNN: training runs fp32)"
@@ -58,7 +68,8 @@ def cpu_kind(flags: dict) -> str:
 
 
 def kind_slug(flags: dict) -> str:
-    "The CPU kind as a file-name part: amx, avx512_bf16, avx512 (no BF16) or avx2."
+    "The CPU kind as a file-name part: amx, avx512_bf16, avx512 (no BF16), avx2 or avx2_emulated."
+    if isa_limit() and "avx2" in isa_limit().lower(): return "avx2_emulated"
     if flags["amx"]: return "amx"
     if flags["avx512_bf16"]: return "avx512_bf16"
     return "avx512" if torch.cpu._is_avx512_supported() else "avx2"
@@ -107,8 +118,8 @@ def loader_and_text_cache(a, lex, params, b, source, part, rows) -> list[str]:
     by_tokens = padded(cache_order(lex, uniq))
     return [f"Text cache over the {len(raw)} training captions ({cpi} per image): {1 - len(uniq) / len(raw):.1%} are "
             f"duplicates (encoded once); {n_real} real tokens; padding would be {1 - n_real / as_read:.1%} of the "
-            f"tokens in reading order, {1 - n_real / by_chars:.1%} sorted by characters (the cache before issue 33) and "
-            f"{1 - n_real / by_tokens:.1%} in the cache's batches (sorted by token count)."]
+            f"tokens in reading order, {1 - n_real / by_chars:.1%} sorted by characters (the cache before issue 33) "
+            f"and {1 - n_real / by_tokens:.1%} in the cache's batches (sorted by token count)."]
 
 
 def main(argv=None) -> int:

@@ -273,3 +273,43 @@ def test_plateau_claims_pair_runs_of_different_horizons(tmp_path):
         pclaims.main([f"dense={tmp_path / 'h900'}", "--out", str(out)])
     with pytest.raises(SystemExit, match="expected VARIANT=FOLDER"):
         pclaims.main(["lexvla", "--out", str(out)])
+
+
+spec = importlib.util.spec_from_file_location("numerics_check", ROOT / "experiments" / "numerics_check.py")
+ncheck = importlib.util.module_from_spec(spec); spec.loader.exec_module(ncheck)
+
+
+def _evaluation(root, es, variant, i2t, t2i, inter=None, union=None):
+    "An evaluate-stage folder entry: <set>/<variant>.json and its per_query.npz."
+    import numpy as np
+    from lexvla.metrics import save_per_query
+    pd = None if inter is None else {"intersection": inter, "union": union}
+    save_per_query(root / es / variant / "per_query.npz", {"dense": {"image_to_text": i2t, "text_to_image": t2i}},
+                   np.repeat(np.arange(len(i2t)), 2), pd)
+    (root / es / f"{variant}.json").write_text("{}")
+
+
+def test_numerics_check_pairs_two_evaluations_over_images(tmp_path):
+    "After - before per metric, paired over the same images; a split that differs is refused by name."
+    import numpy as np
+    n = 40
+    hit, miss = np.ones(n), np.full(n, 5.0)
+    inter, union = np.ones((n, 3), np.int64), np.full((n, 3), 2, np.int64)
+    _evaluation(tmp_path / "a", "seen", "lexvla", hit, np.ones(2 * n), inter, union)
+    _evaluation(tmp_path / "b", "seen", "lexvla", np.where(np.arange(n) < n // 2, 1.0, 5.0), np.ones(2 * n),
+                inter, union)
+    _evaluation(tmp_path / "a", "seen", "dense", miss, np.ones(2 * n))  # only in a: not compared
+    out = tmp_path / "check.md"
+    assert ncheck.main([str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(out), "--json",
+                        str(tmp_path / "check.json")]) == 0
+    rows = {r["metric"]: r for r in json.loads((tmp_path / "check.json").read_text())}
+    assert set(rows) == {"i->t R@1", "t->i R@1", "PatchDis mIoU"}
+    assert rows["i->t R@1"]["before"] == 1.0 and rows["i->t R@1"]["after"] == 0.5
+    assert rows["i->t R@1"]["change"]["estimate"] == -0.5 and rows["i->t R@1"]["change"]["high"] < 0
+    assert rows["t->i R@1"]["change"]["estimate"] == 0 and rows["PatchDis mIoU"]["change"]["high"] == 0
+    assert "| seen | lexvla | i->t R@1 | 1.000 | 0.500 | -0.500 |" in out.read_text()
+    _evaluation(tmp_path / "b", "seen", "lexvla", hit[:-1], np.ones(2 * n - 2))
+    with pytest.raises(SystemExit, match="other captions or images"):
+        ncheck.main([str(tmp_path / "a"), str(tmp_path / "b")])
+    with pytest.raises(SystemExit, match="no evaluation"):
+        ncheck.main([str(tmp_path / "a"), str(tmp_path / "nothing")])
