@@ -152,6 +152,7 @@ def main(argv=None) -> int:
     dev = torch.device(a.device)
     sync = (lambda: torch.cuda.synchronize()) if dev.type == "cuda" else (lambda: None)
     params = load_params(a.params)
+    asked = "" if a.precision == "train" else f" --precision {a.precision}"  # for the table's command line
     if a.precision == "train":
         import warnings
         with warnings.catch_warnings():
@@ -272,7 +273,9 @@ def main(argv=None) -> int:
                 else f"{cpu_name()}, {torch.get_num_threads()} threads, {cpu_kind(cpu_bf16_flags())}")
     load = " ".join(f"{x:.1f}" for x in os.getloadavg())
     md = [f"# Benchmark: where a training step spends its time\n",
-          f"`python benchmarks/bench_train.py{' --preset ' + a.preset if a.preset else ''} --batch {b}` ({when}, {dev_name}, "
+          f"`{' '.join(f'{k}={os.environ[k]}' for k in ISA_LIMITS if os.environ.get(k)) + ' ' if isa_limit() else ''}"
+          f"python benchmarks/bench_train.py{' --preset ' + a.preset if a.preset else ''} --batch {b}{asked}` ({when}, "
+          f"{dev_name}, "
           f"torch {torch.__version__}, {a.precision}{' autocast' if a.precision == 'bf16' else ''}). Model: {'preset ' + a.preset if a.preset else 'params.yaml'} "
           f"(V = {V}, LM width {d}, {n_patches} patches); batch {b} from {source}. "
           f"Best of {a.reps} after a warm-up; each part runs forward + backward on its own. Load average at the end: {load} "
