@@ -182,7 +182,8 @@ def patchdis(patch_vectors,            # (b, n, v) patch vectors, or a callable 
         n = pv.shape[1]
         h, w = grid or (math.isqrt(n), math.isqrt(n))
         if h * w != n: raise ValueError(f"grid {(h, w)} does not hold {n} patches")
-        scores = pv @ cls.T                                              # (b, n, c)
+        # (b, n, c); with present_only each image's few present classes alone (not ~1,300 classes x V per patch)
+        scores = None if present_only else pv @ cls.T
         for i in range(e - s):
             g = np.asarray(masks[s + i])
             allowed = np.ones(c, bool)
@@ -193,7 +194,9 @@ def patchdis(patch_vectors,            # (b, n, v) patch vectors, or a callable 
                 allowed[np.asarray(pres, dtype=np.int64)] = True
             if 0 <= ignore_index < c: allowed[ignore_index] = False
             if not allowed.any(): lab = np.full((h, w), ignore_index)  # nothing labelled
-            else: lab = np.where(allowed[None, :], scores[i], -np.inf).argmax(-1).reshape(h, w)
+            else:
+                idx = np.flatnonzero(allowed)  # ascending: a tie goes to the lower class index, as over all classes
+                lab = idx[(pv[i] @ cls[idx].T if scores is None else scores[i][:, idx]).argmax(-1)].reshape(h, w)
             preds.append(upsample_nearest(lab, g.shape))
             if s + i < keep_labels: labels.append(lab)
     out = patchdis_from_labels(preds, masks, names, ignore_index, per_image=per_image)
