@@ -16,8 +16,8 @@ from safetensors.torch import load_file, save
 from .runtime import DamagedFile, atomic_write, checked_load, read_checked_json, write_json
 
 # %% auto #0
-__all__ = ['TextPrefixCache', 'cache_meta', 'check_cache', 'usable_text_cache', 'ImageTokenCache', 'vision_fingerprint',
-           'vision_cache_meta', 'usable_image_cache', 'check_image_cache']
+__all__ = ['TextPrefixCache', 'cache_meta', 'check_cache', 'precision_note', 'usable_text_cache', 'ImageTokenCache',
+           'vision_fingerprint', 'vision_cache_meta', 'usable_image_cache', 'check_image_cache']
 
 # %% ../notebooks/10a_caches.ipynb #61ae39be
 class TextPrefixCache:
@@ -94,6 +94,13 @@ def check_cache(cache: TextPrefixCache, model) -> None:
                              f"({bad[0]}: cache {cache.meta[bad[0]]!r}, model {want[bad[0]]!r}); "
                              "rebuild it (dvc repro textcache)")
 
+def precision_note(cache_meta: dict, mp: str, what: str) -> str | None:
+    "A warning when a cache computed at one precision is read by a run at another (`mp`: bf16 or no); else None."
+    got, want = cache_meta.get("precision", "fp32"), "bf16" if mp == "bf16" else "fp32"
+    if "disabled" in cache_meta or got == want: return None
+    return (f"{what} was computed in {got}, but this run computes in {want}: the cache is not what the towers would "
+            f"give here (re-run its stage on this machine, e.g. `dvc repro -f <stage>`)")
+
 def usable_text_cache(model, cache: TextPrefixCache | None) -> bool:
     "Whether `cache` holds this model's frozen prefix (same LM, prompt, depth and width): only then is it exact."
     if cache is None or getattr(model, "lm", None) is None or cache.hidden.shape[-1] != model.width: return False
@@ -168,7 +175,7 @@ def vision_cache_meta(model) -> dict:
 def usable_image_cache(cache: ImageTokenCache | None, model) -> bool:
     "Whether `cache` holds this model's frozen-ViT tokens (same weights, params and preprocessing)."
     if cache is None or not model.config.vision.frozen: return False
-    return cache.meta == vision_cache_meta(model)
+    return all(cache.meta.get(k) == v for k, v in vision_cache_meta(model).items())  # (and its precision)
 
 def check_image_cache(cache: ImageTokenCache, model) -> None:
     "Refuse a cache built by another ViT, size or preprocessing: its tokens would be silently wrong."

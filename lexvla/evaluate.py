@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -15,7 +16,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .caches import ImageTokenCache, TextPrefixCache, usable_image_cache, usable_text_cache
+from .caches import ImageTokenCache, TextPrefixCache, precision_note, usable_image_cache, usable_text_cache
+from .trainstep import run_precision
 from .datasets import load_split, split_masks
 from .karpathy import Split
 from .transforms import image_transform
@@ -75,6 +77,7 @@ def _dense_stats(x) -> dict:
 # %% ../notebooks/13_evaluate.ipynb #5d272622
 def eval_caches(model, ep, # the trained model; the evaluate params
                 cache_dir: Path, image_cache_dir: Path, # one eval set's caches: data/textcache/eval/<set>, ...
+                mp: str = "no", # the evaluation's precision (bf16 or no): a cache computed at another is warned of
                ) -> tuple:
     "An eval set's caches (stages textcache_eval@<set>, imagecache_eval@<set>) the model can use, or None each."
     cache = icache = None
@@ -82,6 +85,9 @@ def eval_caches(model, ep, # the trained model; the evaluate params
         cache = TextPrefixCache.load(cache_dir)
     if ep.image_cache and model.config.vision.frozen and ImageTokenCache.has(image_cache_dir, ep.split):
         icache = ImageTokenCache.load(image_cache_dir, ep.split)
+    for c, what in ((cache, f"the text cache {cache_dir}"), (icache, f"the image cache {image_cache_dir}")):
+        note = None if c is None else precision_note(c.meta, mp, what)
+        if note: warnings.warn(note)
     return cache, icache
 
 def _oracle(data_dir: Path, ep, n_txt: int) -> dict:
@@ -117,6 +123,7 @@ class Evaluation:
     transform: Callable | None = None  # the evaluation transform of the model's backbone
     cache: Any = None    # the set's text prefix cache (or None)
     icache: Any = None   # the set's frozen-ViT token cache (or None)
+    mp: str = "no"       # the towers' precision, `evaluate.precision` resolved here: bf16 (autocast) or no
 
     @property
     def ep(self) -> EvaluateParams: return self.params.evaluate
@@ -144,16 +151,19 @@ def open_evaluation(params: LoadedParams, variant: str, # the params and a key o
     model = load_trained(model_dir, device)
     split = load_split(data_dir, ep.split, ep.max_images)
     tf = image_transform(model.data_config, train=False)
-    cache, icache = eval_caches(model, ep, cache_dir, image_cache_dir)
+    mp = run_precision(params, "eval", device)
+    cache, icache = eval_caches(model, ep, cache_dir, image_cache_dir, mp)
     return Evaluation(params, variant, es, model_dir, data_dir, out_dir, results, device, t0, model, split, tf,
-                      cache, icache)
+                      cache, icache, mp)
 
 # %% ../notebooks/13_evaluate.ipynb #a57c170c
 def encode_split(ev: Evaluation, progress: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     "The split's image and caption vectors, (images, dim) and (captions, dim), through the caches the model can use."
     ep = ev.ep
-    img = encode_images(ev.model, ev.split.images, ev.transform, ep.batch_size, progress=progress, cache=ev.icache)
-    txt = encode_texts(ev.model, ev.split.captions, ep.batch_size, ev.cache, progress=progress)
+    amp = ev.mp == "bf16"
+    img = encode_images(ev.model, ev.split.images, ev.transform, ep.batch_size, progress=progress, cache=ev.icache,
+                        amp=amp)
+    txt = encode_texts(ev.model, ev.split.captions, ep.batch_size, ev.cache, progress=progress, amp=amp)
     return img, txt
 
 def describe(ev: Evaluation, n_img: int, n_txt: int) -> dict:
@@ -163,6 +173,7 @@ def describe(ev: Evaluation, n_img: int, n_txt: int) -> dict:
            "lexical": bool(model.lexical), "split": ep.split, "n_images": n_img, "n_captions": n_txt,
            "dim": int(model.dim), "text_encoding": "text cache" if usable_text_cache(model, ev.cache) else "text tower",
            "image_encoding": "image cache" if usable_image_cache(ev.icache, model) else "vision tower",
+           "precision": "bf16" if ev.mp == "bf16" else "fp32",
            "chance": chance_levels(ev.split.txt2img, n_img)}
     if ep.oracle: res.update(_oracle(ev.data_dir, ep, n_txt))
     return res
@@ -183,8 +194,8 @@ def score_retrieval(ev: Evaluation, img: torch.Tensor, txt: torch.Tensor) -> tup
 
 def score_patchdis(ev: Evaluation, progress: bool = True) -> tuple[dict | None, dict | None]:
     "`run_patchdis`'s result and the per-image intersections and unions (apart: they go to per_query.npz); or Nones."
-    pd = run_patchdis(ev.model, ev.split, ev.data_dir, ev.transform, ev.ep, progress, ev.cache, ev.icache) \
-        if ev.ep.patchdis else None
+    pd = run_patchdis(ev.model, ev.split, ev.data_dir, ev.transform, ev.ep, progress, ev.cache, ev.icache,
+                      amp=ev.mp == "bf16") if ev.ep.patchdis else None
     if pd is None: return None, None
     return pd, {k: pd["metrics"].pop(f"per_image_{k}") for k in ("intersection", "union")}
 
@@ -247,18 +258,20 @@ def grid_majority(mask: np.ndarray, # (H, W) class index per pixel, -1 unlabelle
     return out.reshape(rows, cols)
 
 def run_patchdis(model, split: Split, data_dir: str | Path, transform, ep: EvaluateParams,
-                 progress: bool = False, cache=None, image_cache=None) -> dict | None:
+                 progress: bool = False, cache=None, image_cache=None,
+                 amp: bool = False, # the towers under bf16 autocast (the vectors' comparisons stay fp32)
+                ) -> dict | None:
     "PatchDis over the split (method §7) by `metrics.patchdis`, plus the report images' patches; None without masks."
     got = split_masks(data_dir, split, model.data_config)
     if got is None: return None
     masks, names = got
     rows, cols = patch_grid(model)
-    cls = class_vectors(model, names, ep.patchdis_prompt, ep.batch_size, cache)
+    cls = class_vectors(model, names, ep.patchdis_prompt, ep.batch_size, cache, amp=amp)
     bs = max(1, min(ep.batch_size, 16))  # patch vectors are b x n x V: keep batches small
     kept, bar = [], tqdm(total=len(split.images), desc="patchdis", unit="image", disable=not progress)
 
     def patch_vectors(start: int, stop: int) -> torch.Tensor:  # (stop - start, n, dim), batch by batch
-        pv = encode_images(model, split.images[start:stop], transform, bs, patches=True, cache=image_cache)
+        pv = encode_images(model, split.images[start:stop], transform, bs, patches=True, cache=image_cache, amp=amp)
         kept.extend(pv[:max(0, ep.report_images - start)])
         bar.update(stop - start)
         return pv

@@ -13,6 +13,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from .caches import ImageTokenCache, vision_cache_meta
+from .trainstep import run_precision
 from .karpathy import load_karpathy
 from .pairs import train_dataset
 from .prepared import PARTS, eval_set_paths, part_folders, prepared_paths
@@ -33,12 +34,14 @@ def build_image_cache(model,                          # a LexVLA model with a fr
                       total: int | None = None,       # for the progress bar
                       progress: bool = True,
                       desc: str = "image tokens",
+                      mp: str = "no",                 # the precision of the run that reads the cache: bf16 or no
                      ) -> ImageTokenCache:
-    "Run `model.vision_tokens` once over `images` (fp32, no autocast) and keep each image's patch tokens."
+    "Run `model.vision_tokens` once over `images` (under `mp`'s autocast) and keep each image's patch tokens (fp32)."
     keys, chunks, batch = [], [], []
     bar = tqdm(total=total, desc=desc, unit="img", disable=not progress)
     def flush():
-        chunks.append(model.vision_tokens(torch.stack([b for _, b in batch])).float().cpu())
+        with torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=mp == "bf16"):
+            chunks.append(model.vision_tokens(torch.stack([b for _, b in batch])).float().cpu())
         keys.extend(k for k, _ in batch)
         bar.update(len(batch))
         batch.clear()
@@ -49,7 +52,7 @@ def build_image_cache(model,                          # a LexVLA model with a fr
     bar.close()
     n, d = model.vision.patch_embed.num_patches, model.vision.embed_dim
     tokens = torch.cat(chunks) if chunks else torch.zeros(0, n, d)
-    return ImageTokenCache(tokens, keys, vision_cache_meta(model))
+    return ImageTokenCache(tokens, keys, {**vision_cache_meta(model), "precision": "bf16" if mp == "bf16" else "fp32"})
 
 # %% ../notebooks/11a_imagecache.ipynb #8a5e58ae
 def train_images(shards, transform, seed: int):
@@ -85,15 +88,16 @@ def build(params: LoadedParams,           # the loaded params file
             if model is None:  # the frozen ViT on the run's device (ViT-L over 5K COCO images is slow on a CPU)
                 model = create_model_from_params(params, variant="lexvla").eval().to(resolve_device(params.base.device))
             tf = image_transform(model.data_config, train=False)
-            bs = params.imagecache.batch_size
+            bs, mp = params.imagecache.batch_size, run_precision(params, p, model.device.type)
             if p == "train":
                 shards = prepared_paths(data, "train")["shards"]
                 n_train = len(train_dataset(shards, None, seed=params.base.seed).samples)
                 name, c = "train", build_image_cache(model, train_images(shards, tf, params.base.seed), bs, n_train,
-                                                     desc="train image tokens")
+                                                     desc="train image tokens", mp=mp)
             else:
                 name = params.evaluate.split
-                c = build_image_cache(model, split_images(data / rel, name, tf), bs, desc=f"{p} {name} image tokens")
+                c = build_image_cache(model, split_images(data / rel, name, tf), bs, desc=f"{p} {name} image tokens",
+                                      mp=mp)
             c.save(tmp, name)
             counts[name] = len(c)
         elif not wanted: counts["disabled"] = f"{key} is false"  # nothing to cache: an empty folder

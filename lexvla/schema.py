@@ -267,6 +267,8 @@ class EvaluateParams:
     split: Literal["test", "val"]   # Karpathy split evaluated (5 captions per image, CLIP_benchmark protocol)
     max_images: int                 # evaluate the first N images of the split (0 = all)
     batch_size: int                 # images or captions per forward pass
+    precision: Literal["auto", "fp32", "bf16"]  # the towers' forward: bf16 autocast where bf16 is native (GPU,
+                                    # AVX512-BF16/AMX CPU), as train.precision; the eval caches are computed at it
     text_cache: bool                # encode captions from the cached frozen LM prefix when it holds them (exact)
     image_cache: bool               # encode images from the frozen ViT's cached tokens when they match (exact)
     oracle: bool                    # embedded data: the retrieval ceiling the captions allow (an oracle on the scenes)

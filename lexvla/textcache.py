@@ -11,6 +11,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .caches import TextPrefixCache, cache_meta
+from .trainstep import run_precision
 from .karpathy import load_karpathy
 from .masks import read_categories
 from .pairs import train_dataset
@@ -36,8 +37,9 @@ def build_text_cache(model,                 # a LexVLA model with `tokenize` and
                      captions: list[str],   # captions to encode (duplicates are encoded once)
                      batch_size: int = 64,  # captions per forward
                      progress: bool = True,
+                     mp: str = "no",        # the precision of the run that reads the cache: bf16 or no
                     ) -> TextPrefixCache:
-    "Run the frozen prefix of `model`'s text tower over `captions` and keep each caption's unpadded states."
+    "Run the frozen prefix of `model`'s text tower over `captions` (under `mp`'s autocast); keep the unpadded states."
     uniq = list(dict.fromkeys(captions))
     # sorted by token count, each batch is padded to little more than its own length (1 % of the default's
     # training tokens are padding, against 13 % sorted by characters); the cache is order-independent
@@ -45,7 +47,8 @@ def build_text_cache(model,                 # a LexVLA model with `tokenize` and
     chunks, lengths, ordered = [], [], []
     for s in tqdm(range(0, len(order), batch_size), desc="text prefix", unit="batch", disable=not progress):
         batch = [uniq[i] for i in order[s:s + batch_size]]
-        hidden, mask = model.text_prefix(model.tokenize(batch))
+        with torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=mp == "bf16"):
+            hidden, mask = model.text_prefix(model.tokenize(batch))
         for i in range(len(batch)):
             keep = mask[i].bool()
             chunks.append(hidden[i, keep].cpu())  # the LM's dtype: what the LoRA layers read (bf16 for a 7B LM)
@@ -54,7 +57,8 @@ def build_text_cache(model,                 # a LexVLA model with `tokenize` and
     offsets = torch.zeros(len(ordered) + 1, dtype=torch.long)
     offsets[1:] = torch.tensor(lengths).cumsum(0)
     hidden = torch.cat(chunks) if chunks else torch.zeros(0, 1)
-    meta = {"prefix_layers": getattr(model, "text_prefix_layers", None), "stored_dtype": str(hidden.dtype)}
+    meta = {"prefix_layers": getattr(model, "text_prefix_layers", None), "stored_dtype": str(hidden.dtype),
+            "precision": "bf16" if mp == "bf16" else "fp32"}
     return TextPrefixCache(hidden, offsets, ordered, meta=meta)
 
 # %% ../notebooks/11_textcache.ipynb #fd316af4
@@ -93,7 +97,8 @@ def build(params: LoadedParams,           # the loaded params file
                                     {"disabled": "model.lora covers every block: the prefix is an embedding lookup"})
         elif wanted:
             caps = cache_captions(params, data if p == "train" else data / rel, "train" if p == "train" else "eval")
-            cache = build_text_cache(model, caps, batch_size=params.textcache.batch_size, progress=progress)
+            cache = build_text_cache(model, caps, batch_size=params.textcache.batch_size, progress=progress,
+                                     mp=run_precision(params, p, model.device.type))
             cache.meta.update(cache_meta(model))
         else:  # not used (e.g. LoRA on every block: no frozen prefix): an empty cache
             key = "train.text_cache" if p == "train" else "evaluate.text_cache"
@@ -107,6 +112,7 @@ def build(params: LoadedParams,           # the loaded params file
         said.append(f"{p}: {len(cache)} captions, {cache.hidden.shape[0]} tokens x {cache.hidden.shape[1]}")
     return f"text cache {'; '.join(said)} -> {out}"
 
+# %% ../notebooks/11_textcache.ipynb #67139772
 def main(argv: list[str] | None = None) -> int:
     "python -m lexvla.textcache --params params.yaml [--part train|eval] [--set NAME] [--data DIR] [--out DIR]"
     ap = stage_parser("textcache", "Cache the frozen LM prefix of every caption.",

@@ -23,7 +23,7 @@ from dvclive import Live
 from tqdm.auto import tqdm
 
 from .batches import BatchSource, batch_source
-from .caches import ImageTokenCache, TextPrefixCache, check_cache, check_image_cache
+from .caches import ImageTokenCache, TextPrefixCache, check_cache, check_image_cache, precision_note
 from .checkpoints import CheckpointError, Checkpointer, agree, run_fingerprint
 from .losses import create_loss
 from .model import create_model_from_params, save_trained, trainable_state
@@ -165,6 +165,9 @@ def attach_model(run: Run,
     if tp.image_cache and model.config.vision.frozen:  # a frozen ViT's tokens: one fixed view of each image
         run.icache = ImageTokenCache.load(image_cache_dir / "train", "train")
         check_image_cache(run.icache, model)
+    for c, what in ((run.cache, "the text cache"), (run.icache, "the image cache")):  # computed at another precision
+        note = None if c is None else precision_note(c.meta, run.acc.mixed_precision, what)
+        if note and run.acc.is_main_process: warnings.warn(note)
     return run
 
 # %% ../notebooks/12_train.ipynb #4429f363

@@ -25,7 +25,7 @@ from .sparse import threshold_for
 # %% auto #0
 __all__ = ['NearUniformVectors', 'mean_pairwise_cosine', 'uniform_check', 'regularised', 'param_groups', 'make_optimizer',
            'NonFiniteLoss', 'StepContext', 'train_step', 'scalars', 'log_step', 'cpu_bf16_flags', 'native_bf16',
-           'mixed_precision', 'make_accelerator']
+           'mixed_precision', 'run_precision', 'make_accelerator']
 
 # %% ../notebooks/12b_trainstep.ipynb #b1c0d002
 class NearUniformVectors(RuntimeError):
@@ -178,21 +178,30 @@ def native_bf16(device: str, # "cpu" or "cuda"
     # the fp32 rate: on x86 only the instructions count
     return (f["avx512_bf16"] or f["amx"]) if f["x86"] else f["onednn"]
 
-def mixed_precision(precision: str, # train.precision: auto | fp32 | bf16
+def mixed_precision(precision: str, # train.precision (or evaluate.precision): auto | fp32 | bf16
                     device: str,    # the resolved device
                     native: bool | None = None, # whether bf16 is native here (default: `native_bf16(device)`)
+                    key: str = "train.precision", # the params key, named in messages
                    ) -> str:
     "accelerate's `mixed_precision` for `train.precision` on `device`; bf16 without native kernels on CPU: fp32, warned."
     if precision not in ("auto", "fp32", "bf16"):
-        raise ParamsError(f"train.precision: got {precision!r}, expected 'auto', 'fp32' or 'bf16'")
+        raise ParamsError(f"{key}: got {precision!r}, expected 'auto', 'fp32' or 'bf16'")
     if precision == "fp32" or (precision == "auto" and device != "cuda"): return "no"
     if device == "cpu" and not (native_bf16(device) if native is None else native):
-        warnings.warn("train.precision: bf16 asked for, but this CPU has no native bf16 matmuls (AVX512-BF16/AMX): "
-                      "emulated there, they run 3x (AVX512) to 400x (AVX2) slower than fp32, so this run trains in "
+        warnings.warn(f"{key}: bf16 asked for, but this CPU has no native bf16 matmuls (AVX512-BF16/AMX): "
+                      "emulated there, they run 3x (AVX512) to 400x (AVX2) slower than fp32, so this runs in "
                       "fp32 (its numbers "
-                      "differ from a bf16 machine's in the last digits; set train.precision: fp32 to silence this)")
+                      f"differ from a bf16 machine's in the last digits; set {key}: fp32 to silence this)")
         return "no"
     return "bf16"
+
+def run_precision(params,      # LoadedParams
+                  part: str,   # train | eval: the run (and the caches it reads)
+                  device: str, # the resolved device
+                 ) -> str:
+    "`mixed_precision` of `train.precision` (part train) or `evaluate.precision` (eval) on `device`: bf16 or no."
+    key = "train.precision" if part == "train" else "evaluate.precision"
+    return mixed_precision(params.train.precision if part == "train" else params.evaluate.precision, device, key=key)
 
 def make_accelerator(device: str,         # the resolved device
                      precision: str,      # accelerate's mixed_precision (`mixed_precision`'s answer)

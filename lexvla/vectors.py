@@ -67,13 +67,14 @@ def encode_images(model,               # a LexVLA model in eval mode
                   patches: bool = False, # per-patch vectors (b, n, dim) instead of pooled (b, dim)
                   progress: bool = False,
                   cache=None,          # an ImageTokenCache, used when it holds this frozen ViT's tokens of every path
+                  amp: bool = False,   # the towers under bf16 autocast (`evaluate.precision` bf16 where native)
                  ):
     "Image (or patch) vectors of `paths`, float32 on the CPU."
     enc = model.encode_image_patches if patches else model.encode_image
     keys = [Path(p).name for p in paths]
     use = usable_image_cache(cache, model) and all(k in cache for k in keys)
     out = []
-    with torch.no_grad():
+    with torch.no_grad(), torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=amp):
         for s in tqdm(range(0, len(paths), batch_size), desc="patches" if patches else "images", unit="batch",
                       disable=not progress):
             if use: v = enc(tokens=cache.lookup(keys[s:s + batch_size]))
@@ -86,21 +87,23 @@ def encode_texts(model,             # a LexVLA model in eval mode
                  batch_size: int = 64,
                  cache=None,         # a TextPrefixCache, used when `usable_text_cache` and it holds every caption
                  progress: bool = False,
+                 amp: bool = False,  # the text tower under bf16 autocast (as `encode_images`)
                 ):
     "Text vectors of `captions`, float32 on the CPU; an empty or blank caption is refused."
     captions = check_texts(captions)
     use = usable_text_cache(model, cache) and all(c in cache for c in captions)
     out = []
-    with torch.no_grad():
+    with torch.no_grad(), torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=amp):
         for s in tqdm(range(0, len(captions), batch_size), desc="captions", unit="batch", disable=not progress):
             batch = captions[s:s + batch_size]
             v = model.encode_text_from_prefix(*cache.lookup(batch)) if use else model.encode_text(batch)
             out.append(v.float().cpu())
     return torch.cat(out) if out else torch.zeros(0, model.dim)
 
-def class_vectors(model, names: list[str], prompt: str = "a {name}", batch_size: int = 64, cache=None):
-    "(classes, dim) text-branch vectors of the class names (method §7); `cache` as in `encode_texts`."
-    return encode_texts(model, [prompt.replace("{name}", n) for n in names], batch_size, cache)
+def class_vectors(model, names: list[str], prompt: str = "a {name}", batch_size: int = 64, cache=None,
+                  amp: bool = False):
+    "(classes, dim) text-branch vectors of the class names (method §7); `cache` and `amp` as in `encode_texts`."
+    return encode_texts(model, [prompt.replace("{name}", n) for n in names], batch_size, cache, amp=amp)
 
 # %% ../notebooks/11b_vectors.ipynb #b2dd283a
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")

@@ -265,6 +265,7 @@ def test_image_cache_equals_the_live_vision_tower(tiny_root):
     from lexvla.vectors import encode_images
     from lexvla.datasets import load_split
     from lexvla.model import create_model_from_params
+    from lexvla.trainstep import run_precision
     params = params_from_dict(tiny_params(), source="test")
     model = create_model_from_params(params, variant="lexvla").eval()
     tf = image_transform(model.data_config, train=False)
@@ -273,15 +274,19 @@ def test_image_cache_equals_the_live_vision_tower(tiny_root):
     check_image_cache(test, model)
     split = load_split(tiny_root / "data" / "prepared" / "eval" / "seen", "test")
     assert len(test) == len(split.images) == 8
+    # each part is computed at the precision of the run that reads it, as this machine resolves it
+    assert test.meta["precision"] == ("bf16" if run_precision(params, "eval", "cpu") == "bf16" else "fp32")
+    amp = test.meta["precision"] == "bf16"
     for patches in (False, True):
-        live = encode_images(model, split.images, tf, 4, patches=patches)
-        cached = encode_images(model, split.images, tf, 4, patches=patches, cache=test)
+        live = encode_images(model, split.images, tf, 4, patches=patches, amp=amp)
+        cached = encode_images(model, split.images, tf, 4, patches=patches, cache=test, amp=amp)
         torch.testing.assert_close(cached, live, atol=1e-5, rtol=1e-5)
     train = ImageTokenCache.load(cache_dir / "train", "train")
+    assert train.meta["precision"] == ("bf16" if run_precision(params, "train", "cpu") == "bf16" else "fp32")
     ds = train_dataset(prepared_paths(tiny_root / "data" / "prepared", "train")["shards"], tf, seed=0)
     assert train.keys == ds.keys and len(train) == 48
     s = ds.load(5)
-    with torch.no_grad():
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=train.meta["precision"] == "bf16"):
         torch.testing.assert_close(model.encode_image(tokens=train.lookup([s["key"]])),
                                    model.encode_image(s["pixels"][None]), atol=1e-5, rtol=1e-5)
     other = create_model_from_params(params, variant="lexvla", seed=3)  # another random frozen ViT
