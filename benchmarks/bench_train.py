@@ -102,9 +102,10 @@ def loader_and_text_cache(a, lex, params, b, source, part, rows) -> list[str]:
                                                                ["circle", "star", "ring"] * 86, ["square", "moon"] * 128)]
     uniq = list(dict.fromkeys(raw))
     sample = uniq[:4 * b]
-    t = best_time(lambda: build_text_cache(lex, sample, batch_size=b, progress=False), 1, lambda: None)
+    mp = "bf16" if a.precision == "bf16" else "no"  # the stage computes training's cache at the training's precision
+    t = best_time(lambda: build_text_cache(lex, sample, batch_size=b, progress=False, mp=mp), 1, lambda: None)
     real = sum(int(lex.tokenize([c])["attention_mask"].sum()) for c in sample)
-    rows.append(("text cache: frozen LM prefix over 4 batches (token-sorted)", t,
+    rows.append((f"text cache: frozen LM prefix over 4 batches (token-sorted, {a.precision})", t,
                  f"{real / t:.0f} real tokens/s, {len(sample) / t:.1f} captions/s"))
     print(f"{rows[-1][0]:58s} {t * 1000:9.1f} ms", file=sys.stderr)
     def padded(order):
