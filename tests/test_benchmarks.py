@@ -39,8 +39,9 @@ def test_maxpool_benchmark_fused_head_needs_less_memory(tmp_path):
              "--passes", "fwdbwd", "--reps", "1", "--json", str(js)], timeout=300)
     assert "| toy |" in r.stdout
     (row,) = json.loads(js.read_text())
-    # measured 7.1x at this size (forward alone 3.1x; the committed table has every pass at the real shapes)
-    assert row["naive_fwdbwd"]["peak"] >= 3 * row["fused_fwdbwd"]["peak"], row
+    # measured 12.1x at this size (forward alone 3.7x; the committed table has every pass at the real shapes). Before
+    # the worker ran the code path once untimed, numba's kernel loading (~70 MB) sat in the fused peak: 3.0x.
+    assert row["naive_fwdbwd"]["peak"] >= 6 * row["fused_fwdbwd"]["peak"], row
 
 
 def test_index_benchmark_exact_methods_have_recall_one(tmp_path):
